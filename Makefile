@@ -1,0 +1,63 @@
+# sparkscore: `make` lists the targets. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Python workers must run the venv's interpreter, or they cannot import torch/pyarrow.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+SPARK_SUBMIT := $(VENV)/bin/spark-submit --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
+DEMO := build/demo
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): constraints.txt pyproject.toml
+	@command -v java >/dev/null || { echo "Java 17 is required (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with the pinned dependencies (and redis-server when root)
+	@command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; fi; }
+
+$(DEMO)/ctr.pt: $(STAMP) udfs/demo.py
+	$(PY) -m udfs.demo --out $(DEMO)
+
+demo: $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
+	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
+
+test: setup ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
+	$(PY) -m pytest tests
+
+test-fast: setup ## the quick loop: no slow, kafka or redis tests
+	$(PY) -m pytest tests -m "not slow and not kafka and not redis"
+
+lint: $(STAMP) ## ruff check, ruff format --check and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+package: $(STAMP) ## build dist/sparkscore.zip (for --py-files) and a wheel
+	rm -rf dist && mkdir -p dist
+	$(PY) -m pip wheel --quiet --no-deps -w dist .
+	$(PY) -c "import shutil; shutil.copy(next(__import__('glob').iglob('dist/sparkscore-*.whl')), 'dist/sparkscore.zip')"
+	@echo "dist/sparkscore.zip: pass it to spark-submit --py-files"
+
+bench-batch: $(STAMP) ## batch benchmark (bench/results/batch.json and .png)
+	$(PY) bench/batch_bench.py
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build dist spark-warehouse metastore_db derby.log
+
+.PHONY: help setup demo test test-fast lint format package bench-batch clean

@@ -1,0 +1,118 @@
+"""Per-process model cache: load each model file once per Python worker.
+
+Spark reuses Python workers across tasks when ``spark.python.worker.reuse`` is
+true (the default), so a module-level cache lives as long as the worker and the
+model is loaded once per worker process, not once per task or per batch. The
+key is (content hash, device): a new file under the same path is a new entry,
+and the same file on two GPUs is two entries. The cache is a bounded LRU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from udfs.errors import ModelLoadError
+from udfs.spec import ResolvedModel, file_hash
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+# Loads done by this process, per content hash: the "loaded once" evidence that
+# the Spark wrapper reports back to the driver through an accumulator.
+_load_counts: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    entries: int
+    loads: dict[str, int]
+
+
+def stats() -> CacheStats:
+    with _lock:
+        return CacheStats(entries=len(_cache), loads=dict(_load_counts))
+
+
+def clear() -> None:
+    """Drop every cached model (tests and hot reloads)."""
+    with _lock:
+        _cache.clear()
+        _load_counts.clear()
+
+
+def locate(path: str) -> str:
+    """The local path of a model file, falling back to files shipped with ``--files``."""
+    if os.path.exists(path):
+        return path
+    try:
+        from pyspark import SparkFiles
+
+        shipped = SparkFiles.get(Path(path).name)
+    except Exception:  # noqa: BLE001 - no SparkContext / no root dir: not shipped
+        shipped = ""
+    if shipped and os.path.exists(shipped):
+        return shipped
+    raise ModelLoadError(
+        f"model file {path!r} does not exist on this host; on a cluster put it on shared "
+        "storage or ship it with spark-submit --files"
+    )
+
+
+def load_module(path: str, fmt: str, device: str) -> Any:
+    """Load a TorchScript or torch.export program onto ``device`` in eval mode."""
+    import torch
+
+    def _jit() -> Any:
+        return torch.jit.load(path, map_location=device)
+
+    def _export() -> Any:
+        return torch.export.load(path).module().to(device)
+
+    loaders = {"torchscript": [_jit], "export": [_export], "auto": [_jit, _export]}[fmt]
+    reasons = []
+    for loader in loaders:
+        try:
+            module = loader()
+            break
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and friends
+            reasons.append(str(exc).splitlines()[0][:200])
+    else:
+        raise ModelLoadError(
+            f"model file {path!r} could not be loaded as a "
+            f"{'TorchScript or torch.export' if fmt == 'auto' else fmt} program "
+            f"(is it corrupt or of another format?): {reasons[-1]}"
+        )
+    if hasattr(module, "eval") and fmt != "export":
+        module.eval()
+    return module
+
+
+def get_model(model: ResolvedModel, device: str) -> Any:
+    """The loaded torch module for ``model`` on ``device``, loading it at most once."""
+    key = (model.content_hash, device)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        path = locate(model.spec.path)
+        # The driver hashed the file; a different file on this host would give
+        # predictions under the wrong version, so refuse it.
+        if file_hash(path) != model.content_hash:
+            raise ModelLoadError(
+                f"model file {path!r} on this host differs from the one the driver checked "
+                f"(version {model.version}); ship the same file to every node"
+            )
+        module = load_module(path, model.format, device)
+        _cache[key] = module
+        _load_counts[model.content_hash] = _load_counts.get(model.content_hash, 0) + 1
+        log.info("loaded model %s version %s on %s (pid %s)", model.name, model.version, device, os.getpid())
+        while len(_cache) > model.spec.cache_size:
+            _cache.popitem(last=False)
+        return module

@@ -1,0 +1,47 @@
+"""SparkSession construction shared by the spark-submit jobs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark import SparkConf, SparkContext
+from pyspark.sql import SparkSession
+
+DEFAULTS = {
+    # The model cache lives in the Python worker: reuse keeps it across tasks.
+    "spark.python.worker.reuse": "true",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.ui.showConsoleProgress": "true",
+}
+
+
+def build_session(
+    app_name: str, conf: dict[str, str] | None = None, *, arrow_batch_rows: int | None = None
+) -> SparkSession:
+    """A SparkSession for a job.
+
+    Precedence: ``spark-submit --conf`` / ``--master`` first, then the config
+    file's ``[spark]`` table, then sparkscore's defaults (``local[*]`` when no
+    master is given). Python workers must run this interpreter (the venv's) or
+    they cannot import torch and pyarrow, so ``PYSPARK_PYTHON`` is set for
+    local runs.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Under spark-submit this attaches to its JVM, whose system properties hold the user's settings.
+    SparkContext._ensure_initialized()
+    given = SparkConf()
+    wanted = dict(DEFAULTS)
+    if arrow_batch_rows:
+        wanted["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(arrow_batch_rows)
+    wanted.update(conf or {})
+    wanted.setdefault("spark.master", "local[*]")
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in wanted.items():
+        if not given.contains(key):
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("SPARKSCORE_SPARK_LOG_LEVEL", "ERROR"))
+    return spark
