@@ -7,7 +7,10 @@ the same prediction, and a bad row the same error reason, on every path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,43 +27,108 @@ PROBABILITIES = "probabilities"
 LABEL = "label"
 MODEL_VERSION = "model_version"
 ERROR = "error"
+DEGRADED = "degraded"
+MISSING_MEMBERS = "missing_members"
+MEMBER_PREFIX = "member_"
+
+
+class QuorumError(RuntimeError):
+    """Fewer ensemble members answered than the quorum needs."""
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line for an exception; TorchScript puts the real error on the last line of a long trace."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if len(lines) > 1 and "Error" in lines[-1] else lines[0]
+    return (line if "Error" in line else f"{type(exc).__name__}: {line}")[:300]
 
 
 def output_schema(model: ResolvedModel) -> pa.Schema:
     """The columns :func:`score_batch` adds, in order."""
-    if model.spec.output == "score":
+    spec = model.spec
+    if spec.output == "score":
         fields = [pa.field(PREDICTION, pa.float64())]
     else:
         fields = [pa.field(PROBABILITIES, pa.list_(pa.float32())), pa.field(LABEL, pa.int32())]
-    return pa.schema(fields + [pa.field(MODEL_VERSION, pa.string()), pa.field(ERROR, pa.string())])
+    fields += [pa.field(MODEL_VERSION, pa.string()), pa.field(ERROR, pa.string())]
+    if model.is_ensemble:
+        fields += [pa.field(DEGRADED, pa.bool_()), pa.field(MISSING_MEMBERS, pa.string())]
+        if spec.member_outputs:
+            member_type = pa.float64() if spec.output == "score" else pa.int32()
+            fields += [pa.field(MEMBER_PREFIX + m.name, member_type) for m in model.members]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model (or ensemble) outputs for the good rows of one batch."""
+
+    values: np.ndarray  # score: (rows,) float64; probabilities: (rows, classes) float32
+    labels: np.ndarray | None = None  # probabilities only: (rows,) int32
+    missing: tuple[str, ...] = ()  # ensemble members that did not answer (degraded when non-empty)
+    members: dict[str, np.ndarray] = field(default_factory=dict)  # per member: score or label
+
+
+def combine(model: ResolvedModel, outputs: dict[str, np.ndarray]) -> Prediction:
+    """Combine the answering members' outputs; weights are renormalised over those that answered."""
+    spec = model.spec
+    answered = [m for m in model.members if m.name in outputs]
+    missing = tuple(m.name for m in model.members if m.name not in outputs)
+    total = sum(m.weight for m in answered)
+    weights = {m.name: m.weight / total for m in answered} if total > 0 else {m.name: 1 / len(answered) for m in answered}
+    per_member: dict[str, np.ndarray] = {}
+    if spec.output == "score":
+        values = sum(weights[m.name] * outputs[m.name].astype(np.float64) for m in answered)
+        per_member = {m.name: outputs[m.name].astype(np.float64) for m in answered}
+        return Prediction(np.asarray(values, dtype=np.float64), None, missing, per_member)
+    member_labels = {m.name: outputs[m.name].argmax(axis=1).astype(np.int32) for m in answered}
+    if spec.combiner == "weighted_mean":
+        probs = sum(weights[m.name] * outputs[m.name].astype(np.float64) for m in answered)
+        probs = np.asarray(probs, dtype=np.float32)
+        return Prediction(probs, probs.argmax(axis=1).astype(np.int32), missing, member_labels)
+    # majority_vote: most votes wins; ties go to the highest summed weight, then the lowest label.
+    classes = outputs[answered[0].name].shape[1]
+    rows = len(outputs[answered[0].name])
+    votes = np.zeros((rows, classes), np.float64)
+    weight_share = np.zeros((rows, classes), np.float64)
+    idx = np.arange(rows)
+    for m in answered:
+        votes[idx, member_labels[m.name]] += 1
+        weight_share[idx, member_labels[m.name]] += weights[m.name]
+    # Shares sum to 1, so half a share never outweighs one vote; argmax takes the lowest label on exact ties.
+    winner = (votes + 0.5 * weight_share).argmax(axis=1).astype(np.int32)
+    return Prediction(weight_share.astype(np.float32), winner, missing, member_labels)
 
 
 @dataclass
 class Scorer:
-    """A loaded model bound to a device: what executors and the server hold."""
+    """Loaded model(s) bound to a device: what executors and the server hold."""
 
     model: ResolvedModel
     device: str
-    module: Any
+    modules: tuple[Any, ...]
 
     @property
     def version(self) -> str:
         return self.model.version
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Model outputs for a float32 matrix, in chunks of ``batch_size`` rows.
+    def run_member(self, index: int, x: np.ndarray) -> np.ndarray:
+        """One member's outputs for a float32 matrix, in chunks of ``batch_size`` rows.
 
         Returns shape (rows,) for ``score`` and (rows, classes) for ``probabilities``.
         """
         import torch
 
         spec = self.model.spec
+        module = self.modules[index]
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), spec.batch_size):
                 # One host->device copy per chunk; the model never writes to its input.
                 t = torch.from_numpy(x[start : start + spec.batch_size]).to(self.device)
-                y = self.module(t)
+                y = module(t)
                 if isinstance(y, (tuple, list)):
                     y = y[0]
                 if spec.activation == "sigmoid":
@@ -69,26 +137,70 @@ class Scorer:
                     y = torch.softmax(y, dim=-1)
                 outs.append(y.detach().to("cpu", torch.float32).numpy())
         y_np = np.concatenate(outs) if outs else np.empty((0, 1), dtype=np.float32)
+        name = self.model.members[index].name
         if spec.output == "score":
             if y_np.ndim == 2 and y_np.shape[1] != 1:
                 raise ValueError(
-                    f"model {spec.name!r} returns {y_np.shape[1]} values per row; "
+                    f"model {name!r} returns {y_np.shape[1]} values per row; "
                     "set output = 'probabilities' for a classifier"
                 )
             return y_np.reshape(-1)
         if y_np.ndim != 2:
             raise ValueError(
-                f"model {spec.name!r} returns shape {tuple(y_np.shape)}; output = 'probabilities' "
+                f"model {name!r} returns shape {tuple(y_np.shape)}; output = 'probabilities' "
                 "needs one row of class scores per input row"
             )
         return y_np
+
+    def predict(self, x: np.ndarray, *, pool: Executor | None = None) -> Prediction:
+        """Score a float32 matrix with the model, or with every ensemble member and combine.
+
+        With ``pool`` the members run in parallel (torch releases the GIL) and
+        ``member_timeout_ms`` applies; without it they run one after another.
+        A member that fails or times out is dropped while ``quorum`` members
+        still answer; below quorum this raises :class:`QuorumError`.
+        """
+        members = self.model.members
+        if not self.model.is_ensemble:
+            values = self.run_member(0, x)
+            if self.model.spec.output == "score":
+                return Prediction(values.astype(np.float64))
+            return Prediction(values, values.argmax(axis=1).astype(np.int32))
+        outputs: dict[str, np.ndarray] = {}
+        failures: dict[str, str] = {}
+        if pool is None:
+            for i, m in enumerate(members):
+                try:
+                    outputs[m.name] = self.run_member(i, x)
+                except Exception as exc:  # noqa: BLE001 - a failing member degrades, quorum decides
+                    failures[m.name] = short_reason(exc)
+        else:
+            timeout_ms = self.model.spec.member_timeout_ms
+            deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+            futures = {m.name: pool.submit(self.run_member, i, x) for i, m in enumerate(members)}
+            for name, fut in futures.items():
+                try:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    outputs[name] = fut.result(timeout=left)
+                except FutureTimeout:
+                    failures[name] = f"timed out after {timeout_ms:g} ms"
+                except Exception as exc:  # noqa: BLE001
+                    failures[name] = short_reason(exc)
+        if len(outputs) < self.model.quorum:
+            detail = "; ".join(f"{n} ({why})" for n, why in failures.items())
+            raise QuorumError(
+                f"ensemble {self.model.name!r}: {len(outputs)} of {len(members)} members answered, "
+                f"quorum is {self.model.quorum}; failing: {detail}"
+            )
+        return combine(self.model, outputs)
 
 
 def load_scorer(model: ResolvedModel, *, ctx: Any = None) -> Scorer:
     """The cached scorer for ``model`` on this task's device, with threads set for this task."""
     set_threads(task_threads(ctx))
     device = resolve_device(model.spec.device, ctx)
-    return Scorer(model=model, device=device, module=model_cache.get_model(model, device))
+    modules = tuple(model_cache.get_model(m, device, cache_size=model.spec.cache_size) for m in model.members)
+    return Scorer(model=model, device=device, modules=modules)
 
 
 def _scatter(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -99,54 +211,68 @@ def _scatter(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return full
 
 
-def assemble(model: ResolvedModel, feats: Features, outputs: np.ndarray) -> list[pa.Array]:
-    """Prediction columns for every row: model outputs for good rows, null plus reason for bad ones."""
+def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> list[pa.Array]:
+    """Prediction columns for every row: outputs for good rows, null plus a reason for bad ones."""
+    spec = model.spec
     n = feats.num_rows
     invalid = None if feats.errors is None else ~feats.valid
+    good = pred is not None and len(pred.values) > 0
     cols: list[pa.Array] = []
-    if model.spec.output == "score":
-        cols.append(pa.array(_scatter(outputs.astype(np.float64), feats.valid), pa.float64(), mask=invalid))
+    if spec.output == "score":
+        values = _scatter(pred.values, feats.valid) if good else np.zeros(n)  # type: ignore[union-attr]
+        cols.append(pa.array(values, pa.float64(), mask=invalid))
     else:
-        k = outputs.shape[1] if outputs.ndim == 2 and len(outputs) else 0
-        probs = _scatter(outputs, feats.valid) if len(outputs) else np.zeros((n, k), np.float32)
+        k = pred.values.shape[1] if good else 0  # type: ignore[union-attr]
+        probs = _scatter(pred.values, feats.valid) if good else np.zeros((n, 0), np.float32)  # type: ignore[union-attr]
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
-        values = pa.array(probs.reshape(-1), pa.float32())
-        cols.append(pa.ListArray.from_arrays(offsets, values, mask=invalid))
-        labels = probs.argmax(axis=1).astype(np.int32) if k else np.zeros(n, np.int32)
+        cols.append(pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32()), mask=invalid))
+        labels = _scatter(pred.labels, feats.valid) if good else np.zeros(n, np.int32)  # type: ignore[arg-type, union-attr]
         cols.append(pa.array(labels, pa.int32(), mask=invalid))
     cols.append(pa.array(np.full(n, model.version, dtype=object), pa.string()))
     cols.append(pa.nulls(n, pa.string()) if feats.errors is None else pa.array(feats.errors, pa.string()))
+    if model.is_ensemble:
+        missing = pred.missing if pred is not None else ()
+        cols.append(pa.array(np.full(n, bool(missing)), pa.bool_(), mask=invalid))
+        missing_text = ",".join(missing) if missing else None
+        cols.append(pa.array([missing_text] * n, pa.string(), mask=invalid))
+        if spec.member_outputs:
+            member_type = pa.float64() if spec.output == "score" else pa.int32()
+            for m in model.members:
+                got = pred.members.get(m.name) if good else None  # type: ignore[union-attr]
+                if got is None:
+                    cols.append(pa.nulls(n, member_type))
+                else:
+                    cols.append(pa.array(_scatter(got, feats.valid), member_type, mask=invalid))
     return cols
 
 
-def score_batch(batch: pa.RecordBatch | pa.Table, scorer: Scorer) -> pa.RecordBatch:
+def score_batch(batch: pa.RecordBatch | pa.Table, scorer: Scorer, *, pool: Executor | None = None) -> pa.RecordBatch:
     """Score one batch of feature rows; returns only the prediction columns, row for row.
 
     Bad rows (null, wrong length, non-numeric, NaN, infinite features) get null
     predictions and a reason in ``error``; the rest of the batch is scored.
+    ``pool`` runs ensemble members in parallel (see :meth:`Scorer.predict`).
     """
     spec = scorer.model.spec
     feats = extract_features(batch, spec.input_columns, spec.num_features)
-    outputs = scorer.predict(feats.matrix) if len(feats.matrix) else np.empty((0,), np.float32)
-    if spec.output == "probabilities" and outputs.ndim == 1:
-        outputs = outputs.reshape(0, 0)
-    return pa.RecordBatch.from_arrays(assemble(scorer.model, feats, outputs), schema=output_schema(scorer.model))
+    pred = scorer.predict(feats.matrix, pool=pool) if len(feats.matrix) else None
+    return pa.RecordBatch.from_arrays(assemble(scorer.model, feats, pred), schema=output_schema(scorer.model))
 
 
 def check_model(model: ResolvedModel) -> None:
-    """Load the model on the driver's CPU and score one row of zeros, so a corrupt file or an
-    output that does not match ``output`` stops the job before any data is read."""
+    """Load every model file on the driver's CPU and score one row of zeros, so a corrupt file or
+    an output that does not match ``output`` stops the job before any data is read."""
     spec = model.spec
     width = spec.num_features if spec.num_features is not None else len(spec.input_columns)
-    module = model_cache.load_module(model_cache.locate(spec.path), model.format, "cpu")
-    probe = Scorer(model=model, device="cpu", module=module)
-    try:
-        probe.predict(np.zeros((1, width), dtype=np.float32))
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - any torch error here is a spec/model mismatch
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"model {spec.name!r} ({spec.path}) fails on a row of {width} features: {first}; "
-            "check input_columns / num_features against what the model expects"
-        ) from None
+    modules = tuple(model_cache.load_module(model_cache.locate(m.path), m.format, "cpu") for m in model.members)
+    probe = Scorer(model=model, device="cpu", modules=modules)
+    for i, m in enumerate(model.members):
+        try:
+            probe.run_member(i, np.zeros((1, width), dtype=np.float32))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - any torch error here is a spec/model mismatch
+            raise ModelLoadError(
+                f"model {m.name!r} ({m.path}) fails on a row of {width} features: {short_reason(exc)}; "
+                "check input_columns / num_features against what the model expects"
+            ) from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from udfs.errors import ModelLoadError
-from udfs.spec import ResolvedModel, file_hash
+from udfs.spec import ResolvedMember, file_hash
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,31 @@ def load_module(path: str, fmt: str, device: str) -> Any:
     return module
 
 
-def get_model(model: ResolvedModel, device: str) -> Any:
-    """The loaded torch module for ``model`` on ``device``, loading it at most once."""
-    key = (model.content_hash, device)
+def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> Any:
+    """The loaded torch module for one model file on ``device``, loading it at most once."""
+    key = (member.content_hash, device)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        path = locate(model.spec.path)
+        path = locate(member.path)
         # The driver hashed the file; a different file on this host would give
         # predictions under the wrong version, so refuse it.
-        if file_hash(path) != model.content_hash:
+        if file_hash(path) != member.content_hash:
             raise ModelLoadError(
                 f"model file {path!r} on this host differs from the one the driver checked "
-                f"(version {model.version}); ship the same file to every node"
+                f"(version {member.version}); ship the same file to every node"
             )
-        module = load_module(path, model.format, device)
+        module = load_module(path, member.format, device)
         _cache[key] = module
-        _load_counts[model.content_hash] = _load_counts.get(model.content_hash, 0) + 1
-        log.info("loaded model %s version %s on %s (pid %s)", model.name, model.version, device, os.getpid())
-        while len(_cache) > model.spec.cache_size:
+        _load_counts[member.content_hash] = _load_counts.get(member.content_hash, 0) + 1
+        log.info("loaded model %s version %s on %s (pid %s)", member.name, member.version, device, os.getpid())
+        while len(_cache) > cache_size:
             _cache.popitem(last=False)
         return module
+
+
+def total_loads() -> int:
+    """Model loads done by this process so far (all files)."""
+    with _lock:
+        return sum(_load_counts.values())

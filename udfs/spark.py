@@ -72,9 +72,9 @@ def _score_partitions(
     tracker: Accumulator | None,  # type: ignore[type-arg]
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        loads_before = model_cache.stats().loads.get(model.content_hash, 0)
+        loads_before = model_cache.total_loads()
         scorer = load_scorer(model)
-        loaded = model_cache.stats().loads.get(model.content_hash, 0) - loads_before
+        loaded = model_cache.total_loads() - loads_before
         if tracker is not None:
             tracker.add({f"{socket.gethostname()}:{os.getpid()}": loaded})
         for batch in rebatch(batches, model.spec.batch_size):

@@ -1,14 +1,16 @@
-"""The model spec: which model, which input columns, which output.
+"""The model spec: which model (or ensemble), which input columns, which output.
 
 A :class:`ModelSpec` is what a user writes in the ``[model]`` table of any
-config. :func:`resolve` turns it into a :class:`ResolvedModel` on the driver:
-the file is checked and hashed once, so what travels to executors is a small
-picklable record with the version already decided.
+config: either one model file (``path``) or an ensemble (``[[model.members]]``
+with weights and a ``combiner``). :func:`resolve` turns it into a
+:class:`ResolvedModel` on the driver: files are checked and hashed once and the
+version is fixed, so what travels to executors is a small picklable record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,20 +20,35 @@ from udfs.errors import ConfigError, ModelLoadError
 
 OutputKind = Literal["score", "probabilities"]
 Activation = Literal["none", "sigmoid", "softmax"]
+Combiner = Literal["weighted_mean", "majority_vote"]
 
 MODEL_SUFFIXES = {".pt": "torchscript", ".jit": "torchscript", ".pt2": "export"}
 
 
 @dataclass(frozen=True)
+class MemberSpec:
+    """One member of an ensemble (``[[model.members]]``)."""
+
+    path: str
+    name: str = ""  # default: the file's stem
+    version: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"member {self.name or self.path!r} has weight {self.weight}; weights must be >= 0")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """One model as configured by the user (``[model]`` in a TOML config).
+    """One model or an ensemble, as configured by the user (``[model]`` in a TOML config).
 
     ``input_columns`` is either a single fixed-length ``array<float>`` column
     (then ``num_features`` says its length) or a list of numeric columns.
     """
 
-    path: str
     input_columns: tuple[str, ...]
+    path: str | None = None
     name: str = "model"
     version: str | None = None
     output: OutputKind = "score"
@@ -40,6 +57,12 @@ class ModelSpec:
     device: str = "auto"
     batch_size: int = 4096
     cache_size: int = 4
+    # Ensembles: members instead of path.
+    members: tuple[MemberSpec, ...] = ()
+    combiner: Combiner = "weighted_mean"
+    quorum: int | None = None  # members that must answer; default all
+    member_timeout_ms: float | None = None  # per member, where members run in parallel
+    member_outputs: bool = False  # add each member's prediction as its own column
 
     def __post_init__(self) -> None:
         if not self.input_columns:
@@ -52,19 +75,64 @@ class ModelSpec:
             raise ValueError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.num_features is not None and self.num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {self.num_features}")
-        if (
-            self.num_features is not None
-            and len(self.input_columns) > 1
-            and self.num_features != len(self.input_columns)
-        ):
+        if self.num_features is not None and len(self.input_columns) > 1 and self.num_features != len(self.input_columns):
             raise ValueError(
                 f"num_features={self.num_features} but {len(self.input_columns)} input "
                 "columns are listed; drop num_features for a list of numeric columns"
             )
-        if self.device != "auto" and not (
-            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
-        ):
+        if self.device != "auto" and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self._check_ensemble()
+
+    def _check_ensemble(self) -> None:
+        if (self.path is None) == (not self.members):
+            raise ValueError("give either path (one model) or [[model.members]] (an ensemble), not both or neither")
+        if not self.members:
+            for key in ("quorum", "member_timeout_ms"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to ensembles only; add [[model.members]] or drop it")
+            return
+        if self.version is not None:
+            raise ValueError("an ensemble's version is derived from its members' versions and weights; drop version")
+        names = [m.name for m in self.member_specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ensemble member names must be unique, got {names}")
+        total = sum(m.weight for m in self.members)
+        if total <= 0:
+            raise ValueError(f"ensemble weights sum to {total}; the total weight must be positive")
+        if self.quorum is not None and not 1 <= self.quorum <= len(self.members):
+            raise ValueError(f"quorum must be between 1 and {len(self.members)} members, got {self.quorum}")
+        if self.combiner == "majority_vote" and self.output != "probabilities":
+            raise ValueError("combiner 'majority_vote' votes on labels: set output = 'probabilities'")
+        if self.member_timeout_ms is not None and self.member_timeout_ms <= 0:
+            raise ValueError(f"member_timeout_ms must be positive, got {self.member_timeout_ms}")
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
+
+    @property
+    def member_specs(self) -> tuple[MemberSpec, ...]:
+        """The members with names filled in; a single model is an ensemble of one."""
+        if not self.members:
+            return (MemberSpec(path=self.path or "", name=self.name, version=self.version),)
+        return tuple(replace(m, name=m.name or Path(m.path).stem) for m in self.members)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(m.path for m in self.member_specs)
+
+
+@dataclass(frozen=True)
+class ResolvedMember:
+    """A checked model file: its content hash, version and normalised weight."""
+
+    name: str
+    path: str
+    content_hash: str
+    version: str
+    format: str
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -72,13 +140,32 @@ class ResolvedModel:
     """A checked model spec: small, picklable, safe to ship to executors."""
 
     spec: ModelSpec
-    content_hash: str
     version: str
-    format: str
+    members: tuple[ResolvedMember, ...]
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.spec.is_ensemble
+
+    @property
+    def content_hash(self) -> str:
+        """The model file's hash (for an ensemble, a hash over its members' hashes)."""
+        if len(self.members) == 1 and not self.is_ensemble:
+            return self.members[0].content_hash
+        return hashlib.sha256("".join(m.content_hash for m in self.members).encode()).hexdigest()
+
+    @property
+    def format(self) -> str:
+        formats = {m.format for m in self.members}
+        return formats.pop() if len(formats) == 1 else "mixed"
+
+    @property
+    def quorum(self) -> int:
+        return self.spec.quorum or len(self.members)
 
 
 def file_hash(path: str | Path) -> str:
@@ -95,18 +182,45 @@ def model_format(path: str | Path) -> str:
     return MODEL_SUFFIXES.get(Path(path).suffix.lower(), "auto")
 
 
+def _check_file(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file {path!r} does not exist")
+    if not p.is_file():
+        raise ModelLoadError(f"model path {path!r} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ModelLoadError(f"model file {path!r} is not readable")
+
+
+def ensemble_version(members: tuple[ResolvedMember, ...], combiner: str) -> str:
+    """A version derived from the members' versions and weights: change either and it changes."""
+    payload = json.dumps(
+        {"combiner": combiner, "members": [[m.name, m.version, round(m.weight, 12)] for m in members]}, sort_keys=True
+    )
+    return "ens-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
 def resolve(spec: ModelSpec) -> ResolvedModel:
-    """Check the model file exists, hash it and fix the version (driver side)."""
-    path = Path(spec.path)
-    if not path.exists():
-        raise ModelLoadError(f"model file {spec.path!r} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"model path {spec.path!r} is not a file")
-    if not os.access(path, os.R_OK):
-        raise ModelLoadError(f"model file {spec.path!r} is not readable")
-    digest = file_hash(path)
-    version = spec.version or digest[:12]
-    return ResolvedModel(spec=spec, content_hash=digest, version=version, format=model_format(path))
+    """Check every model file exists, hash it and fix the versions (driver side)."""
+    specs = spec.member_specs
+    total = sum(m.weight for m in specs)
+    members = []
+    for m in specs:
+        _check_file(m.path)
+        digest = file_hash(m.path)
+        members.append(
+            ResolvedMember(
+                name=m.name,
+                path=m.path,
+                content_hash=digest,
+                version=m.version or digest[:12],
+                format=model_format(m.path),
+                weight=m.weight / total,
+            )
+        )
+    resolved = tuple(members)
+    version = ensemble_version(resolved, spec.combiner) if spec.is_ensemble else resolved[0].version
+    return ResolvedModel(spec=spec, version=version, members=resolved)
 
 
 def with_overrides(spec: ModelSpec, *, path: str | None = None) -> ModelSpec:
@@ -115,4 +229,6 @@ def with_overrides(spec: ModelSpec, *, path: str | None = None) -> ModelSpec:
         return spec
     if not path:
         raise ConfigError("--model must name a file")
+    if spec.is_ensemble:
+        raise ConfigError("--model replaces a single model; this config is an ensemble, edit [[model.members]]")
     return replace(spec, path=path, version=None if spec.path != path else spec.version)
