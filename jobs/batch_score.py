@@ -2,7 +2,7 @@
 
     spark-submit jobs/batch_score.py --config conf/batch.toml \
         [--input PATH] [--output PATH] [--model FILE] [--mode overwrite|errorifexists] \
-        [--max-error-rate 0.01] [--quarantine PATH]
+        [--max-error-rate 0.01] [--quarantine PATH] [--member-outputs]
 
 Every input row comes out once: good rows with a prediction, bad rows with a
 null prediction and a reason in ``error``. The job prints how many rows were
@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["overwrite", "errorifexists"], help="write mode (default errorifexists)")
     p.add_argument("--max-error-rate", type=float, help="fail when more than this fraction of rows are bad")
     p.add_argument("--quarantine", help="also write the bad rows, with their reasons, here")
+    p.add_argument(
+        "--member-outputs", action="store_true", help="ensembles: add each member's prediction as a column"
+    )
     return p.parse_args(argv)
 
 
@@ -117,7 +120,7 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
             raise ConfigError(f"--max-error-rate: {exc}") from None
     return replace(
         cfg,
-        model=with_overrides(cfg.model, path=args.model),
+        model=with_overrides(cfg.model, path=args.model, member_outputs=args.member_outputs or None),
         input=replace(cfg.input, path=args.input or cfg.input.path),
         output=replace(cfg.output, path=args.output or cfg.output.path, mode=args.mode or cfg.output.mode),
         job=job,
@@ -153,7 +156,8 @@ def run(cfg: BatchConfig) -> Summary:
     check_paths(cfg)
     model = resolve(cfg.model)
     check_model(model)
-    print(f"[sparkscore] model {model.name} version {model.version} ({model.format}, {cfg.model.path})", flush=True)
+    what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
+    print(f"[sparkscore] model {model.name} version {model.version} ({what}: {', '.join(model.spec.paths)})", flush=True)
 
     started = time.monotonic()
     spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.model.batch_size)

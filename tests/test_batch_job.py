@@ -171,3 +171,45 @@ def test_spark_submit_runs_the_job_on_a_small_table(spark, models, table, tmp_pa
     assert f"rows in: {table.num_rows:,}" in proc.stdout
     actual = spark.read.parquet(str(tmp_path / "out"))
     assert_approx_df_equality(actual, expected_frame(spark, table, models["export"]), 1e-6, ignore_row_order=True)
+
+
+@pytest.mark.spark
+def test_job_scores_an_ensemble_config_with_member_outputs(spark, models, table, tmp_path):
+    cfg = tmp_path / "ens.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            [model]
+            name = "ctr_ens"
+            input_columns = {CTR!r}
+            combiner = "weighted_mean"
+            [[model.members]]
+            path = "{models['torchscript']}"
+            name = "ts"
+            weight = 1.0
+            [[model.members]]
+            path = "{models['export']}"
+            name = "ep"
+            weight = 3.0
+            [input]
+            path = "{tmp_path / 'events.parquet'}"
+            [output]
+            path = "{tmp_path / 'out'}"
+            keep_columns = ["user_id"]
+            """
+        ).replace("'", '"')
+    )
+    assert run_job("--config", str(cfg), "--member-outputs") == 0
+    out = spark.read.parquet(str(tmp_path / "out"))
+    assert {"member_ts", "member_ep", "degraded"} <= set(out.columns)
+    single = expected_frame(spark, table, models["torchscript"]).select("user_id", "prediction")
+    # Both members are the same network, so the weighted mean equals either one.
+    joined = out.join(single.withColumnRenamed("prediction", "single"), "user_id")
+    assert joined.filter("abs(prediction - single) > 1e-6 or abs(member_ep - single) > 1e-6").count() == 0
+    assert out.select("model_version").distinct().first()[0].startswith("ens-")
+
+
+def test_member_outputs_on_a_single_model_is_a_clear_error(models, table, tmp_path, capsys):
+    cfg = write_config(tmp_path, models["torchscript"])
+    assert run_job("--config", str(cfg), "--member-outputs") == 2
+    assert "--member-outputs applies to ensembles" in capsys.readouterr().err

@@ -223,8 +223,12 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     return ResolvedModel(spec=spec, version=version, members=resolved)
 
 
-def with_overrides(spec: ModelSpec, *, path: str | None = None) -> ModelSpec:
+def with_overrides(spec: ModelSpec, *, path: str | None = None, member_outputs: bool | None = None) -> ModelSpec:
     """The spec with command-line overrides applied (a new model file drops the pinned version)."""
+    if member_outputs is not None:
+        if not spec.is_ensemble:
+            raise ConfigError("--member-outputs applies to ensembles; this config has a single model")
+        spec = replace(spec, member_outputs=member_outputs)
     if path is None:
         return spec
     if not path:
