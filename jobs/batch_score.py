@@ -17,20 +17,23 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 # spark-submit puts only this file's folder on sys.path; the packages live one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from udfs.config import from_dict, load_toml  # noqa: E402
-from udfs.errors import (  # noqa: E402
+from udfs.config import from_dict, load_toml
+from udfs.errors import (
     ConfigError,
     ErrorRateExceeded,
     InputPathError,
     OutputExistsError,
     SparkscoreError,
 )
-from udfs.spec import ModelSpec, with_overrides  # noqa: E402
+from udfs.spec import ModelSpec, with_overrides
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,16 @@ class Summary:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="batch_score.py", description="Score a Parquet table with a PyTorch model.")
+    p = argparse.ArgumentParser(
+        prog="batch_score.py", description="Score a Parquet table with a PyTorch model."
+    )
     p.add_argument("--config", required=True, help="TOML config (see conf/batch.toml)")
     p.add_argument("--input", help="input Parquet path (overrides [input].path)")
     p.add_argument("--output", help="output path (overrides [output].path)")
     p.add_argument("--model", help="model file (overrides [model].path)")
-    p.add_argument("--mode", choices=["overwrite", "errorifexists"], help="write mode (default errorifexists)")
+    p.add_argument(
+        "--mode", choices=["overwrite", "errorifexists"], help="write mode (default errorifexists)"
+    )
     p.add_argument("--max-error-rate", type=float, help="fail when more than this fraction of rows are bad")
     p.add_argument("--quarantine", help="also write the bad rows, with their reasons, here")
     p.add_argument(
@@ -135,8 +142,10 @@ def check_paths(cfg: BatchConfig) -> None:
     """Fail before Spark starts on an input that is not there or an output that would be clobbered."""
     if _is_local(cfg.input.path) and not os.path.exists(cfg.input.path.removeprefix("file://")):
         raise InputPathError(f"input path {cfg.input.path!r} does not exist")
-    if cfg.output.mode == "errorifexists" and _is_local(cfg.output.path) and os.path.exists(
-        cfg.output.path.removeprefix("file://")
+    if (
+        cfg.output.mode == "errorifexists"
+        and _is_local(cfg.output.path)
+        and os.path.exists(cfg.output.path.removeprefix("file://"))
     ):
         raise OutputExistsError(
             f"output path {cfg.output.path!r} already exists; pass --mode overwrite or choose another path"
@@ -148,7 +157,7 @@ def run(cfg: BatchConfig) -> Summary:
     from pyspark.errors import AnalysisException
     from pyspark.sql import functions as F
 
-    from udfs.core import check_model
+    from udfs.core import check_model, output_schema
     from udfs.session import build_session
     from udfs.spark import model_load_tracker, with_predictions
     from udfs.spec import resolve
@@ -157,46 +166,49 @@ def run(cfg: BatchConfig) -> Summary:
     model = resolve(cfg.model)
     check_model(model)
     what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
-    print(f"[sparkscore] model {model.name} version {model.version} ({what}: {', '.join(model.spec.paths)})", flush=True)
+    print(
+        f"[sparkscore] model {model.name} version {model.version} ({what}: {', '.join(model.spec.paths)})",
+        flush=True,
+    )
 
     started = time.monotonic()
     spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.model.batch_size)
     try:
         df = spark.read.parquet(cfg.input.path)
     except AnalysisException as exc:
-        raise InputPathError(f"input path {cfg.input.path!r} cannot be read as Parquet: {exc.getMessage()}") from None
+        raise InputPathError(
+            f"input path {cfg.input.path!r} cannot be read as Parquet: {exc.getMessage()}"
+        ) from None
     input_rows = df.count()
     print(f"[sparkscore] scoring {input_rows:,} rows from {cfg.input.path}", flush=True)
 
     tracker = model_load_tracker(df)
-    scored = df.transform(with_predictions(model, keep=list(cfg.output.keep_columns) or None, tracker=tracker))
+    keep = list(cfg.output.keep_columns) or None
+    # Quarantined rows carry every input column, so the transform keeps them all in that case.
+    scored = df.transform(with_predictions(model, keep=None if cfg.job.quarantine else keep, tracker=tracker))
+    output = scored.select(*keep, *output_schema(model).names) if keep and cfg.job.quarantine else scored
     writer_mode = "overwrite" if cfg.output.mode == "overwrite" else "errorifexists"
     has_error = F.col("error").isNotNull()
 
     if cfg.job.max_error_rate is not None or cfg.job.quarantine:
         # Score once, keep the result, and decide on the error rate before anything is written.
-        scored = scored.persist()
-        row = scored.agg(F.count(F.lit(1)).alias("n"), F.sum(has_error.cast("long")).alias("bad")).first()
-        n, bad = int(row["n"]), int(row["bad"] or 0)
+        scored.persist()
+        n, bad = _counts(scored)
         _check_error_rate(cfg, n, bad)
-        scored.write.mode(writer_mode).parquet(cfg.output.path)
+        output.write.mode(writer_mode).parquet(cfg.output.path)
         if cfg.job.quarantine:
-            df_bad = scored.filter(has_error)
-            df_bad.write.mode("overwrite").parquet(cfg.job.quarantine)
+            scored.filter(has_error).write.mode("overwrite").parquet(cfg.job.quarantine)
             print(f"[sparkscore] quarantined {bad:,} bad rows to {cfg.job.quarantine}", flush=True)
         scored.unpersist()
     else:
-        scored.write.mode(writer_mode).parquet(cfg.output.path)
+        output.write.mode(writer_mode).parquet(cfg.output.path)
         # Counted from what was committed, so the summary describes the table on disk.
-        row = (
-            spark.read.parquet(cfg.output.path)
-            .agg(F.count(F.lit(1)).alias("n"), F.sum(has_error.cast("long")).alias("bad"))
-            .first()
-        )
-        n, bad = int(row["n"]), int(row["bad"] or 0)
+        n, bad = _counts(spark.read.parquet(cfg.output.path))
 
     if n != input_rows:
-        raise RuntimeError(f"output has {n:,} rows but the input has {input_rows:,}; the output is incomplete")
+        raise RuntimeError(
+            f"output has {n:,} rows but the input has {input_rows:,}; the output is incomplete"
+        )
     return Summary(
         input_rows=input_rows,
         output_rows=n,
@@ -205,6 +217,17 @@ def run(cfg: BatchConfig) -> Summary:
         seconds=time.monotonic() - started,
         model_loads=dict(tracker.value),
     )
+
+
+def _counts(df: DataFrame) -> tuple[int, int]:
+    """(rows, rows with an error) in one aggregation."""
+    from pyspark.sql import functions as F
+
+    row = df.agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.col("error").isNotNull().cast("long")).alias("bad")
+    ).first()
+    assert row is not None  # a global aggregation always returns one row
+    return int(row["n"]), int(row["bad"] or 0)
 
 
 def _check_error_rate(cfg: BatchConfig, n: int, bad: int) -> None:

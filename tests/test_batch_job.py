@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CTR = list(demo.CTR_FEATURES)
 
 
-def write_config(tmp_path: Path, model: str, *, extra: str = "", model_extra: str = "", output: str | None = None) -> Path:
+def write_config(
+    tmp_path: Path, model: str, *, extra: str = "", model_extra: str = "", output: str | None = None
+) -> Path:
     cfg = tmp_path / "batch.toml"
     cfg.write_text(
         textwrap.dedent(
@@ -35,10 +37,10 @@ def write_config(tmp_path: Path, model: str, *, extra: str = "", model_extra: st
             {model_extra}
 
             [input]
-            path = "{tmp_path / 'events.parquet'}"
+            path = "{tmp_path / "events.parquet"}"
 
             [output]
-            path = "{output or tmp_path / 'out'}"
+            path = "{output or tmp_path / "out"}"
             keep_columns = ["user_id"]
             {extra}
             """
@@ -106,7 +108,9 @@ def test_error_rate_under_limit_passes(models, table, tmp_path):
 
 
 @pytest.mark.spark
-def test_existing_output_is_refused_by_default_and_replaced_with_overwrite(spark, models, table, tmp_path, capsys):
+def test_existing_output_is_refused_by_default_and_replaced_with_overwrite(
+    spark, models, table, tmp_path, capsys
+):
     cfg = write_config(tmp_path, models["torchscript"])
     (tmp_path / "out").mkdir()
     assert run_job("--config", str(cfg)) == 2
@@ -130,7 +134,10 @@ def test_missing_input_columns_stop_the_job_naming_existing_columns(spark, model
     [
         (lambda p, m: write_config(p, str(p / "missing.pt")), "model file .* does not exist"),
         (lambda p, m: write_config(p, _corrupt(p)), "could not be loaded as a torchscript program"),
-        (lambda p, m: write_config(p, m, extra="colour = 'red'"), r"unknown key\(s\) \['colour'\] in \[batch config.output\]"),
+        (
+            lambda p, m: write_config(p, m, extra="colour = 'red'"),
+            r"unknown key\(s\) \['colour'\] in \[batch config.output\]",
+        ),
         (lambda p, m: write_config(p, m, model_extra="cache_size = 'big'"), "cache_size must be an integer"),
         (lambda p, m: _no_input(write_config(p, m)), "input path .* does not exist"),
     ],
@@ -164,13 +171,26 @@ def test_spark_submit_runs_the_job_on_a_small_table(spark, models, table, tmp_pa
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     spark_submit = Path(sys.executable).parent / "spark-submit"
     proc = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", str(ROOT / "jobs" / "batch_score.py"), "--config", str(cfg)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            str(spark_submit),
+            "--master",
+            "local[2]",
+            str(ROOT / "jobs" / "batch_score.py"),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"rows in: {table.num_rows:,}" in proc.stdout
     actual = spark.read.parquet(str(tmp_path / "out"))
-    assert_approx_df_equality(actual, expected_frame(spark, table, models["export"]), 1e-6, ignore_row_order=True)
+    assert_approx_df_equality(
+        actual, expected_frame(spark, table, models["export"]), 1e-6, ignore_row_order=True
+    )
 
 
 @pytest.mark.spark
@@ -184,17 +204,17 @@ def test_job_scores_an_ensemble_config_with_member_outputs(spark, models, table,
             input_columns = {CTR!r}
             combiner = "weighted_mean"
             [[model.members]]
-            path = "{models['torchscript']}"
+            path = "{models["torchscript"]}"
             name = "ts"
             weight = 1.0
             [[model.members]]
-            path = "{models['export']}"
+            path = "{models["export"]}"
             name = "ep"
             weight = 3.0
             [input]
-            path = "{tmp_path / 'events.parquet'}"
+            path = "{tmp_path / "events.parquet"}"
             [output]
-            path = "{tmp_path / 'out'}"
+            path = "{tmp_path / "out"}"
             keep_columns = ["user_id"]
             """
         ).replace("'", '"')

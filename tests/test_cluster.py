@@ -62,9 +62,9 @@ def test_job_on_local_cluster_with_py_files_scores_and_loads_once_per_executor(s
             input_columns = ["age", "purchase_count", "price", "category_id"]
             batch_size = 100
             [input]
-            path = "{tmp_path / 'events.parquet'}"
+            path = "{tmp_path / "events.parquet"}"
             [output]
-            path = "{tmp_path / 'out'}"
+            path = "{tmp_path / "out"}"
             keep_columns = ["user_id"]
             [spark]
             "spark.sql.files.maxPartitionBytes" = "16000"
@@ -72,17 +72,30 @@ def test_job_on_local_cluster_with_py_files_scores_and_loads_once_per_executor(s
         )
     )
     py = executor_python(tmp_path)
-    env = {**os.environ, "PYSPARK_PYTHON": str(py), "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "SPARK_WORKER_DIR": str(tmp_path / "work")}
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": str(py),
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_WORKER_DIR": str(tmp_path / "work"),
+    }
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "spark-submit"),
-            "--master", "local-cluster[2,1,1024]",
-            "--conf", f"spark.pyspark.python={py}",
-            "--py-files", str(package),
-            str(ROOT / "jobs" / "batch_score.py"), "--config", str(cfg),
+            "--master",
+            "local-cluster[2,1,1024]",
+            "--conf",
+            f"spark.pyspark.python={py}",
+            "--py-files",
+            str(package),
+            str(ROOT / "jobs" / "batch_score.py"),
+            "--config",
+            str(cfg),
         ],
-        capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows in: 3,000  out: 3,000" in proc.stdout
@@ -92,7 +105,9 @@ def test_job_on_local_cluster_with_py_files_scores_and_loads_once_per_executor(s
     model = resolve(ModelSpec(path=str(model_path), input_columns=demo.CTR_FEATURES))
     preds = score_batch(table, load_scorer(model))
     expected = spark.createDataFrame(
-        table.select(["user_id"]).to_pandas().assign(**{n: preds.column(n).to_pandas() for n in preds.schema.names})
+        table.select(["user_id"])
+        .to_pandas()
+        .assign(**{n: preds.column(n).to_pandas() for n in preds.schema.names})
     )
     actual = spark.read.parquet(str(tmp_path / "out"))
     assert_approx_df_equality(actual, expected, 1e-6, ignore_row_order=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -101,10 +102,16 @@ def test_non_numeric_string_column_is_a_row_error_not_a_crash(models):
 
 def test_probabilities_output_has_label_and_version(models):
     spec = ModelSpec(
-        path=models["classifier"], input_columns=("f",), num_features=6, output="probabilities", activation="softmax"
+        path=models["classifier"],
+        input_columns=("f",),
+        num_features=6,
+        output="probabilities",
+        activation="softmax",
     )
     rows = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
-    out = score_batch(pa.record_batch({"f": pa.array(rows.tolist(), pa.list_(pa.float32()))}), load_scorer(resolve(spec)))
+    out = score_batch(
+        pa.record_batch({"f": pa.array(rows.tolist(), pa.list_(pa.float32()))}), load_scorer(resolve(spec))
+    )
     with torch.no_grad():
         expected = torch.softmax(models["classifier_module"](torch.from_numpy(rows)), -1).numpy()
     np.testing.assert_allclose(np.array(out.column("probabilities").to_pylist()), expected, rtol=1e-5)
@@ -125,7 +132,7 @@ def test_model_is_loaded_once_per_process_and_keyed_by_content(models, tmp_path)
         load_scorer(resolved)
     assert model_cache.stats().loads == {resolved.content_hash: 1}
     copy = tmp_path / "same.pt"
-    copy.write_bytes(open(models["torchscript"], "rb").read())
+    copy.write_bytes(Path(models["torchscript"]).read_bytes())
     load_scorer(resolve(ctr_spec(str(copy))))
     assert model_cache.stats().loads == {resolved.content_hash: 1}  # same bytes, same entry
 

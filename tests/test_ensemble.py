@@ -74,7 +74,9 @@ def spec(members_, names, weights, **kw) -> ModelSpec:
         input_columns=("f",),
         num_features=F,
         name="ens",
-        members=tuple(MemberSpec(path=members_[n][1], name=n, weight=w) for n, w in zip(names, weights, strict=True)),
+        members=tuple(
+            MemberSpec(path=members_[n][1], name=n, weight=w) for n, w in zip(names, weights, strict=True)
+        ),
         **kw,
     )
 
@@ -107,8 +109,12 @@ def test_majority_vote_breaks_ties_by_summed_weight_then_lowest_label():
 
     def model(weights):
         ms = tuple(ResolvedMember(n, n, n, n, "torchscript", w) for n, w in zip("abc", weights, strict=True))
-        s = ModelSpec(input_columns=("f",), members=tuple(MemberSpec(path=n, name=n) for n in "abc"),
-                      output="probabilities", combiner="majority_vote")
+        s = ModelSpec(
+            input_columns=("f",),
+            members=tuple(MemberSpec(path=n, name=n) for n in "abc"),
+            output="probabilities",
+            combiner="majority_vote",
+        )
         return ResolvedModel(spec=s, version="v", members=ms)
 
     outputs = {"a": onehot([2, 1, 0]), "b": onehot([2, 0, 2]), "c": onehot([1, 2, 1])}
@@ -136,7 +142,9 @@ def test_each_member_is_loaded_once_per_process(members):
 def test_failing_member_is_dropped_above_quorum_and_weights_renormalise(members):
     s = spec(members, ["reg0", "broken", "reg1"], [1.0, 1.0, 3.0], quorum=2)
     out = score_batch(batch_of(ROWS), load_scorer(resolve(s)))
-    expected = 0.25 * run(members["reg0"][0], ROWS).reshape(-1) + 0.75 * run(members["reg1"][0], ROWS).reshape(-1)
+    expected = 0.25 * run(members["reg0"][0], ROWS).reshape(-1) + 0.75 * run(
+        members["reg1"][0], ROWS
+    ).reshape(-1)
     np.testing.assert_allclose(out.column("prediction").to_numpy(), expected, rtol=1e-6, atol=1e-7)
     assert set(out.column("degraded").to_pylist()) == {True}
     assert set(out.column("missing_members").to_pylist()) == {"broken"}
@@ -144,7 +152,10 @@ def test_failing_member_is_dropped_above_quorum_and_weights_renormalise(members)
 
 def test_below_quorum_fails_naming_the_member(members):
     s = spec(members, ["reg0", "broken"], [1.0, 1.0])
-    with pytest.raises(QuorumError, match=r"1 of 2 members answered, quorum is 2; failing: broken \(.*RuntimeError: member exploded\)"):
+    with pytest.raises(
+        QuorumError,
+        match=r"1 of 2 members answered, quorum is 2; failing: broken \(.*RuntimeError: member exploded\)",
+    ):
         score_batch(batch_of(ROWS), load_scorer(resolve(s)))
 
 
@@ -196,12 +207,16 @@ def test_spark_scores_an_ensemble_in_one_pass_loading_each_member_once_per_worke
         fresh[n] = (module, save(module, tmp_path / f"{n}.pt"))
     model = resolve(spec(fresh, names, [1.0, 2.0, 3.0], member_outputs=True))
     rows = np.random.default_rng(9).normal(size=(600, F)).astype(np.float32)
-    df = spark.createDataFrame([(i, r.tolist()) for i, r in enumerate(rows)], "id int, f array<float>").repartition(6)
+    df = spark.createDataFrame(
+        [(i, r.tolist()) for i, r in enumerate(rows)], "id int, f array<float>"
+    ).repartition(6)
     tracker = model_load_tracker(df)
     actual = df.transform(with_predictions(model, keep=["id"], tracker=tracker))
     core = score_batch(batch_of(rows), load_scorer(model))
     expected = spark.createDataFrame(
-        pa.table([pa.array(np.arange(600, dtype=np.int32)), *core.columns], names=["id", *core.schema.names]).to_pandas(),
+        pa.table(
+            [pa.array(np.arange(600, dtype=np.int32)), *core.columns], names=["id", *core.schema.names]
+        ).to_pandas(),
         schema=actual.schema,
     )
     assert_approx_df_equality(actual, expected, 1e-6, ignore_row_order=True, ignore_nullable=True)

@@ -27,7 +27,9 @@ def torch_scores(module, rows) -> list[float]:
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
 def test_predictions_equal_direct_torch_for_numeric_columns(spark, models, fmt):
     rows = [(i, 20.0 + i, float(i % 7), 9.5 * i, float(i % 5)) for i in range(40)]
-    df = spark.createDataFrame(rows, "user_id long, age double, purchase_count double, price double, category_id double")
+    df = spark.createDataFrame(
+        rows, "user_id long, age double, purchase_count double, price double, category_id double"
+    )
     model = resolve(ModelSpec(path=models[fmt], input_columns=CTR, name="ctr"))
     actual = df.transform(with_predictions(model, keep=["user_id"]))
     scores = torch_scores(models["module"], [r[1:] for r in rows])
@@ -43,13 +45,20 @@ def test_predictions_equal_direct_torch_for_one_array_column(spark, models):
     feats = rng.normal(size=(30, 6)).astype(np.float32)
     df = spark.createDataFrame([(i, f.tolist()) for i, f in enumerate(feats)], "id int, f array<float>")
     model = resolve(
-        ModelSpec(path=models["classifier"], input_columns=("f",), num_features=6, output="probabilities", activation="softmax")
+        ModelSpec(
+            path=models["classifier"],
+            input_columns=("f",),
+            num_features=6,
+            output="probabilities",
+            activation="softmax",
+        )
     )
     actual = df.transform(with_predictions(model, keep=["id"])).drop("probabilities")
     with torch.no_grad():
         labels = torch.softmax(models["classifier_module"](torch.from_numpy(feats)), -1).argmax(1).tolist()
     expected = spark.createDataFrame(
-        [(i, lab, model.version, None) for i, lab in enumerate(labels)], "id int, label int, model_version string, error string"
+        [(i, lab, model.version, None) for i, lab in enumerate(labels)],
+        "id int, label int, model_version string, error string",
     )
     assert_approx_df_equality(actual, expected, 1e-6, ignore_row_order=True)
 
@@ -90,9 +99,11 @@ def test_model_loads_once_per_python_worker_across_tasks_and_batches(spark, mode
     path = tmp_path / "fresh.pt"
     torch.jit.save(torch.jit.script(module), str(path))
     model = resolve(ModelSpec(path=str(path), input_columns=CTR, batch_size=16))
-    df = spark.range(4000).select(
-        F.col("id"), *[(F.col("id") % (i + 3)).cast("double").alias(c) for i, c in enumerate(CTR)]
-    ).repartition(12)
+    df = (
+        spark.range(4000)
+        .select(F.col("id"), *[(F.col("id") % (i + 3)).cast("double").alias(c) for i, c in enumerate(CTR)])
+        .repartition(12)
+    )
     tracker = model_load_tracker(df)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "50")
     try:
@@ -109,7 +120,9 @@ def test_model_loads_once_per_python_worker_across_tasks_and_batches(spark, mode
 def test_missing_input_columns_name_what_exists(spark, models):
     df = spark.createDataFrame([(1, 2.0)], "id int, age double")
     model = resolve(ModelSpec(path=models["torchscript"], input_columns=CTR))
-    with pytest.raises(MissingColumnsError, match=r"\['purchase_count', 'price', 'category_id'\].*\['id', 'age'\]"):
+    with pytest.raises(
+        MissingColumnsError, match=r"\['purchase_count', 'price', 'category_id'\].*\['id', 'age'\]"
+    ):
         df.transform(with_predictions(model))
 
 
@@ -121,7 +134,10 @@ def test_non_numeric_column_type_says_to_use_array(spark, models):
 
 
 def test_input_that_already_has_a_prediction_column_is_refused(spark, models):
-    df = spark.createDataFrame([(1.0, 1.0, 1.0, 1.0, 0.5)], "age double, purchase_count double, price double, category_id double, prediction double")
+    df = spark.createDataFrame(
+        [(1.0, 1.0, 1.0, 1.0, 0.5)],
+        "age double, purchase_count double, price double, category_id double, prediction double",
+    )
     model = resolve(ModelSpec(path=models["torchscript"], input_columns=CTR))
     with pytest.raises(ColumnConflictError, match="prediction"):
         df.transform(with_predictions(model))

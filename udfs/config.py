@@ -38,9 +38,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in [{where}]; allowed keys: {sorted(fields)}"
-        )
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; allowed keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from udfs import model_cache
-from udfs.errors import ModelLoadError
 from udfs.device import resolve_device, set_threads, task_threads
+from udfs.errors import ModelLoadError
 from udfs.features import Features, extract_features
 from udfs.spec import ResolvedModel
 
@@ -77,7 +77,11 @@ def combine(model: ResolvedModel, outputs: dict[str, np.ndarray]) -> Prediction:
     answered = [m for m in model.members if m.name in outputs]
     missing = tuple(m.name for m in model.members if m.name not in outputs)
     total = sum(m.weight for m in answered)
-    weights = {m.name: m.weight / total for m in answered} if total > 0 else {m.name: 1 / len(answered) for m in answered}
+    weights = (
+        {m.name: m.weight / total for m in answered}
+        if total > 0
+        else {m.name: 1 / len(answered) for m in answered}
+    )
     per_member: dict[str, np.ndarray] = {}
     if spec.output == "score":
         values = sum(weights[m.name] * outputs[m.name].astype(np.float64) for m in answered)
@@ -225,7 +229,9 @@ def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> 
         k = pred.values.shape[1] if good else 0  # type: ignore[union-attr]
         probs = _scatter(pred.values, feats.valid) if good else np.zeros((n, 0), np.float32)  # type: ignore[union-attr]
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
-        cols.append(pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32()), mask=invalid))
+        cols.append(
+            pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32()), mask=invalid)
+        )
         labels = _scatter(pred.labels, feats.valid) if good else np.zeros(n, np.int32)  # type: ignore[arg-type, union-attr]
         cols.append(pa.array(labels, pa.int32(), mask=invalid))
     cols.append(pa.array(np.full(n, model.version, dtype=object), pa.string()))
@@ -246,7 +252,9 @@ def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> 
     return cols
 
 
-def score_batch(batch: pa.RecordBatch | pa.Table, scorer: Scorer, *, pool: Executor | None = None) -> pa.RecordBatch:
+def score_batch(
+    batch: pa.RecordBatch | pa.Table, scorer: Scorer, *, pool: Executor | None = None
+) -> pa.RecordBatch:
     """Score one batch of feature rows; returns only the prediction columns, row for row.
 
     Bad rows (null, wrong length, non-numeric, NaN, infinite features) get null
@@ -264,7 +272,9 @@ def check_model(model: ResolvedModel) -> None:
     an output that does not match ``output`` stops the job before any data is read."""
     spec = model.spec
     width = spec.num_features if spec.num_features is not None else len(spec.input_columns)
-    modules = tuple(model_cache.load_module(model_cache.locate(m.path), m.format, "cpu") for m in model.members)
+    modules = tuple(
+        model_cache.load_module(model_cache.locate(m.path), m.format, "cpu") for m in model.members
+    )
     probe = Scorer(model=model, device="cpu", modules=modules)
     for i, m in enumerate(model.members):
         try:

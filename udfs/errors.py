@@ -31,10 +31,7 @@ class MissingColumnsError(SparkscoreError):
     def __init__(self, missing: list[str], existing: list[str]) -> None:
         self.missing = missing
         self.existing = existing
-        super().__init__(
-            f"input columns {missing} are not in the data; "
-            f"the data has columns {existing}"
-        )
+        super().__init__(f"input columns {missing} are not in the data; the data has columns {existing}")
 
 
 class ColumnTypeError(SparkscoreError):

@@ -50,7 +50,9 @@ def is_array_type(t: pa.DataType) -> bool:
 
 
 def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
+    return (
+        pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
+    )
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -174,10 +176,7 @@ def _array_column(batch: pa.RecordBatch | pa.Table, name: str, d: int) -> Featur
     flat, elem_null, elem_non_numeric = _to_float(flat_values)
 
     clean = (
-        list_null is None
-        and elem_null is None
-        and elem_non_numeric is None
-        and bool((lengths == d).all())
+        list_null is None and elem_null is None and elem_non_numeric is None and bool((lengths == d).all())
     )
     if clean:
         matrix = flat.reshape(n, d)

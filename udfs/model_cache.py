@@ -112,7 +112,9 @@ def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> An
         module = load_module(path, member.format, device)
         _cache[key] = module
         _load_counts[member.content_hash] = _load_counts.get(member.content_hash, 0) + 1
-        log.info("loaded model %s version %s on %s (pid %s)", member.name, member.version, device, os.getpid())
+        log.info(
+            "loaded model %s version %s on %s (pid %s)", member.name, member.version, device, os.getpid()
+        )
         while len(_cache) > cache_size:
             _cache.popitem(last=False)
         return module

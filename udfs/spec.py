@@ -36,7 +36,9 @@ class MemberSpec:
 
     def __post_init__(self) -> None:
         if self.weight < 0:
-            raise ValueError(f"member {self.name or self.path!r} has weight {self.weight}; weights must be >= 0")
+            raise ValueError(
+                f"member {self.name or self.path!r} has weight {self.weight}; weights must be >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,11 @@ class ModelSpec:
             raise ValueError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.num_features is not None and self.num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {self.num_features}")
-        if self.num_features is not None and len(self.input_columns) > 1 and self.num_features != len(self.input_columns):
+        if (
+            self.num_features is not None
+            and len(self.input_columns) > 1
+            and self.num_features != len(self.input_columns)
+        ):
             raise ValueError(
                 f"num_features={self.num_features} but {len(self.input_columns)} input "
                 "columns are listed; drop num_features for a list of numeric columns"
@@ -86,14 +92,18 @@ class ModelSpec:
 
     def _check_ensemble(self) -> None:
         if (self.path is None) == (not self.members):
-            raise ValueError("give either path (one model) or [[model.members]] (an ensemble), not both or neither")
+            raise ValueError(
+                "give either path (one model) or [[model.members]] (an ensemble), not both or neither"
+            )
         if not self.members:
             for key in ("quorum", "member_timeout_ms"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} applies to ensembles only; add [[model.members]] or drop it")
             return
         if self.version is not None:
-            raise ValueError("an ensemble's version is derived from its members' versions and weights; drop version")
+            raise ValueError(
+                "an ensemble's version is derived from its members' versions and weights; drop version"
+            )
         names = [m.name for m in self.member_specs]
         if len(set(names)) != len(names):
             raise ValueError(f"ensemble member names must be unique, got {names}")
@@ -195,7 +205,8 @@ def _check_file(path: str) -> None:
 def ensemble_version(members: tuple[ResolvedMember, ...], combiner: str) -> str:
     """A version derived from the members' versions and weights: change either and it changes."""
     payload = json.dumps(
-        {"combiner": combiner, "members": [[m.name, m.version, round(m.weight, 12)] for m in members]}, sort_keys=True
+        {"combiner": combiner, "members": [[m.name, m.version, round(m.weight, 12)] for m in members]},
+        sort_keys=True,
     )
     return "ens-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -223,7 +234,9 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     return ResolvedModel(spec=spec, version=version, members=resolved)
 
 
-def with_overrides(spec: ModelSpec, *, path: str | None = None, member_outputs: bool | None = None) -> ModelSpec:
+def with_overrides(
+    spec: ModelSpec, *, path: str | None = None, member_outputs: bool | None = None
+) -> ModelSpec:
     """The spec with command-line overrides applied (a new model file drops the pinned version)."""
     if member_outputs is not None:
         if not spec.is_ensemble:
@@ -234,5 +247,7 @@ def with_overrides(spec: ModelSpec, *, path: str | None = None, member_outputs: 
     if not path:
         raise ConfigError("--model must name a file")
     if spec.is_ensemble:
-        raise ConfigError("--model replaces a single model; this config is an ensemble, edit [[model.members]]")
+        raise ConfigError(
+            "--model replaces a single model; this config is an ensemble, edit [[model.members]]"
+        )
     return replace(spec, path=path, version=None if spec.path != path else spec.version)
