@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+# Spark binds its driver to this address: loopback only, and no "hostname resolves to loopback" warning.
+export SPARK_LOCAL_IP ?= 127.0.0.1
 SPARK_SUBMIT := $(VENV)/bin/spark-submit --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 DEMO := build/demo
 

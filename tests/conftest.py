@@ -11,6 +11,7 @@ import pytest
 # Workers must run this interpreter (the venv's), or they cannot import torch/pyarrow.
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -95,7 +95,7 @@ def save_export(module, path: str | Path, num_features: int) -> Path:  # type: i
     return Path(path)
 
 
-def build(out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001) -> dict[str, Path]:
+def build(out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001, files: int = 4) -> dict[str, Path]:
     """Write the demo model in both formats and a synthetic Parquet table under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,12 @@ def build(out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001) -> 
         "export": save_export(module, out / "ctr.pt2", len(CTR_FEATURES)),
         "table": out / "events.parquet",
     }
-    pq.write_table(synthetic_ctr(rows, bad_fraction=bad_fraction), paths["table"])
+    # A few files, so local Spark reads them in parallel.
+    table = synthetic_ctr(rows, bad_fraction=bad_fraction)
+    paths["table"].mkdir(exist_ok=True)
+    step = -(-rows // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * step, step), paths["table"] / f"part-{i:05d}.parquet")
     return paths
 
 
