@@ -63,3 +63,13 @@ clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
 
 .PHONY: help setup demo test test-fast lint format package bench-batch clean
+
+# --- serving ---
+serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model, no Redis; --redis-url via ARGS)
+	$(PY) -m serving --config conf/serve.toml $(ARGS)
+
+bench-realtime: $(STAMP) $(DEMO)/ctr.pt ## real-time benchmark (bench/results/realtime.json and .png)
+	$(PY) bench/realtime_bench.py
+
+.PHONY: serve bench-realtime
+# --- end serving ---

@@ -1,0 +1,271 @@
+"""The dynamic batcher: gathers concurrent requests into micro-batches for one ``score`` call.
+
+One loop task owns the queue. It takes a free worker slot, then waits until
+either ``max_batch_size`` requests are queued (a full batch goes at once) or the
+oldest queued request has waited ``max_wait_ms`` since it *arrived*, and hands
+the batch to a small thread pool. Up to ``workers`` batches compute at once, so
+a slow batch does not hold back the next one; while every worker is busy the
+queue simply grows into the next batch.
+
+There is no per-request timer that can fire while a batch runs and be lost (the
+classic stuck-request bug): after every batch the loop re-examines the queue
+itself. Each caller has a deadline; a request whose deadline passes is answered
+504 by its own timer and dropped before it reaches the model. Identical
+requests (same ``key``) that are in flight are computed once.
+
+``score(rows) -> results`` is any callable taking a list of rows and returning
+one result per row, in order; it runs on a worker thread. It is the single
+seam where scoring happens (see :class:`serving.model.ModelRunner`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+from serving.config import BatcherConfig
+from serving.errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull
+from serving.metrics import Metrics
+from udfs.core import short_reason
+
+log = logging.getLogger("serving.batcher")
+
+ScoreFn = Callable[[list[Any]], list[Any]]
+
+
+class _Pending:
+    """One queued computation and everyone waiting for it."""
+
+    __slots__ = ("arrival", "deadline", "key", "row", "timers", "waiters")
+
+    def __init__(self, row: Any, key: Hashable | None, arrival: float, deadline: float) -> None:
+        self.row = row
+        self.key = key
+        self.arrival = arrival
+        self.deadline = deadline
+        self.waiters: list[asyncio.Future[Any]] = []
+        self.timers: list[asyncio.TimerHandle] = []
+
+
+def _expire(fut: asyncio.Future[Any], timeout_ms: float) -> None:
+    if not fut.done():
+        fut.set_exception(DeadlineExceeded(f"no prediction within the deadline of {timeout_ms:g} ms"))
+
+
+class Batcher:
+    """Micro-batches rows for ``score``; see the module docstring."""
+
+    def __init__(
+        self,
+        score: ScoreFn,
+        cfg: BatcherConfig,
+        metrics: Metrics,
+        *,
+        executor: Executor | None = None,
+    ) -> None:
+        self.score = score
+        self.cfg = cfg
+        self.metrics = metrics
+        self._executor = executor or ThreadPoolExecutor(cfg.workers, thread_name_prefix="score")
+        self._queue: deque[_Pending] = deque()
+        self._inflight: dict[Hashable, _Pending] = {}
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.computing = 0  # requests inside batches being scored
+        self.batches_running = 0
+        metrics.gauge(
+            "nv_inference_pending_request_count", "Requests queued, not yet in a micro-batch", self.queued
+        )
+        metrics.gauge(
+            "sparkscore_batches_running", "Micro-batches computing right now", lambda: self.batches_running
+        )
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.cfg.workers)
+        self._task = self._loop.create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            self._deliver_error(self._queue.popleft(), NotReady("the server is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, row: Any, timeout_ms: float, key: Hashable | None = None) -> asyncio.Future[Any]:
+        """Queue ``row``; the returned future resolves to its result or raises a RequestError.
+
+        A request identical (same ``key``) to one in flight joins it instead of queueing.
+        Raises :class:`QueueFull` at once when the queue is full.
+        """
+        loop = self._loop
+        if loop is None:
+            raise NotReady("the batcher is not running")
+        now = time.monotonic()
+        deadline = now + timeout_ms / 1000
+        pending = self._inflight.get(key) if key is not None else None
+        if pending is not None:
+            self.metrics.cache_coalesced.inc()
+            pending.deadline = max(pending.deadline, deadline)
+        else:
+            if len(self._queue) >= self.cfg.max_queue:
+                raise QueueFull(f"the request queue is full ({self.cfg.max_queue} waiting); retry shortly")
+            pending = _Pending(row, key, now, deadline)
+            self._queue.append(pending)
+            if key is not None:
+                self._inflight[key] = pending
+            n = len(self._queue)
+            if self._wake is not None and (n == 1 or n >= self.cfg.max_batch_size) and not self._wake.done():
+                self._wake.set_result(None)
+        fut: asyncio.Future[Any] = loop.create_future()
+        pending.waiters.append(fut)
+        pending.timers.append(loop.call_later(timeout_ms / 1000, _expire, fut, timeout_ms))
+        return fut
+
+    # -- the loop -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._slots is not None
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            try:
+                self._launch(batch)
+            except Exception as exc:  # the loop must outlive any one batch
+                log.exception("could not start a micro-batch")
+                self._finish_all(batch, BatchFailed(f"could not start the batch: {short_reason(exc)}"))
+                self._slots.release()
+
+    async def _sleep(self, delay: float | None) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._wake = loop.create_future()
+        handle = loop.call_later(delay, _set_none, self._wake) if delay is not None else None
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+            if handle is not None:
+                handle.cancel()
+
+    async def _collect(self) -> list[_Pending]:
+        """Wait for a batch worth sending; returns at least one live request."""
+        q = self._queue
+        max_bs = self.cfg.max_batch_size
+        max_wait = self.cfg.max_wait_ms / 1000
+        while True:
+            now = time.monotonic()
+            while q and q[0].deadline <= now:
+                self._drop(q.popleft())
+            if not q:
+                await self._sleep(None)
+                continue
+            if len(q) >= max_bs:
+                break
+            delay = q[0].arrival + max_wait - now
+            if delay <= 0:
+                break
+            await self._sleep(delay)
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        while q and len(batch) < max_bs:
+            p = q.popleft()
+            if p.deadline <= now:
+                self._drop(p)
+            else:
+                batch.append(p)
+        if not batch:
+            return await self._collect()
+        return batch
+
+    def _drop(self, p: _Pending) -> None:
+        """An expired request leaves without reaching the model (its timers answer 504)."""
+        if self._inflight.get(p.key) is p:
+            del self._inflight[p.key]
+        self._deliver_error(p, DeadlineExceeded("the deadline passed while the request was queued"))
+
+    def _launch(self, batch: list[_Pending]) -> None:
+        loop = self._loop
+        assert loop is not None
+        started = time.monotonic()
+        queue_us = self.metrics.queue_duration
+        for p in batch:
+            queue_us.observe((started - p.arrival) * 1e6)
+        self.metrics.batch_size.observe(len(batch))
+        self.computing += len(batch)
+        self.batches_running += 1
+        rows = [p.row for p in batch]
+        fut = loop.run_in_executor(self._executor, _timed, self.score, rows)
+        fut.add_done_callback(lambda f: self._done(batch, f))
+
+    def _done(self, batch: list[_Pending], fut: asyncio.Future[Any]) -> None:
+        assert self._slots is not None
+        self._slots.release()
+        self.computing -= len(batch)
+        self.batches_running -= 1
+        self.metrics.exec_count.inc()
+        if fut.cancelled():
+            self._finish_all(batch, NotReady("the server is shutting down"))
+            return
+        exc = fut.exception()
+        if exc is None:
+            results, seconds = fut.result()
+            self.metrics.compute_duration.observe(seconds * 1e6, len(batch))
+            if len(results) != len(batch):
+                exc = RuntimeError(f"score returned {len(results)} results for {len(batch)} rows")
+        if exc is not None:
+            log.error("model failed on a micro-batch of %d: %s", len(batch), short_reason(exc), exc_info=exc)
+            self._finish_all(batch, BatchFailed(f"the model failed on this batch: {short_reason(exc)}"))
+            return
+        self.metrics.inference_count.inc(n=len(batch))
+        inflight = self._inflight
+        for p, result in zip(batch, results, strict=True):
+            if p.key is not None and inflight.get(p.key) is p:
+                del inflight[p.key]
+            for w in p.waiters:
+                if not w.done():
+                    w.set_result(result)
+            for t in p.timers:
+                t.cancel()
+
+    def _finish_all(self, batch: list[_Pending], error: Exception) -> None:
+        for p in batch:
+            if p.key is not None and self._inflight.get(p.key) is p:
+                del self._inflight[p.key]
+            self._deliver_error(p, error)
+
+    @staticmethod
+    def _deliver_error(p: _Pending, error: Exception) -> None:
+        for w in p.waiters:
+            if not w.done():
+                w.set_exception(error)
+        for t in p.timers:
+            t.cancel()
+
+
+def _set_none(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _timed(score: ScoreFn, rows: list[Any]) -> tuple[list[Any], float]:
+    t0 = time.perf_counter()
+    results = score(rows)
+    return results, time.perf_counter() - t0

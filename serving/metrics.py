@@ -1,0 +1,177 @@
+"""Prometheus text metrics named like Triton's, so existing dashboards carry over.
+
+Tiny in-process counters and histograms: updates happen on the event loop (or
+under the GIL for single increments), cost a few hundred nanoseconds, and are
+rendered on ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+US_BUCKETS = (
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    1_000_000,
+    5_000_000,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+class Counter:
+    def __init__(self, name: str, help: str, label: str | None = None) -> None:
+        self.name, self.help, self.label = name, help, label
+        self.values: dict[str, float] = {}
+
+    def inc(self, key: str = "", n: float = 1) -> None:
+        self.values[key] = self.values.get(key, 0) + n
+
+    def value(self, key: str = "") -> float:
+        return self.values.get(key, 0)
+
+    def render(self, base: dict[str, str]) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        items = self.values.items() if self.values or self.label else [("", 0.0)]
+        for key, v in sorted(items):
+            labels = dict(base, **({self.label: key} if self.label else {}))
+            out.append(f"{self.name}{_labels(labels)} {_num(v)}")
+        return out
+
+
+class Gauge:
+    """A value read at scrape time."""
+
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.name, self.help, self.read = name, help, read
+
+    def render(self, base: dict[str, str]) -> list[str]:
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name}{_labels(base)} {_num(self.read())}",
+        ]
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """Record ``value`` ``n`` times (a micro-batch's compute time, once per request in it)."""
+        self.counts[bisect_left(self.buckets, value)] += n
+        self.sum += value * n
+        self.count += n
+
+    def render(self, base: dict[str, str]) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        running = 0
+        for bound, c in zip(self.buckets, self.counts, strict=False):
+            running += c
+            out.append(f"{self.name}_bucket{_labels(dict(base, le=_num(bound)))} {running}")
+        out.append(f"{self.name}_bucket{_labels(dict(base, le='+Inf'))} {self.count}")
+        out.append(f"{self.name}_sum{_labels(base)} {_num(self.sum)}")
+        out.append(f"{self.name}_count{_labels(base)} {self.count}")
+        return out
+
+
+class Metrics:
+    """Every metric the scorer exports; ``model`` and ``version`` label them all."""
+
+    def __init__(self, model: str, version: str) -> None:
+        self.base = {"model": model, "version": version}
+        self.request_duration = Histogram(
+            "nv_inference_request_duration_us", "End-to-end time of an inference request, us", US_BUCKETS
+        )
+        self.queue_duration = Histogram(
+            "nv_inference_queue_duration_us", "Time a request waited in the batcher queue, us", US_BUCKETS
+        )
+        self.compute_duration = Histogram(
+            "nv_inference_compute_infer_duration_us",
+            "Model compute time of the micro-batch a request ran in, us",
+            US_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "nv_inference_batch_size", "Requests per executed micro-batch", BATCH_BUCKETS
+        )
+        self.request_success = Counter("nv_inference_request_success", "Successful inference requests")
+        self.request_failure = Counter(
+            "nv_inference_request_failure", "Failed inference requests, by reason", label="reason"
+        )
+        self.shed = Counter(
+            "sparkscore_shed_requests_total",
+            "Requests answered without reaching the model (queue_full, deadline, not_ready)",
+            label="reason",
+        )
+        self.inference_count = Counter("nv_inference_count", "Instances scored by the model")
+        self.exec_count = Counter("nv_inference_exec_count", "Micro-batches executed")
+        self.cache_hits = Counter("nv_cache_num_hits_per_model", "Prediction cache hits")
+        self.cache_misses = Counter("nv_cache_num_misses_per_model", "Prediction cache misses")
+        self.cache_coalesced = Counter(
+            "sparkscore_cache_coalesced_total", "Requests that joined an identical request already in flight"
+        )
+        self.cache_unavailable = Counter(
+            "sparkscore_cache_unavailable_total", "Requests served without the cache because Redis failed"
+        )
+        self.redis_errors = Counter(
+            "sparkscore_redis_errors_total", "Redis errors and timeouts, by use", label="op"
+        )
+        self.gauges: list[Gauge] = []
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.gauges.append(Gauge(name, help, read))
+
+    def fail(self, reason: str, *, shed: bool = False) -> None:
+        self.request_failure.inc(reason)
+        if shed:
+            self.shed.inc(reason)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        metrics: tuple[Counter | Histogram | Gauge, ...] = (
+            self.request_success,
+            self.request_failure,
+            self.shed,
+            self.inference_count,
+            self.exec_count,
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.batch_size,
+            self.cache_hits,
+            self.cache_misses,
+            self.cache_coalesced,
+            self.cache_unavailable,
+            self.redis_errors,
+            *self.gauges,
+        )
+        for metric in metrics:
+            lines.extend(metric.render(self.base))
+        return ("\n".join(lines) + "\n").encode()
