@@ -234,7 +234,7 @@ def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> 
         )
         labels = _scatter(pred.labels, feats.valid) if good else np.zeros(n, np.int32)  # type: ignore[arg-type, union-attr]
         cols.append(pa.array(labels, pa.int32(), mask=invalid))
-    cols.append(pa.array(np.full(n, model.version, dtype=object), pa.string()))
+    cols.append(pa.repeat(pa.scalar(model.version, pa.string()), n))
     cols.append(pa.nulls(n, pa.string()) if feats.errors is None else pa.array(feats.errors, pa.string()))
     if model.is_ensemble:
         missing = pred.missing if pred is not None else ()
