@@ -230,7 +230,12 @@ def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> 
         probs = _scatter(pred.values, feats.valid) if good else np.zeros((n, 0), np.float32)  # type: ignore[union-attr]
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
         cols.append(
-            pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1), pa.float32()), mask=invalid)
+            # ListArray.from_arrays takes only an Arrow mask (a numpy one raises TypeError).
+            pa.ListArray.from_arrays(
+                offsets,
+                pa.array(probs.reshape(-1), pa.float32()),
+                mask=None if invalid is None else pa.array(invalid),
+            )
         )
         labels = _scatter(pred.labels, feats.valid) if good else np.zeros(n, np.int32)  # type: ignore[arg-type, union-attr]
         cols.append(pa.array(labels, pa.int32(), mask=invalid))
