@@ -49,7 +49,9 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> N
 
 @pytest.fixture(scope="session")
 def ctr_model(models) -> ResolvedModel:
-    return resolve(ModelSpec(path=models["torchscript"], input_columns=CTR_FEATURES, name="demo_ctr", device="cpu"))
+    return resolve(
+        ModelSpec(path=models["torchscript"], input_columns=CTR_FEATURES, name="demo_ctr", device="cpu")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +76,14 @@ class GatedRunner(ModelRunner):
     A row whose first value is ``poison`` makes the model raise.
     """
 
-    def __init__(self, model: ResolvedModel, *, hold: Callable[[list[Row]], bool] | None = None,
-                 hold_load: bool = False, poison: float | None = None) -> None:
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        hold: Callable[[list[Row]], bool] | None = None,
+        hold_load: bool = False,
+        poison: float | None = None,
+    ) -> None:
         super().__init__(model)
         self.hold = hold
         self.poison = poison
@@ -121,8 +129,10 @@ class Server:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
-        return self.client.post(self.url + path, json=body, **kw) if body is not None else self.client.post(
-            self.url + path, **kw
+        return (
+            self.client.post(self.url + path, json=body, **kw)
+            if body is not None
+            else self.client.post(self.url + path, **kw)
         )
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
@@ -241,8 +251,21 @@ def start_redis() -> RedisProcess:
         )
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--enable-debug-command", "yes", "--loglevel", "warning"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -19,7 +19,9 @@ def core(model, rows: list[list[float | None]]) -> pa.RecordBatch:
     if model.spec.num_features is not None:
         batch = pa.record_batch({"features": pa.array(rows, pa.list_(pa.float64()))})
     else:
-        batch = pa.record_batch({c: pa.array([r[i] for r in rows], pa.float64()) for i, c in enumerate(CTR_FEATURES)})
+        batch = pa.record_batch(
+            {c: pa.array([r[i] for r in rows], pa.float64()) for i, c in enumerate(CTR_FEATURES)}
+        )
     return score_batch(batch, load_scorer(model))
 
 
@@ -154,7 +156,9 @@ def test_bearer_token_guards_everything_but_health(serve):
     missing = srv.post("/predict", {"features": ROW})
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
-    assert srv.post("/predict", {"features": ROW}, headers={"authorization": "Bearer nope"}).status_code == 401
+    assert (
+        srv.post("/predict", {"features": ROW}, headers={"authorization": "Bearer nope"}).status_code == 401
+    )
     assert srv.get("/metrics").status_code == 401
     ok = srv.post("/predict", {"features": ROW}, headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
@@ -167,7 +171,8 @@ def test_kserve_v2_round_trip_matches_the_core(serve, ctr_model):
     assert [i["name"] for i in meta["inputs"]] == list(CTR_FEATURES)
     rows = [ROW, [50.0, 1.0, 80.0, 2.0]]
     inputs = [
-        {"name": c, "shape": [2], "datatype": "FP64", "data": [r[i] for r in rows]} for i, c in enumerate(CTR_FEATURES)
+        {"name": c, "shape": [2], "datatype": "FP64", "data": [r[i] for r in rows]}
+        for i, c in enumerate(CTR_FEATURES)
     ]
     resp = srv.post("/v2/models/demo_ctr/infer", {"id": "req-1", "inputs": inputs})
     assert resp.status_code == 200, resp.text

@@ -1,0 +1,117 @@
+"""Redis as feature store and prediction cache, and what happens when Redis is down or slow."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+from tests.serving.conftest import start_redis, wait_until
+from udfs.core import load_scorer, score_batch
+from udfs.demo import CTR_FEATURES
+
+pytestmark = pytest.mark.redis
+
+
+def core_score(model, values: list[float]) -> float:
+    batch = pa.record_batch(
+        {c: pa.array([v], pa.float64()) for c, v in zip(CTR_FEATURES, values, strict=True)}
+    )
+    return score_batch(batch, load_scorer(model)).column("prediction")[0].as_py()
+
+
+def answers_quickly(redis) -> bool:
+    import redis as redis_py
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis_py.Redis(
+        host="127.0.0.1", port=redis.port, socket_timeout=0.02, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        return bool(client.ping())
+    except redis_py.TimeoutError:
+        return False
+
+
+def seed(r) -> None:
+    r.hset("user:u1", mapping={"age": "34", "purchase_count": "6"})
+    r.hset("item:i1", mapping={"price": "19.99", "category_id": "5"})
+    r.hset("item:i2", mapping={"price": "not-a-price", "category_id": "5"})
+    r.hset("item:i3", mapping={"category_id": "5"})
+
+
+def test_features_are_assembled_from_user_and_item_hashes_in_spec_order(serve, redis_db, ctr_model):
+    seed(redis_db.client())
+    srv = serve(redis={"url": redis_db.url})
+    resp = srv.post("/predict", {"user_id": "u1", "item_id": "i1"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["score"] == core_score(ctr_model, [34, 6, 19.99, 5])
+    assert resp.json()["cache_hit"] is False
+    # Context supplies request-time values ahead of the stored ones.
+    ctx = srv.post("/predict", {"user_id": "u1", "item_id": "i1", "context": {"price": 5.0}}).json()
+    assert ctx["score"] == core_score(ctr_model, [34, 6, 5.0, 5])
+
+
+def test_predictions_are_cached_in_redis_with_a_ttl(serve, redis_db):
+    seed(redis_db.client())
+    srv = serve(redis={"url": redis_db.url}, cache={"ttl_s": 120})
+    first = srv.post("/predict", {"user_id": "u1", "item_id": "i1"}).json()
+    r = redis_db.client()
+    # The write happens after the response; wait for it.
+    wait_until(lambda: len(r.keys("sparkscore:pred:*")) == 1, "the cache entry")
+    (key,) = r.keys("sparkscore:pred:*")
+    assert 0 < r.ttl(key) <= 120
+    assert first["model_version"].encode() in key
+    again = srv.post("/predict", {"user_id": "u1", "item_id": "i1"}).json()
+    assert again["cache_hit"] is True
+    assert again["score"] == first["score"]
+
+
+def test_missing_entities_and_features_are_clear_4xx(serve, redis_db):
+    seed(redis_db.client())
+    srv = serve(redis={"url": redis_db.url})
+    nobody = srv.post("/predict", {"user_id": "u9", "item_id": "i1"})
+    assert nobody.status_code == 404
+    assert "user:u9" in nobody.json()["error"]
+    bad = srv.post("/predict", {"user_id": "u1", "item_id": "i2"})
+    assert bad.status_code == 422
+    assert "'price' in item:i2 is not a number" in bad.json()["error"]
+    gap = srv.post("/predict", {"user_id": "u1", "item_id": "i3"})
+    assert gap.status_code == 422
+    assert "'price'" in gap.json()["error"]
+
+
+def test_redis_down_serves_without_cache_and_says_so(serve):
+    redis = start_redis()
+    try:
+        seed(redis.client())
+        srv = serve(redis={"url": redis.url, "retry_after_s": 0.2})
+        assert srv.post("/predict", {"user_id": "u1", "item_id": "i1"}).status_code == 200
+    finally:
+        redis.stop()
+    resp = srv.post("/predict", {"features": [30.0, 2.0, 10.0, 1.0]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["cache"] == "unavailable"
+    assert resp.json()["cache_hit"] is False
+    assert srv.metric("sparkscore_cache_unavailable_total") >= 1
+    assert srv.metric("sparkscore_redis_errors_total") >= 1
+    # Without features the store is needed: 503 naming it, never a 500.
+    no_store = srv.post("/predict", {"user_id": "u1", "item_id": "i1"})
+    assert no_store.status_code == 503
+    assert "feature store" in no_store.json()["error"]
+
+
+def test_slow_redis_is_skipped_within_the_socket_timeout(serve, redis_db, ctr_model):
+    srv = serve(redis={"url": redis_db.url, "socket_timeout_ms": 50.0, "retry_after_s": 5.0})
+    sleeper = threading.Thread(target=lambda: redis_db.client().execute_command("DEBUG", "SLEEP", "1.5"))
+    sleeper.start()
+    try:
+        wait_until(lambda: not answers_quickly(redis_db), "redis-server to be busy sleeping")
+        resp = srv.post("/predict", {"features": [30.0, 2.0, 10.0, 1.0]})
+    finally:
+        sleeper.join()
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["cache"] == "unavailable"
+    assert resp.json()["score"] == core_score(ctr_model, [30.0, 2.0, 10.0, 1.0])
