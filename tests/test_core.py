@@ -171,3 +171,12 @@ def test_output_kind_mismatch_is_caught_before_scoring(models):
 def test_array_input_without_num_features_says_what_to_set():
     with pytest.raises(ConfigError, match="set num_features"):
         extract_features(pa.record_batch({"f": pa.array([[1.0]])}), ("f",), None)
+
+
+def test_probabilities_output_keeps_bad_rows_null(models):
+    spec = ModelSpec(path=models["classifier"], input_columns=("f",), num_features=6, output="probabilities")
+    batch = pa.record_batch({"f": pa.array([[0.1] * 6, None, [0.2] * 5], pa.list_(pa.float32()))})
+    out = score_batch(batch, load_scorer(resolve(spec)))
+    assert [p is None for p in out.column("probabilities").to_pylist()] == [False, True, True]
+    assert out.column("label").null_count == 2
+    assert out.column("error").to_pylist()[1:] == ["null feature: 'f'", "wrong length: expected 6 features, got 5"]

@@ -95,7 +95,9 @@ def save_export(module, path: str | Path, num_features: int) -> Path:  # type: i
     return Path(path)
 
 
-def build(out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001, files: int = 4) -> dict[str, Path]:
+def build(
+    out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001, files: int = 4
+) -> dict[str, Path]:
     """Write the demo model in both formats and a synthetic Parquet table under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
