@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # Loopback by default: no proxy to trust, and the Server/Date headers are per-request work nobody reads.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
         log_level=server.log_level,
     )
     return 0

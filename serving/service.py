@@ -11,6 +11,7 @@ HTTP status.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -99,6 +100,9 @@ class Service:
             self.load_error = f"the model failed to load: {short_reason(exc)}"
             log.error(self.load_error, exc_info=exc)
             return
+        # Move the model, torch and everything loaded so far out of the collector's sight:
+        # otherwise each full collection rescans ~10^5 long-lived objects on the request path.
+        gc.freeze()
         if self.redis is not None and not await self.redis.ping():
             log.warning("Redis at %s does not answer; serving without it until it does", self.cfg.redis.url)
         self.ready = True
