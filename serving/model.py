@@ -56,8 +56,10 @@ class ModelRunner:
             # Members of one micro-batch run in parallel (torch releases the GIL).
             self._member_pool = ThreadPoolExecutor(len(self.model.members), thread_name_prefix="member")
         zero: Row = ([0.0] * self.width,) if self.array_layout else (0.0,) * self.width
-        for n in self.warmup_sizes:
-            self.score([zero] * n)
+        # TorchScript's profiling executor specialises a graph over its first few calls: make them here.
+        for _ in range(3):
+            for n in self.warmup_sizes:
+                self.score([zero] * n)
         log.info("model %s version %s loaded and warmed up", self.model.name, self.version)
 
     def close(self) -> None:
