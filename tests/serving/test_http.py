@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -224,4 +223,3 @@ def test_unknown_route_is_404_and_wrong_method_405(serve):
     srv = serve()
     assert srv.get("/nope").status_code == 404
     assert srv.get("/predict").status_code == 405
-    assert isinstance(srv.client, httpx.Client)
