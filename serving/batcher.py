@@ -180,9 +180,11 @@ class Batcher:
             if len(q) >= max_bs:
                 break
             delay = q[0].arrival + max_wait - now
-            if delay <= 0:
+            # uvloop timers have millisecond resolution: a shorter sleep would return at once and
+            # the loop would spin until the deadline. Within half a millisecond, send now.
+            if delay <= 0.0005:
                 break
-            await self._sleep(delay)
+            await self._sleep(max(0.001, round(delay, 3)))
         batch: list[_Pending] = []
         now = time.monotonic()
         while q and len(batch) < max_bs:
