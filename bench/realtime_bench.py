@@ -393,7 +393,12 @@ def closed_loop_cpu(server: Server, distinct: int, workdir: Path, duration: floa
     res["server_cpu_seconds"] = round(cpu, 3)
     res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
     res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # of the one core it is pinned to
+    res["loadavg_1m"] = _loadavg()
     return res
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def scorer(workdir: Path, name: str, model: Path, *, max_batch_size: int, cache: bool) -> Server:
@@ -441,6 +446,7 @@ def sweep(server: Server, rates: list[int], duration: float) -> dict[str, Any]:
         )
         cpu = _cpu_seconds(server.proc.pid) - cpu0
         res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
+        res["loadavg_1m"] = _loadavg()  # other work on the machine shows here
         details.append(res)
         curve.append([rate, res["p50_ms"], res["p99_ms"]])
         print(
@@ -505,6 +511,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     rates = [r for r in RATES if r <= args.max_rate]
     results: dict[str, Any] = {}
     started = time.monotonic()
+    load_start = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("latency under open-loop load (cache off, distinct features):", flush=True)
@@ -600,6 +607,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         ),
         "machine": f"{os.cpu_count()} cores, shared with other work (timings are noisy)",
         "bench_seconds": round(time.monotonic() - started, 1),
+        # The bench itself keeps about 2 runnable; more means other work shared the 2 cores.
+        "loadavg_1m_start_end": [load_start, _loadavg()],
     }
     (RESULTS / "realtime.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "realtime.png")
