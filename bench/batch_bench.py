@@ -1,0 +1,672 @@
+"""Batch inference benchmark: sparkscore against its peers and its limits, side by side in one run.
+
+    make bench-batch ARGS="--rows 2000000"
+    .venv/bin/python bench/batch_bench.py [--rows N] [--repeats 2] [--batch-size 8192] \
+        [--models tiny,medium] [--variants sparkscore,...] [--files 8] [--row-group-rows N] \
+        [--conf spark.key=value ...] [--out PATH]
+
+For each model (``tiny``: 4 double CTR columns; ``medium``: one ``array<float>[64]`` column)
+it generates one Parquet table under build/bench/data (once; reused while rows and layout
+match) and times, end to end from ``spark.read`` to the committed write:
+
+* ``sparkscore``: ``df.transform(udfs.spark.with_predictions(...))``, the transform the batch
+  job runs, in a session built by the job's own ``udfs.session.build_session``;
+* ``predict_batch_udf``: ``pyspark.ml.functions.predict_batch_udf``, same model and batch size;
+* ``row_udf``: a row-at-a-time UDF that loads the model per row (5,000-row sample, scaled);
+* ``plain_torch``: pyarrow + torch, one process per core, 1 torch thread each, no Spark;
+* ``spark_floor``: the same read -> mapInArrow -> write with zeros instead of a model.
+
+Every variant writes the same table: ``id`` plus the core's prediction columns (``prediction``,
+``model_version``, ``error``). One SparkSession (local[cores]) serves all Spark variants and is
+warmed first; its start-up is not timed. Each variant runs ``--repeats`` times, interleaved with
+the others, and the best time counts (other work on the machine only ever adds time).
+Results: bench/results/batch.json (rows/s) and batch.png; a run over a subset of models or
+variants writes under build/bench/results instead, so it never replaces the full result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: bench/ and udfs/ live one level up
+
+from bench import common  # noqa: E402
+from bench.models import CASES, ModelCase  # noqa: E402
+
+WORK = ROOT / "build" / "bench"
+SAMPLE_ROWS = 5_000
+TARGETS = (
+    # (model, variant, baseline, minimum ratio sparkscore / baseline)
+    ("medium", "sparkscore", "plain_torch", 0.8),
+    ("tiny", "sparkscore", "spark_floor", 0.8),
+    ("medium", "sparkscore", "predict_batch_udf", 1.3),
+    ("tiny", "sparkscore", "predict_batch_udf", 1.3),
+)
+
+
+@dataclass
+class Bench:
+    """Everything the variants share for one run."""
+
+    rows: int
+    cores: int
+    batch_size: int
+    model_paths: dict[str, Path]
+    data: dict[str, Path]
+    sample: dict[str, Path]
+    resolved: dict[str, Any] = field(default_factory=dict)  # model name -> ResolvedModel
+    spark: Any = None
+    pool: Any = None  # plain_torch worker processes
+    udfs: dict[str, Any] = field(default_factory=dict)  # per-model peer UDFs, built once like a user would
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to score the table: ``run(bench, case, out_dir, sample)`` writes predictions to out_dir."""
+
+    run: Callable[[Bench, ModelCase, Path, bool], None]
+    help: str
+    spark: bool = True
+    sample: bool = False  # runs on the 5,000-row sample and is scaled to rows/s
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def _table(case: ModelCase, start: int, rows: int, seed: int) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    ids = pa.array(np.arange(start, start + rows, dtype=np.int64))
+    if case.num_features is None:
+        from udfs.demo import synthetic_ctr
+
+        t = synthetic_ctr(rows, seed=seed)
+        return pa.table({"id": ids, **{c: t[c] for c in case.input_columns}})
+    rng = np.random.default_rng(seed)
+    flat = pa.array(rng.standard_normal(rows * case.num_features, dtype=np.float32))
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * case.num_features)
+    return pa.table({"id": ids, case.input_columns[0]: pa.ListArray.from_arrays(offsets, flat)})
+
+
+def ensure_data(case: ModelCase, rows: int, files: int, row_group_rows: int, compression: str) -> Path:
+    """The Parquet table for ``case``: generated once per (rows, layout), then reused."""
+    import pyarrow.parquet as pq
+
+    out = WORK / "data" / f"{case.name}-{rows}-f{files}-rg{row_group_rows}-{compression}"
+    ready = out / "_READY"
+    if ready.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    print(f"[bench] writing {rows:,} rows for {case.name} to {out} ({files} files)", flush=True)
+    per_file = -(-rows // files)
+    for i, start in enumerate(range(0, rows, per_file)):
+        t = _table(case, start, min(per_file, rows - start), seed=1000 * case.seed + i)
+        pq.write_table(
+            t, out / f"part-{i:04d}.parquet", row_group_size=row_group_rows, compression=compression
+        )
+    ready.touch()
+    return out
+
+
+def ensure_sample(case: ModelCase, data: Path, files: int) -> Path:
+    """The first SAMPLE_ROWS rows of ``data``, in ``files`` files so every core gets work."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    out = data.with_name(data.name + f"-sample{SAMPLE_ROWS}")
+    if (out / "_READY").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t = ds.dataset(data, format="parquet").head(SAMPLE_ROWS)
+    per_file = -(-SAMPLE_ROWS // files)
+    for i, start in enumerate(range(0, SAMPLE_ROWS, per_file)):
+        pq.write_table(t.slice(start, per_file), out / f"part-{i:04d}.parquet")
+    (out / "_READY").touch()
+    return out
+
+
+def output_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in path.rglob("*.parquet"))
+
+
+# --- Spark variants -----------------------------------------------------------------------------
+
+
+def _read(b: Bench, case: ModelCase, sample: bool = False) -> Any:
+    return b.spark.read.parquet(str(b.sample[case.name] if sample else b.data[case.name]))
+
+
+def _literal_outputs(b: Bench, case: ModelCase) -> list[Any]:
+    """The core's non-prediction columns, as literals, for peers that only compute a prediction."""
+    from pyspark.sql import functions as F
+
+    return [
+        F.lit(b.resolved[case.name].version).alias("model_version"),
+        F.lit(None).cast("string").alias("error"),
+    ]
+
+
+def run_sparkscore(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    from udfs.spark import with_predictions
+
+    scored = _read(b, case, sample).transform(with_predictions(b.resolved[case.name], keep=["id"]))
+    scored.write.mode("overwrite").parquet(str(out))
+
+
+def _zeros_fn(version: str, out_schema: Any) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    def score_partition(batches: Iterator[Any]) -> Iterator[Any]:
+        import numpy as np
+        import pyarrow as pa
+
+        for batch in batches:
+            n = batch.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [
+                    batch.column(0),
+                    pa.array(np.zeros(n)),
+                    pa.repeat(pa.scalar(version, pa.string()), n),
+                    pa.nulls(n, pa.string()),
+                ],
+                schema=out_schema,
+            )
+
+    return score_partition
+
+
+def run_spark_floor(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from udfs.spark import scored_schema
+
+    model = b.resolved[case.name]
+    df = _read(b, case, sample).select("id", *case.input_columns)
+    schema = scored_schema(df.schema, model, ["id"])
+    df.mapInArrow(_zeros_fn(model.version, to_arrow_schema(schema)), schema).write.mode("overwrite").parquet(
+        str(out)
+    )
+
+
+def _make_predict_fn(path: str, array_input: bool) -> Callable[[], Callable[..., Any]]:
+    def make_predict_fn() -> Callable[..., Any]:
+        import numpy as np
+        import torch
+
+        torch.set_num_threads(1)  # one task per core, as sparkscore does
+        model = torch.jit.load(path).eval()
+
+        def run(x: Any) -> Any:
+            with torch.inference_mode():
+                y = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            return y.reshape(-1).to(torch.float64).numpy()
+
+        # predict_batch_udf reads the predict function's arity: one parameter means one (tensor)
+        # input, four mean one 1-d array per scalar column.
+        def predict_tensor(x: Any) -> Any:
+            return run(x)
+
+        def predict_columns(a: Any, b: Any, c: Any, d: Any) -> Any:
+            return run(np.column_stack([a, b, c, d]))
+
+        return predict_tensor if array_input else predict_columns
+
+    return make_predict_fn
+
+
+def _predict_batch_udf(b: Bench, case: ModelCase) -> Any:
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql.types import DoubleType
+
+    key = f"pbu:{case.name}"
+    if key not in b.udfs:
+        array = case.num_features is not None
+        b.udfs[key] = predict_batch_udf(
+            _make_predict_fn(str(b.model_paths[case.name]), array),
+            return_type=DoubleType(),
+            batch_size=b.batch_size,
+            input_tensor_shapes=[[case.num_features]] if array else None,
+        )
+    return b.udfs[key]
+
+
+def run_predict_batch_udf(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    udf = _predict_batch_udf(b, case)
+    df = _read(b, case, sample)
+    df.select("id", udf(*case.input_columns).alias("prediction"), *_literal_outputs(b, case)).write.mode(
+        "overwrite"
+    ).parquet(str(out))
+
+
+def _row_udf(path: str, array_input: bool) -> Callable[..., float]:
+    def score(*values: Any) -> float:
+        import torch
+
+        model = torch.jit.load(path)  # the naive pattern: the model is loaded for every row
+        feats = values[0] if array_input else values
+        with torch.no_grad():
+            return float(model(torch.tensor([feats], dtype=torch.float32)).reshape(-1)[0])
+
+    return score
+
+
+def run_row_udf(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DoubleType
+
+    udf = F.udf(_row_udf(str(b.model_paths[case.name]), case.num_features is not None), DoubleType())
+    df = _read(b, case, sample)
+    df.select("id", udf(*case.input_columns).alias("prediction"), *_literal_outputs(b, case)).write.mode(
+        "overwrite"
+    ).parquet(str(out))
+
+
+def run_job(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    """The whole job entry point, jobs.batch_score.run: adds its input count and output check."""
+    from jobs.batch_score import BatchConfig, InputConfig, OutputConfig, run
+
+    data = b.sample[case.name] if sample else b.data[case.name]
+    run(
+        BatchConfig(
+            model=b.resolved[case.name].spec,
+            input=InputConfig(path=str(data)),
+            output=OutputConfig(path=str(out), mode="overwrite", keep_columns=("id",)),
+            spark={"spark.master": f"local[{b.cores}]"},
+        )
+    )
+
+
+def run_zero_model(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    """sparkscore's own path with a model that returns zeros: everything but the model's compute."""
+    from udfs.spark import with_predictions
+
+    key = f"zeros:{case.name}"
+    if key not in b.resolved:
+        from dataclasses import replace
+
+        from udfs.spec import resolve
+
+        spec = replace(b.resolved[case.name].spec, path=str(b.model_paths["zeros"]), version=None)
+        b.resolved[key] = resolve(spec)
+    scored = _read(b, case, sample).transform(with_predictions(b.resolved[key], keep=["id"]))
+    scored.write.mode("overwrite").parquet(str(out))
+
+
+# --- plain PyTorch, no Spark --------------------------------------------------------------------
+
+_plain_models: dict[str, Any] = {}
+
+
+def _plain_init() -> None:
+    import pyarrow  # noqa: F401 - imported once per process, before the clock starts
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _plain_score_file(job: tuple[str, str, str, tuple[str, ...], int | None, int, str]) -> int:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    src, dst, model_path, columns, num_features, batch_size, version = job
+    if model_path not in _plain_models:
+        _plain_models[model_path] = torch.jit.load(model_path).eval()
+    model = _plain_models[model_path]
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("prediction", pa.float64()),
+            ("model_version", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+    rows = 0
+    with pq.ParquetWriter(dst, schema, compression="snappy") as writer:
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=batch_size, columns=["id", *columns]):
+            n = batch.num_rows
+            if num_features is None:
+                x = np.column_stack([batch.column(c).to_numpy() for c in columns]).astype(np.float32)
+            else:
+                x = batch.column(1).flatten().to_numpy().reshape(n, num_features)
+            with torch.inference_mode():
+                y = model(torch.from_numpy(x)).reshape(-1).to(torch.float64).numpy()
+            writer.write_batch(
+                pa.RecordBatch.from_arrays(
+                    [
+                        batch.column(0),
+                        pa.array(y),
+                        pa.repeat(pa.scalar(version, pa.string()), n),
+                        pa.nulls(n, pa.string()),
+                    ],
+                    schema=schema,
+                )
+            )
+            rows += n
+    return rows
+
+
+def run_plain_torch(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    data = b.sample[case.name] if sample else b.data[case.name]
+    out.mkdir(parents=True, exist_ok=True)
+    version = b.resolved[case.name].version
+    jobs = [
+        (
+            str(f),
+            str(out / f.name),
+            str(b.model_paths[case.name]),
+            case.input_columns,
+            case.num_features,
+            b.batch_size,
+            version,
+        )
+        for f in sorted(data.glob("*.parquet"))
+    ]
+    sum(b.pool.imap_unordered(_plain_score_file, jobs, chunksize=1))
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+# The five variants every full run reports in batch.json, in this order.
+VARIANTS: dict[str, Variant] = {
+    "sparkscore": Variant(run_sparkscore, "udfs.spark.with_predictions (mapInArrow, per-worker model cache)"),
+    "predict_batch_udf": Variant(run_predict_batch_udf, "pyspark.ml.functions.predict_batch_udf"),
+    "row_udf": Variant(run_row_udf, "row-at-a-time UDF, model loaded per row (sample, scaled)", sample=True),
+    "plain_torch": Variant(run_plain_torch, "pyarrow + torch, one process per core, no Spark", spark=False),
+    "spark_floor": Variant(run_spark_floor, "read -> mapInArrow returning zeros -> write"),
+}
+# Investigation variants: run them with --variants; they are reported under meta.extra.
+# Issue 5 adds its ensemble runs (three medium members, and each member alone) here and writes
+# them under the top-level "ensemble" key.
+EXTRAS: dict[str, Variant] = {
+    "sparkscore_job": Variant(run_job, "jobs.batch_score.run(cfg): the transform plus the job's counts"),
+    "sparkscore_zero_model": Variant(run_zero_model, "with_predictions with a zeros TorchScript model"),
+}
+ALL = {**VARIANTS, **EXTRAS}
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def start_spark(cores: int, batch_size: int, files: int, conf: dict[str, str]) -> Any:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # spark-submit's shell defaults switch the progress bar on; only a submit argument beats them.
+    os.environ.setdefault(
+        "PYSPARK_SUBMIT_ARGS",
+        f"--conf spark.ui.showConsoleProgress=false --driver-java-options "
+        f'"-Dlog4j2.configurationFile=file:{ROOT / "conf" / "log4j2.properties"}" pyspark-shell',
+    )
+    from udfs.session import build_session
+
+    settings = {
+        "spark.master": f"local[{cores}]",
+        # One input file per task: Spark would otherwise pack the files into about one partition
+        # per core, or into an odd count that leaves a core idle for the last wave.
+        "spark.sql.files.minPartitionNum": str(files),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        **conf,
+    }
+    return build_session("sparkscore-bench", settings, arrow_batch_rows=batch_size)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="batch_bench.py", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=2_000_000, help="rows per model table (default 2,000,000)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per variant; the best counts (default 2)"
+    )
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per Arrow batch and per model call")
+    p.add_argument("--cores", type=int, default=2, help="local[N] and plain_torch processes (default 2)")
+    p.add_argument("--models", default="tiny,medium", help="comma list of: " + ",".join(CASES))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ",".join(ALL))
+    p.add_argument("--files", type=int, default=8, help="Parquet files per table (default 8)")
+    p.add_argument("--row-group-rows", type=int, default=131_072, help="rows per Parquet row group")
+    p.add_argument("--compression", default="snappy", help="Parquet codec of the input (default snappy)")
+    p.add_argument(
+        "--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting (repeatable)"
+    )
+    p.add_argument("--out", type=Path, help="result JSON (default bench/results/batch.json on a full run)")
+    p.add_argument("--keep-output", action="store_true", help="keep the predictions under build/bench/out")
+    args = p.parse_args(argv)
+    for name, known in (("models", CASES), ("variants", ALL)):
+        unknown = [v for v in getattr(args, name).split(",") if v not in known]
+        if unknown:
+            p.error(f"--{name}: unknown {unknown}; choose from {list(known)}")
+    if args.repeats < 1 or args.rows < SAMPLE_ROWS:
+        p.error(f"--repeats must be >= 1 and --rows >= {SAMPLE_ROWS}")
+    return args
+
+
+def check_predictions(b: Bench, case: ModelCase, outs: dict[str, Path]) -> dict[str, float]:
+    """Max |prediction - plain torch| per variant, on the rows each variant scored."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    def load(path: Path) -> tuple[Any, Any]:
+        t = ds.dataset(path, format="parquet").to_table(columns=["id", "prediction"])
+        order = np.argsort(t["id"].to_numpy())
+        return t["id"].to_numpy()[order], t["prediction"].to_numpy(zero_copy_only=False)[order]
+
+    if "plain_torch" not in outs:
+        return {}
+    ref_ids, ref = load(outs["plain_torch"])
+    diffs = {}
+    for name, path in outs.items():
+        if name in ("plain_torch", "spark_floor", "sparkscore_zero_model"):
+            continue
+        ids, pred = load(path)
+        idx = np.searchsorted(ref_ids, ids)
+        diffs[name] = float(np.max(np.abs(pred - ref[idx]))) if len(ids) else float("nan")
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench.models import build
+
+    models = args.models.split(",")
+    variants = args.variants.split(",")
+    full = set(models) == set(CASES) and set(variants) >= set(VARIANTS)
+    out_json = args.out or (common.RESULTS if full else WORK / "results") / "batch.json"
+    conf = dict(kv.split("=", 1) for kv in args.conf)
+
+    model_paths = build(WORK / "models")
+    b = Bench(
+        rows=args.rows,
+        cores=args.cores,
+        batch_size=args.batch_size,
+        model_paths=model_paths,
+        data={},
+        sample={},
+    )
+    for name in models:
+        case = CASES[name]
+        b.data[name] = ensure_data(case, args.rows, args.files, args.row_group_rows, args.compression)
+        b.sample[name] = ensure_sample(case, b.data[name], files=2 * args.cores)
+
+    from udfs.spec import ModelSpec, resolve
+
+    for name in models:
+        case = CASES[name]
+        b.resolved[name] = resolve(
+            ModelSpec(
+                input_columns=case.input_columns,
+                path=str(model_paths[name]),
+                name=name,
+                num_features=case.num_features,
+                batch_size=args.batch_size,
+                device="cpu",
+            )
+        )
+
+    t0 = time.perf_counter()
+    if any(not ALL[v].spark for v in variants):
+        b.pool = mp.get_context("spawn").Pool(args.cores, initializer=_plain_init)
+    if any(ALL[v].spark for v in variants):
+        b.spark = start_spark(args.cores, args.batch_size, args.files, conf)
+    print(f"[bench] started Spark and worker pool in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    partitions = {}
+    out_root = WORK / "out"
+    shutil.rmtree(out_root, ignore_errors=True)
+    if b.spark is not None:
+        for name in models:
+            partitions[name] = _read(b, CASES[name]).rdd.getNumPartitions()
+        print(f"[bench] input partitions: {partitions}", flush=True)
+    # Warm-up on the sample: JIT, Python workers with torch imported, models in every cache.
+    t0 = time.perf_counter()
+    for name in models:
+        for v in variants:
+            if v != "row_udf":  # it loads the model for every row anyway
+                ALL[v].run(b, CASES[name], out_root / "warmup" / name / v, True)
+    print(f"[bench] warm-up done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    seconds: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in models}
+    cpu_us: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in models}
+    load_before = round(os.getloadavg()[0], 2)
+    outs: dict[str, dict[str, Path]] = {m: {} for m in models}
+    diffs: dict[str, dict[str, float]] = {}
+    started = time.perf_counter()
+    for name in models:
+        case = CASES[name]
+        for r in range(args.repeats):
+            for v in variants:
+                variant = ALL[v]
+                dest = out_root / name / f"{v}-{r}"
+                cpu, t = common.tree_cpu_seconds(), time.perf_counter()
+                variant.run(b, case, dest, variant.sample)
+                elapsed, cpu = time.perf_counter() - t, common.tree_cpu_seconds() - cpu
+                rows = SAMPLE_ROWS if variant.sample else args.rows
+                got = output_rows(dest)
+                if got != rows:
+                    raise RuntimeError(f"{name}/{v} wrote {got:,} rows, expected {rows:,}")
+                seconds[name][v].append(elapsed)
+                cpu_us[name][v].append(cpu / rows * 1e6)
+                print(
+                    f"[bench] {name:6} {v:22} run {r + 1}: {elapsed:7.2f} s  {rows / elapsed:>12,.0f} rows/s  "
+                    f"{cpu / rows * 1e6:7.2f} CPU us/row",
+                    flush=True,
+                )
+                if r:
+                    shutil.rmtree(outs[name][v], ignore_errors=True)
+                outs[name][v] = dest
+        diffs[name] = check_predictions(b, case, outs[name])
+        print(f"[bench] {name}: max |prediction - plain_torch|: {diffs[name]}", flush=True)
+    total = time.perf_counter() - started
+
+    if b.pool is not None:
+        b.pool.close()
+        b.pool.join()
+    if b.spark is not None:
+        b.spark.stop()
+    if not args.keep_output:
+        shutil.rmtree(out_root, ignore_errors=True)
+
+    rates = {
+        m: {v: (SAMPLE_ROWS if ALL[v].sample else args.rows) / min(ts) for v, ts in seconds[m].items()}
+        for m in models
+    }
+    result: dict[str, Any] = {
+        m: {v: round(rates[m][v], 1) for v in variants if v in VARIANTS} for m in models
+    }
+    targets = []
+    for m, v, base, need in TARGETS:
+        if m in rates and v in rates[m] and base in rates[m]:
+            ratio = rates[m][v] / rates[m][base]
+            targets.append(
+                {
+                    "model": m,
+                    "check": f"{v} / {base}",
+                    "ratio": round(ratio, 3),
+                    "target": need,
+                    "met": ratio >= need,
+                }
+            )
+    result["meta"] = {
+        "rows": args.rows,
+        "sample_rows": SAMPLE_ROWS,
+        "cores": args.cores,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "layout": {
+            "files": args.files,
+            "row_group_rows": args.row_group_rows,
+            "compression": args.compression,
+        },
+        "input_partitions": partitions,
+        "spark_conf": conf,
+        "sparkscore_path": "df.transform(udfs.spark.with_predictions(resolved, keep=['id'])) in a "
+        "udfs.session.build_session session (the job's transform and settings)",
+        "seconds": {m: {v: [round(t, 3) for t in ts] for v, ts in seconds[m].items()} for m in models},
+        # CPU time of this process tree (driver, JVM, Python workers, pool) per row: steadier than
+        # wall time when other work shares the machine.
+        "cpu_us_per_row": {m: {v: round(min(ts), 3) for v, ts in cpu_us[m].items()} for m in models},
+        "load_avg_1m_before": load_before,
+        "max_abs_diff_vs_plain_torch": diffs,
+        "targets": targets,
+        "extra": {m: {v: round(rates[m][v], 1) for v in variants if v not in VARIANTS} for m in models},
+        "total_timed_seconds": round(total, 1),
+        **common.machine(),
+    }
+    common.write_json(out_json, result)
+
+    for m in models:
+        r = rates[m]
+        rows_out = []
+        for v in variants:
+            rows_out.append(
+                [
+                    v,
+                    r[v],
+                    min(seconds[m][v]),
+                    max(seconds[m][v]),
+                    min(cpu_us[m][v]),
+                    *(
+                        r[v] / r[base] if base in r else "-"
+                        for base in ("plain_torch", "spark_floor", "predict_batch_udf")
+                    ),
+                ]
+            )
+        print(f"\n{m} ({args.rows:,} rows, local[{args.cores}], batch {args.batch_size})")
+        print(
+            common.table(
+                ["variant", "rows/s", "best s", "worst s", "CPU us/row", "x plain", "x floor", "x pbu"],
+                rows_out,
+            )
+        )
+    print()
+    for t in targets:
+        print(
+            f"target {t['model']:6} {t['check']:32} {t['ratio']:.2f} (>= {t['target']}) {'met' if t['met'] else 'MISSED'}"
+        )
+    png = out_json.with_suffix(".png")
+    common.bar_chart(
+        png,
+        {m: {v: rates[m][v] for v in variants} for m in models},
+        title=f"Batch scoring, {args.rows:,} rows, local[{args.cores}] (log scale)",
+        ylabel="rows/s",
+        log=True,
+    )
+    print(f"\n[bench] wrote {out_json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
