@@ -1,0 +1,93 @@
+"""Streaming inference: Kafka events in, predictions (and a dead-letter topic) out, window stats.
+
+    spark-submit jobs/stream_score.py --config conf/stream.toml \
+        [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--source auto|kafka|kafka_py] \
+        [--model FILE] [--available-now] [--duration SECONDS]
+
+Events ``{user_id, features, timestamp}`` are parsed by the schema in
+``[events]``, scored by the same core as the batch job, and written to the
+output topic keyed by ``user_id`` as ``{user_id, prediction, timestamp,
+model_version}``; a message that does not parse or has bad features goes to
+the dead-letter topic with its original bytes and the reason. Output is
+effectively once across crashes and restarts on the same checkpoint (see
+``streaming/sink.py``). With the JVM connector (``--packages
+org.apache.spark:spark-sql-kafka-0-10_2.13:4.3.0``) the source is
+``format("kafka")``; without it, the Python source ``kafka_py``.
+
+``--available-now`` drains what is in the topic and exits (then runs the
+statistics query the same way); otherwise the job runs until stopped
+(Ctrl-C / SIGTERM) or for ``--duration`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+
+# spark-submit puts only this file's folder on sys.path; the packages live one level up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from streaming.config import StreamConfig
+from udfs.config import from_dict, load_toml
+from udfs.errors import ConfigError, SparkscoreError
+from udfs.spec import with_overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="stream_score.py", description="Score a Kafka topic with a PyTorch model."
+    )
+    p.add_argument("--config", required=True, help="TOML config (see conf/stream.toml)")
+    p.add_argument("--bootstrap-servers", help="Kafka brokers (overrides [kafka].bootstrap_servers)")
+    p.add_argument("--checkpoint", help="checkpoint folder (overrides [job].checkpoint)")
+    p.add_argument("--source", choices=["auto", "kafka", "kafka_py"], help="Kafka source backend")
+    p.add_argument("--model", help="model file (overrides [model].path)")
+    p.add_argument("--available-now", action="store_true", help="process what is in the topic, then exit")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> StreamConfig:
+    """The config file with command-line overrides applied."""
+    cfg = from_dict(StreamConfig, load_toml(args.config), where="stream config")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration must be positive, got {args.duration}")
+    kafka = replace(
+        cfg.kafka,
+        bootstrap_servers=args.bootstrap_servers or cfg.kafka.bootstrap_servers,
+        source=args.source or cfg.kafka.source,
+    )
+    job = replace(cfg.job, checkpoint=args.checkpoint or cfg.job.checkpoint)
+    return replace(cfg, kafka=kafka, job=job, model=with_overrides(cfg.model, path=args.model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args)
+        from streaming.query import SPARK_DEFAULTS, run
+        from udfs.core import check_model
+        from udfs.session import build_session
+        from udfs.spec import resolve
+
+        model = resolve(cfg.model)
+        check_model(model)
+        print(
+            f"[sparkscore] model {model.name} version {model.version} ({', '.join(model.spec.paths)})",
+            flush=True,
+        )
+        spark = build_session(
+            "sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark}, arrow_batch_rows=cfg.model.batch_size
+        )
+        summary = run(spark, cfg, model, available_now=args.available_now, duration_s=args.duration)
+    except SparkscoreError as exc:
+        print(f"[sparkscore] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(summary.render(cfg), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
