@@ -18,7 +18,8 @@ cache-hit throughput (closed loop, a small set of repeated requests, cache on),
 and server CPU time per request with a model that returns immediately, next to
 the same figure for the cheapest possible ASGI app (bench/asgi_floor.py). The
 closed-loop runs use wrk (``apt-get install wrk``) when it is installed, since
-the Python generator saturates near 7,000 requests/s on this machine.
+the Python generator saturates near 7,000 requests/s on this machine; each
+closed-loop figure is the best of three 3 s runs (the machine is shared).
 
 Writes bench/results/realtime.json and realtime.png and prints a table.
 """
@@ -361,7 +362,9 @@ def _wrk(port: int, distinct: int, duration: float, workdir: Path) -> dict[str, 
     }
 
 
-def closed_loop_cpu(server: Server, distinct: int, workdir: Path, duration: float = 3.0) -> dict[str, Any]:
+def closed_loop_cpu(
+    server: Server, distinct: int, workdir: Path, duration: float = 3.0, repeats: int = 3
+) -> dict[str, Any]:
     """Saturating closed-loop load, 64 connections: throughput and server CPU time per request.
 
     Uses wrk (a C load generator; ``apt-get install wrk``) when installed: the Python generator tops out
@@ -386,15 +389,22 @@ def closed_loop_cpu(server: Server, distinct: int, workdir: Path, duration: floa
         return res
 
     once(1.0)  # warm up
-    cpu0 = _cpu_seconds(server.proc.pid)
-    res = once(duration)
-    cpu = _cpu_seconds(server.proc.pid) - cpu0
-    res["client"] = "wrk -t1 -c64" if use_wrk else "python, 64 connections"
-    res["server_cpu_seconds"] = round(cpu, 3)
-    res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
-    res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # of the one core it is pinned to
-    res["loadavg_1m"] = _loadavg()
-    return res
+    runs = []
+    for _ in range(repeats):
+        cpu0 = _cpu_seconds(server.proc.pid)
+        res = once(duration)
+        cpu = _cpu_seconds(server.proc.pid) - cpu0
+        res["server_cpu_seconds"] = round(cpu, 3)
+        res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
+        res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # of the one core it is pinned to
+        res["loadavg_1m"] = _loadavg()
+        runs.append(res)
+    # Other work shares this machine: keep the least disturbed run (highest rate), report them all.
+    best = max(runs, key=lambda r: r["rps"])
+    best = {**best, "client": "wrk -t1 -c64" if use_wrk else "python, 64 connections"}
+    best["runs"] = [{k: r[k] for k in ("rps", "server_cpu_us_per_request", "loadavg_1m")} for r in runs]
+    best["kept"] = f"best of {repeats} runs of {duration:g} s"
+    return best
 
 
 def _loadavg() -> float:
