@@ -1,0 +1,154 @@
+"""Fixtures for the streaming tests: one Tansu broker per session on a free loopback port, topic helpers.
+
+The broker FAILS the tests that need it (never skips) when the Tansu binary is
+missing. Topics get unique names, so tests share the broker without sharing data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from streaming import kafka_client as kc
+from streaming.broker import BrokerError, TansuBroker
+from udfs.spec import ModelSpec, ResolvedModel, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+# Generous liveness bound for reads: a wedged broker fails a test instead of hanging it.
+POLL_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    timestamp_ms: int
+
+
+class Kafka:
+    """Topic helpers bound to the session's broker."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.conf = {"bootstrap.servers": bootstrap}
+
+    def topic(self, partitions: int = 1, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        kc.ensure_topics(self.conf, {name: partitions}, timeout_s=POLL_TIMEOUT_S)
+        return name
+
+    def produce(
+        self,
+        topic: str,
+        values: list[bytes | None],
+        *,
+        keys: list[bytes | None] | None = None,
+        partition: int | Callable[[int], int] | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """Send values (round-robin over partitions unless ``partition`` says otherwise) and wait for acks."""
+        producer = Producer({**self.conf, "linger.ms": 5})
+        parts = len(kc.topic_partitions(kc.make_admin(self.conf), POLL_TIMEOUT_S)[topic])
+        errors: list[Any] = []
+        for i, value in enumerate(values):
+            p = partition(i) if callable(partition) else (i % parts if partition is None else partition)
+            producer.produce(
+                topic,
+                value=value,
+                key=None if keys is None else keys[i],
+                partition=p,
+                headers=headers,
+                on_delivery=lambda err, _m: err and errors.append(err),
+            )
+        assert producer.flush(POLL_TIMEOUT_S) == 0 and not errors, f"produce to {topic} failed: {errors}"
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        offsets = kc.Offsets(self.conf, latest_by=kc.FETCH_PROBE, timeout_s=POLL_TIMEOUT_S)
+        try:
+            parts = offsets.partitions().get(topic, [])
+            return {p: off for (_, p), off in offsets.latest([(topic, p) for p in parts]).items()}
+        finally:
+            offsets.close()
+
+    def read(self, topic: str) -> list[Record]:
+        """Every record of the topic, partition by partition, in offset order."""
+        consumer = kc.make_consumer(self.conf)
+        out = []
+        try:
+            for part, end in sorted(self.end_offsets(topic).items()):
+                for msgs in kc.read_range(consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S):
+                    out += [
+                        Record(
+                            m.topic(),
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.value(),
+                            {k: v for k, v in (m.headers() or [])},
+                            m.timestamp()[1],
+                        )
+                        for m in msgs
+                    ]
+        finally:
+            consumer.close()
+        return out
+
+    def count(self, topic: str) -> int:
+        return sum(self.end_offsets(topic).values())
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[TansuBroker]:
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    try:
+        b = TansuBroker(log_path=str(log)).start()
+    except BrokerError as exc:
+        pytest.fail(f"cannot start the Kafka test broker: {exc}", pytrace=False)
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(broker) -> Kafka:
+    return Kafka(broker.bootstrap)
+
+
+@pytest.fixture(scope="session")
+def stream_model(models) -> ResolvedModel:
+    """The demo CTR model reading one array field ``features`` of 4 values, as events carry them."""
+    return resolve(
+        ModelSpec(
+            path=models["torchscript"],
+            input_columns=("features",),
+            num_features=4,
+            name="demo_ctr",
+            device="cpu",
+            batch_size=256,
+        )
+    )
+
+
+def event(user: str, features: Any, ts: str = "2026-01-01T00:00:00Z") -> bytes:
+    return json.dumps({"user_id": user, "features": features, "timestamp": ts}).encode()
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Poll until ``check`` holds; fail naming ``what`` (a liveness bound, not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
