@@ -9,6 +9,7 @@ and writes window aggregates through a second sink (driver-side, they are few).
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -169,6 +170,10 @@ def start_stats(
     return query, sink
 
 
+class QueryFailed(RuntimeError):
+    """A streaming query stopped with an error (its first line is in the message)."""
+
+
 @dataclass
 class StreamSummary:
     backend: str
@@ -176,6 +181,7 @@ class StreamSummary:
     totals: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     stats_windows: int = 0
+    progress: list[dict[str, Any]] = field(default_factory=list)  # the scoring query's recent progress
 
     def render(self, cfg: StreamConfig) -> str:
         t = self.totals
@@ -248,13 +254,14 @@ def run(
     for q in queries:
         exc = q.exception()
         if exc is not None:
-            raise RuntimeError(f"query {q.name} failed: {exc}")
+            raise QueryFailed(f"query {q.name} failed: {str(exc).strip().splitlines()[0]}") from exc
     return StreamSummary(
         backend=backend,
         seconds=time.monotonic() - started,
         totals=sink.totals,
         batches=sink.batches,
         stats_windows=(stats_sink.totals.get(cfg.stats.topic, 0) if stats_sink else 0),
+        progress=[json.loads(p.json) for p in scoring.recentProgress],
     )
 
 

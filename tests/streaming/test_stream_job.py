@@ -1,0 +1,282 @@
+"""jobs/stream_score.py end to end on a local broker: scoring parity, DLQ, limits, stats, restarts, kill -9."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter, defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from jobs import stream_score
+from streaming.query import run
+from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_TOPIC
+from tests.streaming.conftest import ROOT, event, wait_until
+from udfs.core import load_scorer, score_batch
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
+
+
+def write_config(
+    tmp_path: Path, kafka, model_path: str, *, events: str, tag: str, max_offsets: int = 0, stats: str = ""
+) -> Path:
+    """A stream config reading ``events`` into output topics of its own (``tag`` names them)."""
+    cfg = tmp_path / f"stream-{tag}.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            [model]
+            path = "{model_path}"
+            name = "demo_ctr"
+            input_columns = ["features"]
+            num_features = 4
+            device = "cpu"
+            batch_size = 256
+
+            [kafka]
+            bootstrap_servers = "{kafka.bootstrap}"
+            source = "kafka_py"
+            latest_offsets_by = "fetchProbe"
+            poll_timeout_ms = 30000
+
+            [output]
+            topic = "predictions-{tag}"
+            dlq_topic = "dlq-{tag}"
+            commit_topic = "commits-{tag}"
+            partitions = 2
+
+            [job]
+            checkpoint = "{tmp_path / ("ck-" + tag)}"
+            query_name = "q_{tag}"
+
+            [spark]
+            "spark.master" = "local[2]"
+            "spark.ui.enabled" = "false"
+            """
+        )
+        + (textwrap.dedent(stats) if stats else "[stats]\nenabled = false\n")
+        + f'\n[input]\ntopic = "{events}"\nstarting_offsets = "earliest"\n'
+        + (f"max_offsets_per_trigger = {max_offsets}\n" if max_offsets else "")
+    )
+    return cfg
+
+
+def load(path: Path, *args: str):
+    return stream_score.load_config(stream_score.parse_args(["--config", str(path), *args]))
+
+
+def make_events(
+    n_good: int, *, start_minute: int = 0, user: str = "u"
+) -> tuple[list[bytes], list[list[float] | None], list[int]]:
+    """Good events over a few minutes of event time, and bad ones of every kind; (values, features, bad indexes)."""
+    values, feats, bad = [], [], []
+    for i in range(n_good):
+        f = [18.0 + i % 60, float(i % 9), 5.0 + 3.5 * (i % 40), float(i % 20)]
+        ts = f"2026-01-01T00:{start_minute + i * 3 // n_good:02d}:{i * 37 % 60:02d}Z"
+        values.append(event(f"{user}{i}", f, ts))
+        feats.append(f)
+    broken = [
+        ([30.0, None, 19.5, 3.0], None),
+        ([1.0, 2.0, 3.0], None),
+        ([30.0, float("nan"), 1.0, 2.0], None),
+        (None, b"not json at all"),
+        (None, json.dumps({"features": [1, 2, 3, 4], "timestamp": "2026-01-01T00:00:00Z"}).encode()),
+    ]
+    for j, (f, raw) in enumerate(broken):
+        bad.append(len(values))
+        values.append(raw if raw is not None else event(f"{user}bad{j}", f))
+        feats.append(f)
+    return values, feats, bad
+
+
+def by_id(records) -> dict[str, object]:
+    return {r.headers[H_ID].decode(): r for r in records}
+
+
+@pytest.fixture(scope="module")
+def drained(spark, kafka, stream_model, models, tmp_path_factory):
+    """One availableNow run over 120 good and 5 bad events, maxOffsetsPerTrigger 50, stats on."""
+    tmp = tmp_path_factory.mktemp("drained")
+    events = kafka.topic(partitions=2, prefix="events")
+    values, feats, bad = make_events(120)
+    kafka.produce(events, values)
+    cfg = load(
+        write_config(
+            tmp,
+            kafka,
+            models["torchscript"],
+            events=events,
+            tag="drained",
+            max_offsets=50,
+            stats="""
+            [stats]
+            topic = "stats-drained"
+            window = "1 minute"
+            watermark = "0 seconds"
+            """,
+        ),
+    )
+    summary = run(spark, cfg, stream_model, available_now=True)
+    by_value = {v: i for i, v in enumerate(values)}
+    return {
+        "cfg": cfg,
+        "summary": summary,
+        "values": values,
+        "feats": feats,
+        "bad": bad,
+        # record id ("topic/partition/offset") -> index of the produced value
+        "index": {f"{r.topic}/{r.partition}/{r.offset}": by_value[r.value] for r in kafka.read(events)},
+    }
+
+
+def test_every_good_event_gets_the_cores_prediction_once_keyed_by_user(kafka, stream_model, drained):
+    cfg, values, feats, bad = drained["cfg"], drained["values"], drained["feats"], set(drained["bad"])
+    good = [i for i in range(len(values)) if i not in bad]
+    direct = score_batch(
+        pa.table({"features": pa.array([feats[i] for i in good], pa.list_(pa.float64()))}),
+        load_scorer(stream_model),
+    ).to_pydict()
+    expected = {f"u{i}": direct["prediction"][k] for k, i in enumerate(good)}
+
+    preds = kafka.read(cfg.output.topic)
+    assert len(preds) == len(good)
+    assert Counter(r.headers[H_ID] for r in preds).most_common(1)[0][1] == 1
+    for r in preds:
+        body = json.loads(r.value)
+        assert list(body) == ["user_id", "prediction", "timestamp", "model_version"]
+        assert r.key == body["user_id"].encode()
+        assert body["prediction"] == pytest.approx(expected[body["user_id"]], abs=1e-6)
+        assert body["model_version"] == stream_model.version
+        src = json.loads(values[drained["index"][r.headers[H_ID].decode()]])
+        assert datetime.fromisoformat(body["timestamp"]) == datetime.fromisoformat(src["timestamp"])
+
+
+def test_bad_messages_go_to_the_dlq_with_original_bytes_reason_and_position(kafka, stream_model, drained):
+    cfg, values, feats, bad = drained["cfg"], drained["values"], drained["feats"], drained["bad"]
+    core_errors = score_batch(
+        pa.table({"features": pa.array(feats[bad[0] : bad[0] + 3], pa.list_(pa.float64()))}),
+        load_scorer(stream_model),
+    ).to_pydict()["error"]
+
+    dlq = by_id(kafka.read(cfg.output.dlq_topic))
+    assert len(dlq) == len(bad) == 5
+    reasons = {}
+    for rid, r in dlq.items():
+        i = drained["index"][rid]
+        assert r.value == values[i]
+        topic, part, off = rid.split("/")
+        assert (r.headers[H_TOPIC], r.headers[H_PARTITION], r.headers[H_OFFSET]) == tuple(
+            x.encode() for x in (topic, part, off)
+        )
+        reasons[i] = r.headers[H_ERROR].decode()
+    assert [reasons[i] for i in bad[:3]] == core_errors  # the core's reasons, word for word
+    assert reasons[bad[3]].startswith("value is not JSON") and reasons[bad[4]] == "missing user_id"
+
+
+def test_max_offsets_per_trigger_bounds_every_batch_and_counts_reach_the_progress(drained):
+    summary, total = drained["summary"], len(drained["values"])
+    with_rows = [p for p in summary.progress if p["numInputRows"] > 0]
+    assert len(with_rows) >= math.ceil(total / 50) and all(p["numInputRows"] <= 50 for p in with_rows)
+    observed = [p["observedMetrics"]["sparkscore"] for p in with_rows]
+    assert sum(o["events"] for o in observed) == total
+    assert sum(o["dlq"] for o in observed) == 5 and sum(o["predictions"] for o in observed) == total - 5
+    assert summary.totals[drained["cfg"].output.topic] == total - 5
+
+
+def test_window_stats_match_the_predictions_per_closed_window(kafka, drained):
+    cfg = drained["cfg"]
+    windows: dict[str, list[float]] = defaultdict(list)
+    for r in kafka.read(cfg.output.topic):
+        body = json.loads(r.value)
+        ts = datetime.fromisoformat(body["timestamp"])
+        windows[ts.strftime("%Y-%m-%dT%H:%M:00.000000Z")].append(body["prediction"])
+    stats = {json.loads(r.value)["window_start"]: json.loads(r.value) for r in kafka.read(cfg.stats.topic)}
+    # The watermark (0 s behind the newest event) closes every window but the last one.
+    assert sorted(stats) == sorted(windows)[:-1]
+    for start, s in stats.items():
+        assert s["count"] == len(windows[start])
+        assert s["mean"] == pytest.approx(sum(windows[start]) / len(windows[start]), abs=1e-12)
+        assert s["max"] == max(windows[start])
+
+
+def test_a_restart_on_the_same_checkpoint_scores_only_new_events(
+    spark, kafka, stream_model, models, tmp_path
+):
+    events = kafka.topic(partitions=2, prefix="events")
+    values, _, _ = make_events(30)
+    kafka.produce(events, values)
+    cfg = load(write_config(tmp_path, kafka, models["torchscript"], events=events, tag="restart"))
+    first = run(spark, cfg, stream_model, available_now=True)
+    again = run(spark, cfg, stream_model, available_now=True)
+    more, _, _ = make_events(12, start_minute=10, user="late")
+    kafka.produce(events, more[:12])
+    last = run(spark, cfg, stream_model, available_now=True)
+
+    assert first.totals[cfg.output.topic] == 30 and again.batches == 0
+    assert last.totals[cfg.output.topic] == 12
+    ids = Counter(r.headers[H_ID] for r in kafka.read(cfg.output.topic))
+    assert sum(ids.values()) == 42 and set(ids.values()) == {1}
+
+
+def _alive(pgid: int) -> bool:
+    """Whether any non-zombie process of the group is left (zombies may wait for a reaper that never comes)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
+    spark, kafka, stream_model, models, tmp_path
+):
+    events = kafka.topic(partitions=2, prefix="events")
+    values, _, bad = make_events(400)
+    kafka.produce(events, values)
+    path = write_config(tmp_path, kafka, models["torchscript"], events=events, tag="kill", max_offsets=25)
+    cfg = load(path)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    log = tmp_path / "killed.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "stream_score.py"), "--config", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or kafka.count(cfg.output.topic) > 0,
+                "the first predictions of the job that gets killed",
+                timeout=180,
+            )
+            assert proc.poll() is None, log.read_text()[-2000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    wait_until(lambda: not _alive(proc.pid), "the killed job's processes to exit", timeout=60)
+    written_before = kafka.count(cfg.output.topic) + kafka.count(cfg.output.dlq_topic)
+    assert written_before < len(values), "the job finished before it was killed; nothing was tested"
+
+    summary = run(spark, cfg, stream_model, available_now=True)
+
+    preds, dlq = kafka.read(cfg.output.topic), kafka.read(cfg.output.dlq_topic)
+    ids = Counter(r.headers[H_ID] for r in preds + dlq)
+    assert len(ids) == len(values) and set(ids.values()) == {1}, (written_before, ids.most_common(3))
+    assert len(preds) == len(values) - len(bad) and len(dlq) == len(bad)
+    assert summary.batches >= 1
