@@ -73,3 +73,16 @@ bench-realtime: $(STAMP) $(DEMO)/ctr.pt ## real-time benchmark (bench/results/re
 
 .PHONY: serve bench-realtime
 # --- end serving ---
+
+# --- streaming ---
+broker: $(STAMP) ## local Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, in the foreground
+	$(PY) -m streaming.broker --port 9092
+
+stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job for 60 s, printing predictions as they arrive
+	$(PY) -m streaming.demo --seconds 60 --rate 200
+
+bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-score-produce loop (bench/results/stream.json and .png)
+	$(PY) bench/stream_bench.py
+
+.PHONY: broker stream-demo bench-stream
+# --- end streaming ---

@@ -117,6 +117,12 @@ def broker(tmp_path_factory) -> Iterator[TansuBroker]:
     except BrokerError as exc:
         pytest.fail(f"cannot start the Kafka test broker: {exc}", pytrace=False)
     yield b
+    # Spark's Python workers cache Kafka clients that would log reconnect errors once the broker is gone.
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
     b.stop()
 
 
