@@ -56,8 +56,8 @@ package: $(STAMP) ## build dist/sparkscore.zip (for --py-files) and a wheel
 	$(PY) -c "import shutil; shutil.copy(next(__import__('glob').iglob('dist/sparkscore-*.whl')), 'dist/sparkscore.zip')"
 	@echo "dist/sparkscore.zip: pass it to spark-submit --py-files"
 
-bench-batch: $(STAMP) ## batch benchmark (bench/results/batch.json and .png)
-	$(PY) bench/batch_bench.py
+bench-batch: $(STAMP) ## batch benchmark (bench/results/batch.json and .png; ARGS="--rows N ...")
+	$(PY) bench/batch_bench.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
