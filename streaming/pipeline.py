@@ -135,7 +135,7 @@ def to_records(
 
     Good rows: key ``user_id``, value JSON ``{user_id, <prediction columns>, timestamp}``
     (``model_version`` last), dest 0. Bad rows: the original key and bytes, dest 1,
-    and the reason in ``error``.
+    and the reason in ``error``. Every row: ``rid`` = source ``topic/partition/offset``.
     """
 
     def transform(df: DataFrame) -> DataFrame:
@@ -148,9 +148,8 @@ def to_records(
             F.when(ok, F.col(user_id).cast("string").cast("binary")).otherwise(F.col("key")).alias("key"),
             F.when(ok, body.cast("binary")).otherwise(F.col("value")).alias("value"),
             why.alias("error"),
-            F.col("topic").alias("src_topic"),
-            F.col("partition").alias("src_partition"),
-            F.col("offset").alias("src_offset"),
+            # The record id: which source record this output stands for (dedup key and DLQ headers).
+            F.concat_ws("/", "topic", "partition", "offset").alias("rid"),
         )
 
     return transform

@@ -47,7 +47,7 @@ H_PARTITION = "sparkscore.source.partition"
 H_OFFSET = "sparkscore.source.offset"
 
 # The record layout the executor writer consumes (see streaming.pipeline.to_records).
-RECORD_COLUMNS = ("dest", "key", "value", "error", "src_topic", "src_partition", "src_offset")
+RECORD_COLUMNS = ("dest", "key", "value", "error", "rid")
 SUMMARY_SCHEMA = "kind string, topic string, partition int, value long"
 
 Positions = dict[str, dict[str, int]]  # topic -> partition (str) -> next offset
@@ -204,11 +204,20 @@ def produce(
 
 
 def record_rows(batch: pa.RecordBatch) -> Iterator[tuple[int, Any, Any, Any, str, list[tuple[str, bytes]]]]:
-    """Rows of the pipeline's record layout, with the source position as record id and headers."""
-    cols = [batch.column(name).to_pylist() for name in RECORD_COLUMNS]
-    for dest, key, value, error, topic, part, off in zip(*cols, strict=True):
-        extra = [(H_TOPIC, topic.encode()), (H_PARTITION, str(part).encode()), (H_OFFSET, str(off).encode())]
-        yield dest, key, value, error, f"{topic}/{part}/{off}", extra
+    """Rows of the pipeline's record layout; the record id is the source ``topic/partition/offset``.
+
+    Dead letters also get the source position as three headers of their own.
+    """
+    dests = batch.column("dest").to_numpy(zero_copy_only=False)
+    keys, values, rids = (batch.column(name).to_pylist() for name in ("key", "value", "rid"))
+    errors = batch.column("error")
+    errs = [None] * batch.num_rows if errors.null_count == batch.num_rows else errors.to_pylist()
+    for dest, key, value, error, rid in zip(dests, keys, values, errs, rids, strict=True):
+        extra: list[tuple[str, bytes]] = []
+        if error is not None:
+            topic, part, off = rid.rsplit("/", 2)
+            extra = [(H_TOPIC, topic.encode()), (H_PARTITION, part.encode()), (H_OFFSET, off.encode())]
+        yield int(dest), key, value, error, rid, extra
 
 
 def write_partition(plan: BatchPlan) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:

@@ -140,9 +140,7 @@ def test_dead_letters_keep_the_original_bytes_with_error_and_source_headers(kafk
             "key": [b"k"],
             "value": [b"\xff not json"],
             "error": ["value is not JSON"],
-            "src_topic": ["events"],
-            "src_partition": [3],
-            "src_offset": [41],
+            "rid": ["events/3/41"],
         }
     )
     sink.commit(plan, sink.write_local(plan, record_rows(batch)))

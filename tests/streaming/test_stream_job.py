@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -226,16 +227,33 @@ def test_a_restart_on_the_same_checkpoint_scores_only_new_events(
     assert sum(ids.values()) == 42 and set(ids.values()) == {1}
 
 
-def _alive(pgid: int) -> bool:
-    """Whether any non-zombie process of the group is left (zombies may wait for a reaper that never comes)."""
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process (Linux /proc)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        out[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return out
+
+
+def _tree(root: int) -> set[int]:
+    """``root`` and all its descendants (the JVM, PySpark's daemon and its workers, in their own group)."""
+    procs = _processes()
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those still running (zombies wait for a reaper that may never come; they hold no sockets)."""
+    procs = _processes()
+    return {p for p in pids if p in procs and procs[p][1] != "Z"}
 
 
 def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
@@ -264,12 +282,14 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
                 timeout=180,
             )
             assert proc.poll() is None, log.read_text()[-2000:]
-            os.killpg(proc.pid, signal.SIGKILL)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            # kill -9 the driver and everything it started, at once: a crash of the whole driver host.
+            victims = _tree(proc.pid)
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(30)
-    wait_until(lambda: not _alive(proc.pid), "the killed job's processes to exit", timeout=60)
+    wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
     written_before = kafka.count(cfg.output.topic) + kafka.count(cfg.output.dlq_topic)
     assert written_before < len(values), "the job finished before it was killed; nothing was tested"
 

@@ -1,0 +1,446 @@
+"""Streaming benchmark: the stream job vs a plain consume -> score -> produce loop, same broker and model.
+
+    python bench/stream_bench.py [--rate 5000] [--seconds 30] [--backlog 400000]   # or: make bench-stream
+
+For each variant, on a fresh local Tansu broker (2-partition topics):
+
+* ``sparkscore``: ``spark-submit jobs/stream_score.py`` (kafka_py source, local[2],
+  0 s trigger, maxOffsetsPerTrigger 100,000, effectively-once sink; the window
+  statistics query is off so both variants do the same work);
+* ``plain_loop``: one Python process, ``assign()``-ed confluent-kafka consumer,
+  ``json.loads`` per event, ``udfs.core.score_batch`` on up to 5,000 events,
+  ``json.dumps`` + produce per prediction (what a hand-written service does;
+  no checkpoints, no dead-letter bookkeeping beyond a produce, no exactly-once).
+
+Saturation: ``--backlog`` events are in the topic before the variant starts;
+sustained events/s is measured between the 10 % and 90 % arrival marks of their
+predictions (start-up and the tail are left out). Fixed rate: the warm variant
+then gets ``--rate`` events/s for ``--seconds``; end-to-end latency is the time
+from just before an event is produced to its prediction being read back from
+the output topic (p50 / p99). Producer and reader run in their own processes.
+
+Writes bench/results/stream.json and stream.png and prints a table. Not part of
+``make test``; the machine is shared, so the load average is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine, table, write_json  # noqa: E402
+from streaming import kafka_client as kc  # noqa: E402
+from streaming.broker import TansuBroker  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
+VARIANTS = ("sparkscore", "plain_loop")
+IN, OUT, DLQ = "events", "predictions", "events.dlq"
+
+JOB_TOML = """
+[model]
+path = "{model}"
+name = "demo_ctr"
+input_columns = ["features"]
+num_features = 4
+device = "cpu"
+batch_size = 8192
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+source = "kafka_py"
+latest_offsets_by = "fetchProbe"
+
+[input]
+topic = "{events}"
+starting_offsets = "earliest"
+max_offsets_per_trigger = 100000
+
+[output]
+topic = "{predictions}"
+dlq_topic = "{dlq}"
+commit_topic = "sparkscore.commits"
+partitions = 2
+
+[stats]
+enabled = false
+
+[job]
+checkpoint = "{checkpoint}"
+trigger = "0 seconds"
+
+[spark]
+"spark.master" = "local[2]"
+"spark.ui.enabled" = "false"
+"spark.sql.shuffle.partitions" = "2"
+"spark.python.worker.reuse" = "true"
+"""
+
+
+# -- the load: events stamped with their produce time -----------------------------------------------
+
+
+def features(i: int) -> list[float]:
+    return [18.0 + i % 60, float(i % 9), 5.0 + 3.5 * (i % 40), float(i % 20)]
+
+
+def produce(bootstrap: str, topic: str, n: int, rate: float, prefix: str) -> None:
+    """Send ``n`` events; ``rate`` 0 means as fast as possible. Each event's timestamp is its send time."""
+    producer = kc.make_producer(
+        {"bootstrap.servers": bootstrap}, **{"linger.ms": 1, "enable.idempotence": False}
+    )
+    start = time.monotonic()
+    for i in range(n):
+        if rate:
+            due = start + i / rate
+            wait = due - time.monotonic()
+            if wait > 0.0005:
+                time.sleep(wait)
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        user = f"{prefix}{i}"
+        value = json.dumps({"user_id": user, "features": features(i), "timestamp": now}).encode()
+        while True:
+            try:
+                producer.produce(topic, key=user.encode(), value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 500 == 0:
+            producer.poll(0)
+    producer.flush(60)
+
+
+def start_producer(bootstrap: str, n: int, rate: float, prefix: str) -> subprocess.Popen[bytes]:
+    args = ["produce", "--bootstrap", bootstrap, "--n", str(n), "--rate", str(rate), "--prefix", prefix]
+    return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT)
+
+
+# -- reading predictions back ---------------------------------------------------------------------
+
+
+class Reader:
+    """Reads the output topic from the start; keeps arrival times and (for a prefix) latencies."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.consumer = kc.make_consumer(
+            {"bootstrap.servers": bootstrap}, **{"enable.partition.eof": False, "fetch.wait.max.ms": 5}
+        )
+        parts = []
+        deadline = time.monotonic() + 300
+        while not parts:
+            parts = kc.topic_partitions(self.consumer, 10).get(OUT, [])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {OUT} never appeared")
+            time.sleep(0.2)
+        self.consumer.assign([kc.TopicPartition(OUT, p, 0) for p in parts])
+
+    def count_until(self, n: int, timeout_s: float) -> list[float]:
+        """Arrival times of the next ``n`` records (no parsing: the saturation phase)."""
+        arrivals: list[float] = []
+        deadline = time.monotonic() + timeout_s
+        while len(arrivals) < n and time.monotonic() < deadline:
+            msgs = self.consumer.consume(10_000, timeout=0.05)
+            now = time.time()
+            arrivals += [now] * sum(1 for m in msgs if m.error() is None)
+        return arrivals
+
+    def latencies(self, prefix: str, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
+        """(arrival times, latencies in ms) of predictions of events whose user id starts with ``prefix``."""
+        arrivals, lat = [], []
+        deadline = time.monotonic() + timeout_s
+        while len(lat) < n and time.monotonic() < deadline:
+            msg = self.consumer.poll(0.05)
+            if msg is None or msg.error() is not None:
+                continue
+            now = time.time()
+            body = json.loads(msg.value())
+            if body["user_id"].startswith(prefix):
+                sent = datetime.fromisoformat(body["timestamp"]).timestamp()
+                arrivals.append(now)
+                lat.append((now - sent) * 1000)
+        return arrivals, lat
+
+
+# -- the systems under test -----------------------------------------------------------------------
+
+
+def plain_loop(bootstrap: str, model_path: str) -> None:
+    """The limit: consume -> json.loads -> score_batch -> json.dumps -> produce, one process."""
+    import pyarrow as pa
+
+    from udfs.core import load_scorer, score_batch
+    from udfs.spec import ModelSpec, resolve
+
+    model = resolve(
+        ModelSpec(path=model_path, input_columns=("features",), num_features=4, name="demo_ctr", device="cpu")
+    )
+    scorer = load_scorer(model)
+    conf = {"bootstrap.servers": bootstrap}
+    consumer = kc.make_consumer(conf, **{"enable.partition.eof": False, "fetch.wait.max.ms": 5})
+    producer = kc.make_producer(conf)
+    parts: list[int] = []
+    while not parts:
+        parts = kc.topic_partitions(consumer, 10).get(IN, [])
+        time.sleep(0.1)
+    consumer.assign([kc.TopicPartition(IN, p, 0) for p in parts])
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        msgs = consumer.consume(5000, timeout=0.005)
+        users, feats, stamps = [], [], []
+        for m in msgs:
+            if m.error() is not None:
+                continue
+            try:
+                e = json.loads(m.value())
+                users.append(e["user_id"])
+                feats.append(e["features"])
+                stamps.append(e["timestamp"])
+            except (ValueError, KeyError, TypeError):
+                producer.produce(DLQ, key=m.key(), value=m.value())
+        if not users:
+            continue
+        out = score_batch(pa.table({"features": pa.array(feats, pa.list_(pa.float64()))}), scorer).to_pydict()
+        for user, pred, ts, err in zip(users, out["prediction"], stamps, out["error"], strict=True):
+            if err is not None:
+                producer.produce(
+                    DLQ, key=user.encode(), value=json.dumps({"user_id": user, "error": err}).encode()
+                )
+                continue
+            body = {"user_id": user, "prediction": pred, "timestamp": ts, "model_version": model.version}
+            while True:
+                try:
+                    producer.produce(OUT, key=user.encode(), value=json.dumps(body).encode())
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(30)
+
+
+def start_system(variant: str, bootstrap: str, tmp: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    out = log.open("wb")
+    if variant == "plain_loop":
+        cmd = [sys.executable, __file__, "plain-loop", "--bootstrap", bootstrap]
+    else:
+        cfg = tmp / "stream.toml"
+        cfg.write_text(
+            textwrap.dedent(JOB_TOML).format(
+                model=DEMO_MODEL,
+                bootstrap=bootstrap,
+                events=IN,
+                predictions=OUT,
+                dlq=DLQ,
+                checkpoint=tmp / "ck",
+            )
+        )
+        spark_submit = Path(sys.executable).parent / "spark-submit"
+        log4j = ROOT / "conf" / "log4j2.properties"
+        cmd = [
+            str(spark_submit),
+            "--driver-java-options",
+            f"-Dlog4j2.configurationFile=file:{log4j}",
+            str(ROOT / "jobs" / "stream_score.py"),
+            "--config",
+            str(cfg),
+        ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_system(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"stream-bench-{variant}-") as tmpdir, TansuBroker() as broker:
+        tmp = Path(tmpdir)
+        kc.ensure_topics({"bootstrap.servers": broker.bootstrap}, {IN: 2, OUT: 2, DLQ: 2})
+        print(f"[{variant}] producing a backlog of {args.backlog:,} events", flush=True)
+        filler = start_producer(broker.bootstrap, args.backlog, 0, "sat")
+        filler.wait()
+        load_before = os.getloadavg()[0]
+        reader = Reader(broker.bootstrap)
+        started = time.time()
+        proc = start_system(variant, broker.bootstrap, tmp, tmp / "system.log")
+        try:
+            arrivals = reader.count_until(args.backlog, timeout_s=args.timeout)
+            if len(arrivals) < args.backlog:
+                tail = (tmp / "system.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"{variant}: {len(arrivals):,} of {args.backlog:,} predictions arrived\n{tail}"
+                )
+            a = np.asarray(arrivals)
+            lo, hi = a[int(0.1 * len(a))], a[int(0.9 * len(a)) - 1]
+            saturation = {
+                "events_per_s": round(float(0.8 * len(a) / max(hi - lo, 1e-9)), 1),
+                "backlog": args.backlog,
+                "seconds_to_drain": round(float(a[-1] - started), 2),
+            }
+            print(f"[{variant}] saturation: {saturation['events_per_s']:,.0f} events/s", flush=True)
+
+            n = int(args.rate * args.seconds)
+            print(f"[{variant}] offering {args.rate:,.0f} events/s for {args.seconds:g} s", flush=True)
+            sender = start_producer(broker.bootstrap, n, args.rate, "fix")
+            t0 = time.time()
+            got, lat = reader.latencies("fix", n, timeout_s=args.seconds + 120)
+            sender.wait(60)
+            lats = np.asarray(lat)
+            fixed = {
+                "offered_per_s": args.rate,
+                "seconds": args.seconds,
+                "events": n,
+                "delivered": len(lat),
+                "sustained_per_s": round(len(lat) / max(max(got) - t0, 1e-9), 1) if got else 0.0,
+                "p50_ms": round(float(np.percentile(lats, 50)), 1) if len(lats) else None,
+                "p99_ms": round(float(np.percentile(lats, 99)), 1) if len(lats) else None,
+                "max_ms": round(float(lats.max()), 1) if len(lats) else None,
+            }
+            print(
+                f"[{variant}] {args.rate:,.0f}/s offered: p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms, "
+                f"{fixed['sustained_per_s']:,.0f}/s delivered",
+                flush=True,
+            )
+        finally:
+            stop_system(proc)
+            if args.log_dir:
+                Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.log_dir) / f"{variant}.log").write_bytes((tmp / "system.log").read_bytes())
+        return {
+            "events_per_s": saturation["events_per_s"],
+            "p50_ms": fixed["p50_ms"],
+            "p99_ms": fixed["p99_ms"],
+            "saturation": saturation,
+            "fixed_rate": fixed,
+            "load_avg_1m_before": round(load_before, 2),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        }
+
+
+def chart(results: dict[str, Any], path: Path, rate: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v for v in VARIANTS if v in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    bars = ax1.bar(
+        names, [results[v]["events_per_s"] for v in names], color=["tab:blue", "tab:gray"][: len(names)]
+    )
+    ax1.bar_label(bars, labels=[f"{results[v]['events_per_s']:,.0f}" for v in names], fontsize=8)
+    ax1.set_title("saturation throughput (events/s)")
+    xs = np.arange(len(names))
+    for i, (key, label) in enumerate((("p50_ms", "p50"), ("p99_ms", "p99"))):
+        vals = [results[v][key] or 0 for v in names]
+        b = ax2.bar(xs + (i - 0.5) * 0.38, vals, 0.38, label=label)
+        ax2.bar_label(b, labels=[f"{v:,.0f}" for v in vals], fontsize=8)
+    ax2.axhline(1000, color="tab:red", lw=0.8, ls="--", label="p50 target")
+    ax2.set_xticks(xs, names)
+    ax2.set_title(f"end-to-end latency at {rate:,.0f} events/s (ms)")
+    ax2.legend(fontsize=8)
+    fig.suptitle("Kafka -> score -> Kafka on one 2-core machine (local Tansu broker)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd")
+    prod = sub.add_parser("produce")
+    prod.add_argument("--bootstrap", required=True)
+    prod.add_argument("--n", type=int, required=True)
+    prod.add_argument("--rate", type=float, default=0)
+    prod.add_argument("--prefix", default="e")
+    loop = sub.add_parser("plain-loop")
+    loop.add_argument("--bootstrap", required=True)
+    p.add_argument("--rate", type=float, default=5000)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--backlog", type=int, default=400_000)
+    p.add_argument(
+        "--timeout", type=float, default=300, help="seconds a variant may take to drain the backlog"
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--log-dir", help="keep each variant's log here")
+    args = p.parse_args(argv)
+    if args.cmd == "produce":
+        produce(args.bootstrap, IN, args.n, args.rate, args.prefix)
+        return 0
+    if args.cmd == "plain-loop":
+        plain_loop(args.bootstrap, str(DEMO_MODEL))
+        return 0
+    if not DEMO_MODEL.exists():
+        print(f"[bench] {DEMO_MODEL} is missing: run `make demo` (or python -m udfs.demo --out build/demo)")
+        return 2
+    results: dict[str, Any] = {}
+    for variant in args.variants.split(","):
+        results[variant] = run_variant(variant, args)
+    out: dict[str, Any] = dict(results)
+    if "sparkscore" in results and "plain_loop" in results:
+        ratio = results["sparkscore"]["events_per_s"] / results["plain_loop"]["events_per_s"]
+        p50 = results["sparkscore"]["p50_ms"]
+        out["targets"] = {
+            "throughput_ratio": round(ratio, 3),
+            "throughput_ratio_target": 0.5,
+            "throughput_met": bool(ratio >= 0.5),
+            "p50_ms_target": 1000,
+            "p50_met": bool(p50 is not None and p50 < 1000),
+        }
+    out["machine"] = machine()
+    out["settings"] = {"rate": args.rate, "seconds": args.seconds, "backlog": args.backlog}
+    write_json(RESULTS / "stream.json", out)
+    chart(results, RESULTS / "stream.png", args.rate)
+    rows = [
+        [
+            v,
+            r["events_per_s"],
+            r["fixed_rate"]["sustained_per_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["load_avg_1m_before"],
+        ]
+        for v, r in results.items()
+    ]
+    print(
+        table(
+            ["variant", "saturation ev/s", f"@{args.rate:,.0f}/s delivered", "p50 ms", "p99 ms", "load"], rows
+        )
+    )
+    if "targets" in out:
+        t = out["targets"]
+        print(
+            f"throughput ratio {t['throughput_ratio']:.2f} (target >= 0.5: {'met' if t['throughput_met'] else 'missed'}); "
+            f"p50 at {args.rate:,.0f}/s {results['sparkscore']['p50_ms']} ms "
+            f"(target < 1000: {'met' if t['p50_met'] else 'missed'})"
+        )
+    print(f"wrote {RESULTS / 'stream.json'} and stream.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
