@@ -138,7 +138,7 @@ class Reader:
 
     def __init__(self, bootstrap: str) -> None:
         self.consumer = kc.make_consumer(
-            {"bootstrap.servers": bootstrap}, **{"enable.partition.eof": False, "fetch.wait.max.ms": 5}
+            {"bootstrap.servers": bootstrap}, **{"enable.partition.eof": False, "fetch.wait.max.ms": 10}
         )
         parts = []
         deadline = time.monotonic() + 300
@@ -191,7 +191,7 @@ def plain_loop(bootstrap: str, model_path: str) -> None:
     )
     scorer = load_scorer(model)
     conf = {"bootstrap.servers": bootstrap}
-    consumer = kc.make_consumer(conf, **{"enable.partition.eof": False, "fetch.wait.max.ms": 5})
+    consumer = kc.make_consumer(conf, **{"enable.partition.eof": False, "fetch.wait.max.ms": 10})
     producer = kc.make_producer(conf)
     parts: list[int] = []
     while not parts:
@@ -275,24 +275,31 @@ def stop_system(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _expect(arrivals: list[float], n: int, variant: str, tmp: Path) -> None:
+    if len(arrivals) < n:
+        tail = (tmp / "system.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{variant}: {len(arrivals):,} of {n:,} predictions arrived in time\n{tail}")
+
+
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"stream-bench-{variant}-") as tmpdir, TansuBroker() as broker:
         tmp = Path(tmpdir)
         kc.ensure_topics({"bootstrap.servers": broker.bootstrap}, {IN: 2, OUT: 2, DLQ: 2})
-        print(f"[{variant}] producing a backlog of {args.backlog:,} events", flush=True)
-        filler = start_producer(broker.bootstrap, args.backlog, 0, "sat")
-        filler.wait()
         load_before = os.getloadavg()[0]
         reader = Reader(broker.bootstrap)
-        started = time.time()
         proc = start_system(variant, broker.bootstrap, tmp, tmp / "system.log")
         try:
+            # Warm-up in rounds, so every Python worker has loaded the model before anything is timed.
+            print(f"[{variant}] warming up: {args.warmup_rounds} x {args.warmup:,} events", flush=True)
+            for r in range(args.warmup_rounds):
+                start_producer(broker.bootstrap, args.warmup, 0, f"warm{r}-").wait()
+                _expect(reader.count_until(args.warmup, timeout_s=args.timeout), args.warmup, variant, tmp)
+            print(f"[{variant}] a burst of {args.backlog:,} events", flush=True)
+            started = time.time()
+            filler = start_producer(broker.bootstrap, args.backlog, 0, "sat")
             arrivals = reader.count_until(args.backlog, timeout_s=args.timeout)
-            if len(arrivals) < args.backlog:
-                tail = (tmp / "system.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(
-                    f"{variant}: {len(arrivals):,} of {args.backlog:,} predictions arrived\n{tail}"
-                )
+            filler.wait()
+            _expect(arrivals, args.backlog, variant, tmp)
             a = np.asarray(arrivals)
             lo, hi = a[int(0.1 * len(a))], a[int(0.9 * len(a)) - 1]
             saturation = {
@@ -382,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=5000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--backlog", type=int, default=400_000)
+    p.add_argument("--warmup", type=int, default=10_000, help="events per warm-up round")
+    p.add_argument("--warmup-rounds", type=int, default=5)
     p.add_argument(
         "--timeout", type=float, default=300, help="seconds a variant may take to drain the backlog"
     )

@@ -335,7 +335,8 @@ class ExactlyOnceSink:
     @property
     def producer(self) -> Any:
         if self._producer is None:
-            self._producer = kc.make_producer({**self.client, **self.producer_conf})
+            # linger 0: the driver sends one marker per batch and waits for it.
+            self._producer = kc.make_producer({**self.client, **self.producer_conf}, **{"linger.ms": 0})
         return self._producer
 
     # -- commit log -----------------------------------------------------------------------------
