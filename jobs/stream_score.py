@@ -2,7 +2,7 @@
 
     spark-submit jobs/stream_score.py --config conf/stream.toml \
         [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--source auto|kafka|kafka_py] \
-        [--model FILE] [--available-now] [--duration SECONDS]
+        [--model FILE] [--member-outputs] [--available-now] [--duration SECONDS]
 
 Events ``{user_id, features, timestamp}`` are parsed by the schema in
 ``[events]``, scored by the same core as the batch job, and written to the
@@ -12,7 +12,9 @@ the dead-letter topic with its original bytes and the reason. Output is
 effectively once across crashes and restarts on the same checkpoint (see
 ``streaming/sink.py``). With the JVM connector (``--packages
 org.apache.spark:spark-sql-kafka-0-10_2.13:4.3.0``) the source is
-``format("kafka")``; without it, the Python source ``kafka_py``.
+``format("kafka")``; without it, the Python source ``kafka_py``. An ensemble's
+records also carry ``degraded`` and ``missing_members`` (a member failed and the
+quorum answered), and with ``--member-outputs`` each member's prediction.
 
 ``--available-now`` drains what is in the topic and exits (then runs the
 statistics query the same way); otherwise the job runs until stopped
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="checkpoint folder (overrides [job].checkpoint)")
     p.add_argument("--source", choices=["auto", "kafka", "kafka_py"], help="Kafka source backend")
     p.add_argument("--model", help="model file (overrides [model].path)")
+    p.add_argument(
+        "--member-outputs", action="store_true", help="ensembles: add each member's prediction to the record"
+    )
     p.add_argument("--available-now", action="store_true", help="process what is in the topic, then exit")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     return p.parse_args(argv)
@@ -60,7 +65,12 @@ def load_config(args: argparse.Namespace) -> StreamConfig:
         source=args.source or cfg.kafka.source,
     )
     job = replace(cfg.job, checkpoint=args.checkpoint or cfg.job.checkpoint)
-    return replace(cfg, kafka=kafka, job=job, model=with_overrides(cfg.model, path=args.model))
+    return replace(
+        cfg,
+        kafka=kafka,
+        job=job,
+        model=with_overrides(cfg.model, path=args.model, member_outputs=args.member_outputs or None),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
