@@ -25,11 +25,21 @@ machine only ever adds time); the CPU time of the whole process tree per row is 
 as a steadier cost on a shared machine.
 Results: bench/results/batch.json (rows/s) and batch.png; a run over a subset of models or
 variants writes under build/bench/results instead, so it never replaces the full result.
+
+Ensemble part (issue 5; on by default, ``--no-ensemble`` skips it, ``--only ensemble`` runs it
+alone and merges it into the existing batch.json, keeping the ``tiny``/``medium`` results): three
+``medium`` models with seeds 1, 2, 3 (``m1``, ``m2``, ``m3``), each alone through ``sparkscore``,
+then the three as one ensemble (``weighted_mean``, equal weights; inside a Spark task the members
+run one after another, as each task already has its core), and ``spark_floor``, on the same
+``medium`` table, interleaved, best of ``--repeats``. Target: the data is read and written once,
+``t_ensemble <= 1.1 x (t_m1 + t_m2 + t_m3 - 2 x t_floor)``. Written under the top-level
+``ensemble`` key of the same JSON, charted in batch_ensemble.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -44,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/ and udfs/ live one level up
 
 from bench import common  # noqa: E402
-from bench.models import CASES, ModelCase  # noqa: E402
+from bench.models import CASES, ENSEMBLE_SEEDS, ModelCase  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
 SAMPLE_ROWS = 5_000
@@ -402,6 +412,194 @@ EXTRAS: dict[str, Variant] = {
 ALL = {**VARIANTS, **EXTRAS}
 
 
+# --- ensemble: three medium members against each alone and the floor ---------------------------
+
+ENSEMBLE_FORMULA = "t_ensemble <= 1.1 x (t_m1 + t_m2 + t_m3 - 2 x t_floor)"
+ENSEMBLE_SLACK = 1.1
+
+
+def _run_resolved(b: Bench, model: Any, case: ModelCase, out: Path, sample: bool) -> None:
+    """sparkscore's transform for any resolved model (a single member or the ensemble)."""
+    from udfs.spark import with_predictions
+
+    scored = _read(b, case, sample).transform(with_predictions(model, keep=["id"]))
+    scored.write.mode("overwrite").parquet(str(out))
+
+
+def ensemble_models(b: Bench, case: ModelCase) -> dict[str, Any]:
+    """m1, m2, m3 as single models and the three as one weighted_mean ensemble, resolved."""
+    from bench.models import build_ensemble
+    from udfs.spec import MemberSpec, ModelSpec, resolve
+
+    paths = build_ensemble(WORK / "models")
+    common_kw: dict[str, Any] = {
+        "input_columns": case.input_columns,
+        "num_features": case.num_features,
+        "batch_size": b.batch_size,
+        "device": "cpu",
+    }
+    out: dict[str, Any] = {
+        name: resolve(ModelSpec(path=str(path), name=name, **common_kw)) for name, path in paths.items()
+    }
+    out["ensemble"] = resolve(
+        ModelSpec(
+            members=tuple(MemberSpec(path=str(p), name=n, weight=1.0) for n, p in paths.items()),
+            combiner="weighted_mean",
+            name="medium_x3",
+            **common_kw,
+        )
+    )
+    return out
+
+
+def check_ensemble(outs: dict[str, Path]) -> float:
+    """Max |ensemble - mean of the three members' own predictions| over every row."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    def load(path: Path) -> Any:
+        t = ds.dataset(path, format="parquet").to_table(columns=["id", "prediction"])
+        order = np.argsort(t["id"].to_numpy())
+        return t["prediction"].to_numpy(zero_copy_only=False)[order]
+
+    mean = sum(load(outs[m]) for m in ENSEMBLE_SEEDS) / len(ENSEMBLE_SEEDS)
+    return float(np.max(np.abs(load(outs["ensemble"]) - mean)))
+
+
+def run_ensemble(b: Bench, args: argparse.Namespace, out_root: Path) -> dict[str, Any]:
+    """Time m1, m2, m3, the ensemble and the floor (interleaved, best of N); the ``ensemble`` result."""
+    case = CASES["medium"]
+    models = ensemble_models(b, case)
+    if "medium" not in b.resolved:  # spark_floor takes its version and schema from it
+        b.resolved["medium"] = models["m1"]
+
+    def runner(name: str) -> Callable[[Path, bool], None]:
+        if name == "spark_floor":
+            return lambda out, sample: run_spark_floor(b, case, out, sample)
+        return lambda out, sample: _run_resolved(b, models[name], case, out, sample)
+
+    names = [*ENSEMBLE_SEEDS, "ensemble", "spark_floor"]
+    t0 = time.perf_counter()
+    for name in names:
+        runner(name)(out_root / "warmup" / "ensemble" / name, True)
+    print(f"[bench] ensemble warm-up done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    cpu_us: dict[str, list[float]] = {n: [] for n in names}
+    outs: dict[str, Path] = {}
+    load_before = round(os.getloadavg()[0], 2)
+    started = time.perf_counter()
+    for r in range(args.repeats):
+        for name in names:
+            dest = out_root / "ensemble" / f"{name}-{r}"
+            cpu, t = common.tree_cpu_seconds(), time.perf_counter()
+            runner(name)(dest, False)
+            elapsed, cpu = time.perf_counter() - t, common.tree_cpu_seconds() - cpu
+            got = output_rows(dest)
+            if got != args.rows:
+                raise RuntimeError(f"ensemble/{name} wrote {got:,} rows, expected {args.rows:,}")
+            seconds[name].append(elapsed)
+            cpu_us[name].append(cpu / args.rows * 1e6)
+            print(
+                f"[bench] ensemble {name:12} run {r + 1}: {elapsed:7.2f} s  {args.rows / elapsed:>12,.0f} rows/s  "
+                f"{cpu / args.rows * 1e6:7.2f} CPU us/row",
+                flush=True,
+            )
+            if r:
+                shutil.rmtree(outs[name], ignore_errors=True)
+            outs[name] = dest
+    timed = time.perf_counter() - started
+    diff = check_ensemble(outs)
+    print(f"[bench] ensemble: max |ensemble - mean of members|: {diff:.3g}", flush=True)
+
+    best = {n: min(ts) for n, ts in seconds.items()}
+    cpu_best = {n: min(ts) for n, ts in cpu_us.items()}
+    singles = sum(best[m] for m in ENSEMBLE_SEEDS)
+    rhs = ENSEMBLE_SLACK * (singles - 2 * best["spark_floor"])
+    # The same check on CPU time per row: steadier when other work shares the machine.
+    cpu_rhs = ENSEMBLE_SLACK * (sum(cpu_best[m] for m in ENSEMBLE_SEEDS) - 2 * cpu_best["spark_floor"])
+    return {
+        "model": "3 x medium (64 -> 512 -> 512 -> 1; seeds 1, 2, 3), weighted_mean, equal weights",
+        "path": "sparkscore (udfs.spark.with_predictions); inside a task the members run one after "
+        "another (one task per core, so no member thread pool)",
+        "rows": args.rows,
+        "input_partitions": _read(b, case).rdd.getNumPartitions(),
+        "repeats": args.repeats,
+        "cores": args.cores,
+        "batch_size": args.batch_size,
+        "rows_per_s": {n: round(args.rows / t, 1) for n, t in best.items()},
+        "best_seconds": {n: round(t, 3) for n, t in best.items()},
+        "seconds": {n: [round(t, 3) for t in ts] for n, ts in seconds.items()},
+        "cpu_us_per_row": {n: round(v, 3) for n, v in cpu_best.items()},
+        "target": {
+            "formula": ENSEMBLE_FORMULA,
+            "t_ensemble_s": round(best["ensemble"], 3),
+            "bound_s": round(rhs, 3),
+            "met": best["ensemble"] <= rhs,
+            "sum_of_singles_s": round(singles, 3),
+            "cpu_formula": ENSEMBLE_FORMULA.replace("t_", "cpu_"),
+            "cpu_ensemble_us_per_row": round(cpu_best["ensemble"], 3),
+            "cpu_bound_us_per_row": round(cpu_rhs, 3),
+            "cpu_met": cpu_best["ensemble"] <= cpu_rhs,
+        },
+        "ensemble_over_sum_of_singles": round(best["ensemble"] / singles, 3),
+        "max_abs_diff_vs_mean_of_members": diff,
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "timed_seconds": round(timed, 1),
+        "date": common.machine()["date"],
+    }
+
+
+def print_ensemble(ens: dict[str, Any]) -> None:
+    rows = [
+        [
+            n,
+            ens["rows_per_s"][n],
+            ens["best_seconds"][n],
+            max(ens["seconds"][n]),
+            ens["cpu_us_per_row"][n],
+        ]
+        for n in ens["best_seconds"]
+    ]
+    print(
+        f"\nensemble of 3 x medium ({ens['rows']:,} rows, local[{ens['cores']}], batch {ens['batch_size']})"
+    )
+    print(common.table(["run", "rows/s", "best s", "worst s", "CPU us/row"], rows))
+    t = ens["target"]
+    print(
+        f"{t['formula']}: {t['t_ensemble_s']:.2f} s <= {t['bound_s']:.2f} s: {'met' if t['met'] else 'MISSED'}"
+        f"  (CPU per row: {t['cpu_ensemble_us_per_row']:.2f} <= {t['cpu_bound_us_per_row']:.2f} us: "
+        f"{'met' if t['cpu_met'] else 'MISSED'}; ensemble / sum of singles {ens['ensemble_over_sum_of_singles']})"
+    )
+
+
+def plot_ensemble(ens: dict[str, Any], path: Path) -> Path:
+    """Best seconds per run as bars, with the sum of the singles and the target bound as lines."""
+    plt = common._pyplot()
+    names = list(ens["best_seconds"])
+    secs = [ens["best_seconds"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = ["tab:blue"] * len(ENSEMBLE_SEEDS) + ["tab:green", "tab:gray"]
+    bars = ax.bar(names, secs, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.1f} s" for v in secs], fontsize=8, padding=2)
+    t = ens["target"]
+    ax.axhline(t["sum_of_singles_s"], color="tab:red", linestyle=":", label="m1 + m2 + m3")
+    ax.axhline(t["bound_s"], color="tab:orange", linestyle="--", label="target: 1.1 x (sum - 2 x floor)")
+    ax.set_ylabel(f"seconds (best of {ens['repeats']})")
+    ax.set_title(
+        f"Batch, 3-member ensemble of medium vs each member alone, {ens['rows']:,} rows, local[{ens['cores']}]"
+        f"\ntarget {'met' if t['met'] else 'MISSED'}: {t['t_ensemble_s']:.1f} s vs bound {t['bound_s']:.1f} s",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- driver -------------------------------------------------------------------------------------
 
 
@@ -447,7 +645,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, help="result JSON (default bench/results/batch.json on a full run)")
     p.add_argument("--keep-output", action="store_true", help="keep the predictions under build/bench/out")
+    p.add_argument(
+        "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
+    )
+    p.add_argument(
+        "--only",
+        choices=["ensemble"],
+        help="run only this part and merge it into the existing result JSON (keeps the other results)",
+    )
     args = p.parse_args(argv)
+    if args.only == "ensemble" and not args.ensemble:
+        p.error("--only ensemble and --no-ensemble contradict each other")
     for name, known in (("models", CASES), ("variants", ALL)):
         unknown = [v for v in getattr(args, name).split(",") if v not in known]
         if unknown:
@@ -484,9 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.models import build
 
-    models = args.models.split(",")
-    variants = args.variants.split(",")
-    full = set(models) == set(CASES) and set(variants) >= set(VARIANTS)
+    only_ensemble = args.only == "ensemble"
+    models = [] if only_ensemble else args.models.split(",")
+    variants = [] if only_ensemble else args.variants.split(",")
+    full = only_ensemble or (set(models) == set(CASES) and set(variants) >= set(VARIANTS))
     out_json = args.out or (common.RESULTS if full else WORK / "results") / "batch.json"
     conf = dict(kv.split("=", 1) for kv in args.conf)
 
@@ -499,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         data={},
         sample={},
     )
-    for name in models:
+    for name in dict.fromkeys(models + (["medium"] if args.ensemble else [])):
         case = CASES[name]
         b.data[name] = ensure_data(case, args.rows, args.files, args.row_group_rows, args.compression)
         b.sample[name] = ensure_sample(case, b.data[name], files=2 * args.cores)
@@ -522,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if any(not ALL[v].spark for v in variants):
         b.pool = mp.get_context("spawn").Pool(args.cores, initializer=_plain_init)
-    if any(ALL[v].spark for v in variants):
+    if args.ensemble or any(ALL[v].spark for v in variants):
         b.spark = start_spark(args.cores, args.batch_size, args.files, conf)
     print(f"[bench] started Spark and worker pool in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -573,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs[name] = check_predictions(b, case, outs[name])
         print(f"[bench] {name}: max |prediction - plain_torch|: {diffs[name]}", flush=True)
     total = time.perf_counter() - started
+    ensemble = run_ensemble(b, args, out_root) if args.ensemble else None
 
     if b.pool is not None:
         b.pool.close()
@@ -582,6 +792,47 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_output:
         shutil.rmtree(out_root, ignore_errors=True)
 
+    if models:
+        result = report(args, models, variants, seconds, cpu_us, diffs, partitions, conf, load_before, total)
+    else:  # --only ensemble: keep everything else the file holds
+        result = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if ensemble is not None:
+        result["ensemble"] = ensemble
+    common.write_json(out_json, result)
+    if models:
+        png = out_json.with_suffix(".png")
+        common.bar_chart(
+            png,
+            {
+                m: {v: result[m].get(v, result["meta"]["extra"][m].get(v, 0.0)) for v in variants}
+                for m in models
+            },
+            title=f"Batch scoring, {args.rows:,} rows, local[{args.cores}] (log scale)",
+            ylabel="rows/s",
+            log=True,
+        )
+        print(f"\n[bench] wrote {png}")
+    if ensemble is not None:
+        print_ensemble(ensemble)
+        png = plot_ensemble(ensemble, out_json.with_name(out_json.stem + "_ensemble.png"))
+        print(f"\n[bench] wrote {png}")
+    print(f"[bench] wrote {out_json}")
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    models: list[str],
+    variants: list[str],
+    seconds: dict[str, dict[str, list[float]]],
+    cpu_us: dict[str, dict[str, list[float]]],
+    diffs: dict[str, dict[str, float]],
+    partitions: dict[str, int],
+    conf: dict[str, str],
+    load_before: float,
+    total: float,
+) -> dict[str, Any]:
+    """The main part's result (rows/s per model and variant, targets, meta), printed as tables."""
     rates = {
         m: {v: (SAMPLE_ROWS if ALL[v].sample else args.rows) / min(ts) for v, ts in seconds[m].items()}
         for m in models
@@ -633,7 +884,6 @@ def main(argv: list[str] | None = None) -> int:
         "total_timed_seconds": round(total, 1),
         **common.machine(),
     }
-    common.write_json(out_json, result)
 
     for m in models:
         rate = rates[m]
@@ -676,16 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    png = out_json.with_suffix(".png")
-    common.bar_chart(
-        png,
-        {m: {v: rates[m][v] for v in variants} for m in models},
-        title=f"Batch scoring, {args.rows:,} rows, local[{args.cores}] (log scale)",
-        ylabel="rows/s",
-        log=True,
-    )
-    print(f"\n[bench] wrote {out_json} and {png}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

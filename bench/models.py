@@ -4,6 +4,9 @@
   with the demo model's input normalisation and a sigmoid; overhead-bound.
 * ``medium``: 64 features (one ``array<float>`` column) -> 512 -> 512 -> 1; compute-bound.
 * ``zeros``: any width -> a column of zeros; isolates everything but the model.
+
+:func:`build_ensemble` saves three ``medium`` models with different seeds: the
+members of the ensemble benchmarks (batch and real-time).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class ModelCase:
     def width(self) -> int:
         return self.num_features or len(self.input_columns)
 
+
+# The ensemble benchmarks' members: ``medium`` with these seeds (m1 is the ``medium`` model itself).
+ENSEMBLE_SEEDS = {"m1": 1, "m2": 2, "m3": 3}
 
 CASES = {
     "tiny": ModelCase("tiny", CTR_FEATURES, None, seed=0),
@@ -94,4 +100,11 @@ def build(out: Path) -> dict[str, Path]:
         "tiny": save(tiny_module(CASES["tiny"].seed), out / "tiny.pt"),
         "medium": save(medium_module(CASES["medium"].seed), out / "medium.pt"),
         "zeros": save(zeros_module(), out / "zeros.pt"),
+    }
+
+
+def build_ensemble(out: Path) -> dict[str, Path]:
+    """Write the three ``medium`` ensemble members (m1, m2, m3: seeds 1, 2, 3) under ``out``."""
+    return {
+        name: save(medium_module(seed), out / f"medium_{name}.pt") for name, seed in ENSEMBLE_SEEDS.items()
     }
