@@ -43,6 +43,9 @@ class BatcherConfig:
     default_timeout_ms: float = 1000.0  # deadline for a request that sets no timeout_ms
     max_timeout_ms: float = 60_000.0
     workers: int = 2  # inference threads = micro-batches computing at once
+    # Ensembles: run the members of one micro-batch in parallel threads (torch releases the GIL;
+    # member_timeout_ms applies only then). false: one after another on the inference thread.
+    parallel_members: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

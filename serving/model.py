@@ -7,6 +7,10 @@ with :func:`udfs.core.score_batch`, the same function the Spark jobs call, so a
 row gets the same prediction and a bad row the same error reason on every path.
 Results are generic: every column that :func:`udfs.core.output_schema` lists
 (an ensemble adds ``degraded`` and ``missing_members``) comes back by name.
+
+An ensemble's members run in parallel on a small thread pool of the runner's
+own (one thread per member) unless ``[batcher] parallel_members = false``: then
+there is no pool and the members run one after another on the inference thread.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from serving.config import ServeConfig
 from udfs.core import Scorer, load_scorer, output_schema, score_batch
-from udfs.spec import ResolvedModel
+from udfs.spec import ResolvedModel, resolve
 
 log = logging.getLogger("serving.model")
 
@@ -28,7 +33,13 @@ Row = tuple[Any, ...]  # one value per input column (a list of floats for an arr
 class ModelRunner:
     """Loads the model once, warms it up, and scores micro-batches through the core."""
 
-    def __init__(self, model: ResolvedModel, *, warmup_sizes: tuple[int, ...] = (1, 8)) -> None:
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        warmup_sizes: tuple[int, ...] = (1, 8),
+        parallel_members: bool = True,
+    ) -> None:
         spec = model.spec
         self.model = model
         self.columns = spec.input_columns
@@ -38,8 +49,18 @@ class ModelRunner:
         self.input_schema = pa.schema([pa.field(c, value_type) for c in self.columns])
         self.output_names = output_schema(model).names
         self.warmup_sizes = warmup_sizes
+        self.parallel_members = parallel_members
         self.scorer: Scorer | None = None
         self._member_pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig, model: ResolvedModel | None = None) -> ModelRunner:
+        """The runner ``cfg`` describes: warm-up sizes and member parallelism from ``[batcher]``."""
+        return cls(
+            model or resolve(cfg.model),
+            warmup_sizes=(1, cfg.batcher.max_batch_size),
+            parallel_members=cfg.batcher.parallel_members,
+        )
 
     @property
     def version(self) -> str:
@@ -52,7 +73,7 @@ class ModelRunner:
     def load(self) -> None:
         """Load (per-process cached) and warm up: the first real request pays no first-call cost."""
         self.scorer = load_scorer(self.model)
-        if self.model.is_ensemble and self._member_pool is None:
+        if self.model.is_ensemble and self.parallel_members and self._member_pool is None:
             # Members of one micro-batch run in parallel (torch releases the GIL).
             self._member_pool = ThreadPoolExecutor(len(self.model.members), thread_name_prefix="member")
         zero: Row = ([0.0] * self.width,) if self.array_layout else (0.0,) * self.width
