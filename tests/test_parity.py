@@ -1,0 +1,306 @@
+"""One row, one prediction, whichever path scores it.
+
+The same rows (good and bad) and the same model spec go through the three
+entry points a user runs: ``jobs/batch_score.py`` (Parquet in and out),
+``jobs/stream_score.py`` (Kafka in and out, through a local broker) and the
+real-time scorer (``python -m serving``, over HTTP). Predictions must agree to
+1e-6, bad rows must get the same reason, and an ensemble's version, member
+outputs and degraded flag must be the same everywhere. Specs: a single model, a
+weighted ensemble of three, and that ensemble with one member that always
+fails (quorum 2), so every row is scored degraded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import batch_score, stream_score
+from streaming.broker import TansuBroker
+from streaming.sink import H_ERROR
+from tests.streaming.conftest import Kafka
+from udfs.spec import ModelSpec, resolve
+
+pytestmark = [pytest.mark.spark, pytest.mark.kafka, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-6
+NAN, INF = float("nan"), float("inf")
+
+# (user_id, features): good rows, then one bad row of each kind all three paths can carry.
+ROWS: list[tuple[str, list[float | None]]] = [
+    *[(f"u{i}", [18.0 + 7 * i, float(i % 5), 4.5 + 11.25 * i, float(i % 7)]) for i in range(12)],
+    ("bad-length", [30.0, 2.0, 10.0]),
+    ("bad-nan", [30.0, NAN, 10.0, 1.0]),
+    ("bad-inf", [30.0, 2.0, INF, 1.0]),
+    ("bad-null", [30.0, None, 10.0, 1.0]),
+]
+GOOD = {u for u, _ in ROWS if not u.startswith("bad")}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What one path said about one row: the prediction fields, or the error reason."""
+
+    prediction: float | None
+    model_version: str | None
+    error: str | None
+    extra: dict[str, Any]  # degraded, missing_members, member_<name>
+
+
+# -- the model specs --------------------------------------------------------------------------
+
+
+class FailsOnRealRows(torch.nn.Module):
+    """Passes the all-zero probe that start-up checks and warm-up send, then fails on every real
+    row: a member that breaks after the job or server has started."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x != 0).any()):
+            raise RuntimeError("member is down")
+        return x[:, :1]
+
+
+def _save(module: torch.nn.Module, path: Path) -> str:
+    torch.jit.save(torch.jit.script(module.eval()), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_toml(models, tmp_path_factory) -> dict[str, str]:
+    """The ``[model]`` section of each spec, shared by the three paths' configs."""
+    d = tmp_path_factory.mktemp("parity-models")
+    extra = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        extra.append(_save(net, d / f"m{seed}.pt"))
+    broken = _save(FailsOnRealRows(), d / "broken.pt")
+    head = 'name = "parity"\ninput_columns = ["features"]\nnum_features = 4\ndevice = "cpu"\n'
+
+    def members(paths: list[tuple[str, str, float]]) -> str:
+        return "".join(
+            f'\n[[model.members]]\npath = "{p}"\nname = "{n}"\nweight = {w}\n' for p, n, w in paths
+        )
+
+    trio = [(models["torchscript"], "ctr", 2.0), (models["export"], "ctr_export", 1.0), (extra[0], "m7", 1.0)]
+    return {
+        "single": f'[model]\npath = "{models["torchscript"]}"\n{head}',
+        "ensemble": f"[model]\n{head}member_outputs = true\n" + members(trio),
+        "degraded": f'[model]\n{head}member_outputs = true\nquorum = 2\ncombiner = "weighted_mean"\n'
+        + members([(extra[1], "m8", 1.0), (extra[0], "m7", 3.0), (broken, "broken", 1.0)]),
+    }
+
+
+# -- path 1: the batch job --------------------------------------------------------------------
+
+
+def score_batch_job(spark, model_section: str, tmp: Path) -> dict[str, Scored]:
+    src = tmp / "rows.parquet"
+    spark.createDataFrame(ROWS, "user_id string, features array<double>").write.parquet(str(src))
+    out = tmp / "batch-out"
+    cfg = tmp / "batch.toml"
+    cfg.write_text(
+        model_section + f'\n[input]\npath = "{src}"\n\n[output]\npath = "{out}"\nkeep_columns = ["user_id"]\n'
+    )
+    assert batch_score.main(["--config", str(cfg)]) == 0
+    table = pq.read_table(out).to_pylist()
+    return {r.pop("user_id"): _scored(r, "prediction") for r in table}
+
+
+# -- path 2: the streaming job through a broker -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[Kafka]:
+    with TansuBroker() as broker:
+        yield Kafka(broker.bootstrap)
+
+
+def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str) -> dict[str, Scored]:
+    events = kafka.topic(partitions=2, prefix=f"parity-{tag}")
+    kafka.produce(
+        events,
+        # json.dumps writes NaN / Infinity tokens, which Spark's JSON reader accepts.
+        [
+            json.dumps({"user_id": u, "features": f, "timestamp": "2026-01-01T00:00:00Z"}).encode()
+            for u, f in ROWS
+        ],
+    )
+    cfg = tmp / "stream.toml"
+    cfg.write_text(
+        model_section
+        + textwrap.dedent(
+            f"""
+            [kafka]
+            bootstrap_servers = "{kafka.bootstrap}"
+            source = "kafka_py"
+            latest_offsets_by = "fetchProbe"
+            poll_timeout_ms = 30000
+
+            [input]
+            topic = "{events}"
+            starting_offsets = "earliest"
+
+            [output]
+            topic = "predictions-{tag}"
+            dlq_topic = "dlq-{tag}"
+            commit_topic = "commits-{tag}"
+
+            [stats]
+            enabled = false
+
+            [job]
+            checkpoint = "{tmp / "checkpoint"}"
+            query_name = "parity_{tag}"
+            """
+        )
+    )
+    assert stream_score.main(["--config", str(cfg), "--available-now"]) == 0
+    got: dict[str, Scored] = {}
+    for r in kafka.read(f"predictions-{tag}"):
+        body = json.loads(r.value)
+        got[body.pop("user_id")] = _scored(body, "prediction")
+    for r in kafka.read(f"dlq-{tag}"):
+        user = json.loads(r.value)["user_id"]
+        got[user] = Scored(None, None, r.headers[H_ERROR].decode(), {})
+    return got
+
+
+# -- path 3: the real-time scorer over HTTP ---------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def score_http(model_section: str, tmp: Path) -> dict[str, dict[str, Scored]]:
+    cfg = tmp / "serve.toml"
+    cfg.write_text(model_section + '\n[server]\nlog_level = "warning"\n\n[cache]\nenabled = false\n')
+    port = _free_port()
+    log = (tmp / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--config", str(cfg), "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the scorer never became ready"
+            time.sleep(0.2)
+        # One request per row (the common online call) and one request for all rows (micro-batched).
+        singles = [
+            httpx.post(url + "/predict", content=json.dumps({"features": f}), timeout=30).json()
+            for _, f in ROWS
+        ]
+        batch = httpx.post(
+            url + "/predict", content=json.dumps([{"features": f} for _, f in ROWS]), timeout=30
+        ).json()["predictions"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+    # Per-row requests and one all-rows request are scored in different batch shapes (float sums may
+    # differ in the last bits), so each is a path of its own for the comparison.
+    return {
+        name: {
+            u: Scored(None, None, r["error"], {}) if "error" in r else _scored(dict(r), "score")
+            for (u, _), r in zip(ROWS, responses, strict=True)
+        }
+        for name, responses in (("http", singles), ("http_batch", batch))
+    }
+
+
+def _scored(fields: dict[str, Any], prediction_key: str) -> Scored:
+    extra = {
+        k: v for k, v in fields.items() if k.startswith("member_") or k in ("degraded", "missing_members")
+    }
+    return Scored(fields.get(prediction_key), fields.get("model_version"), fields.get("error"), extra)
+
+
+# -- the comparison ---------------------------------------------------------------------------
+
+
+def assert_same(paths: dict[str, dict[str, Scored]]) -> None:
+    for name, got in paths.items():
+        assert set(got) == {u for u, _ in ROWS}, f"{name}: rows missing or extra: {sorted(got)}"
+    reference_name, reference = next(iter(paths.items()))
+    for user, want in reference.items():
+        for name, got in paths.items():
+            have = got[user]
+            where = f"{user}: {reference_name} {want} vs {name} {have}"
+            assert have.error == want.error, where
+            if want.error is None:
+                assert have.model_version == want.model_version, where
+                assert have.prediction is not None and want.prediction is not None, where
+                assert math.isclose(have.prediction, want.prediction, rel_tol=0, abs_tol=TOLERANCE), where
+                # JSON records leave out null fields; a missing field and a null one say the same.
+                for k in set(have.extra) | set(want.extra):
+                    a, b = have.extra.get(k), want.extra.get(k)
+                    if isinstance(b, float) and a is not None:
+                        assert math.isclose(a, b, rel_tol=0, abs_tol=TOLERANCE), where
+                    else:
+                        assert a == b, where
+
+
+@pytest.mark.parametrize("spec_name", ["single", "ensemble", "degraded"])
+def test_batch_stream_and_http_give_every_row_the_same_prediction_or_reason(
+    spark, kafka, models, model_toml, tmp_path, spec_name
+):
+    section = model_toml[spec_name]
+    paths = {
+        "batch": score_batch_job(spark, section, tmp_path),
+        "stream": score_stream_job(kafka, section, tmp_path, tag=spec_name),
+        **score_http(section, tmp_path),
+    }
+    assert_same(paths)
+
+    batch = paths["batch"]
+    assert {u for u, s in batch.items() if s.error is None} == GOOD
+    assert batch["bad-length"].error == "wrong length: expected 4 features, got 3"
+    assert batch["bad-null"].error == "null feature: features[1]"
+    versions = {s.model_version for s in batch.values() if s.error is None}
+    if spec_name == "single":
+        single = resolve(ModelSpec(path=models["torchscript"], input_columns=("features",), num_features=4))
+        assert versions == {single.version}
+        assert all(not s.extra for s in batch.values())
+    else:
+        (version,) = versions
+        assert version.startswith("ens-")
+        good = [batch[u] for u in GOOD]
+        degraded = spec_name == "degraded"
+        assert all(s.extra["degraded"] is degraded for s in good)
+        assert all(s.extra["missing_members"] == ("broken" if degraded else None) for s in good)
+        if degraded:
+            # Weights renormalised over the two that answered: (1 * m8 + 3 * m7) / 4.
+            for s in good:
+                want = 0.25 * s.extra["member_m8"] + 0.75 * s.extra["member_m7"]
+                assert math.isclose(s.prediction, want, rel_tol=0, abs_tol=TOLERANCE)
