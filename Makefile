@@ -70,7 +70,7 @@ serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model
 
 bench-realtime: $(STAMP) $(DEMO)/ctr.pt ## real-time benchmark (bench/results/realtime.json and .png)
 	@# wrk measures the closed-loop figures; without it the bench falls back to its Python client.
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
 	  || echo "wrk is missing (apt-get install wrk): closed-loop figures use the Python client"
 	$(PY) bench/realtime_bench.py $(ARGS)
 
