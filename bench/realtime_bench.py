@@ -22,6 +22,16 @@ the Python generator saturates near 7,000 requests/s on this machine; each
 closed-loop figure is the best of three 3 s runs (the machine is shared).
 
 Writes bench/results/realtime.json and realtime.png and prints a table.
+
+Ensemble part (issue 5; in the default run, ``--no-ensemble`` skips it, ``--only ensemble`` runs
+it alone and merges it into the existing realtime.json): a three-member ensemble of the batch
+bench's ``medium`` model (64 -> 512 -> 512 -> 1, seeds 1, 2, 3; ``weighted_mean``), requests of
+64 distinct features each, cache off, served twice at once: ``[batcher] parallel_members = true``
+(the members of a micro-batch on the runner's thread pool) and ``false`` (one after another on the
+inference thread). Open-loop p50 / p99 and throughput at a few offered rates, the two servers
+taking turns at every rate (best p99 of ``--ensemble-repeats``), then a closed-loop saturating
+throughput (wrk with 64-feature bodies when installed); once with the servers pinned to CPU 0 like the rest, once with the servers free to use
+both cores (the load generator stays on CPU 1). Written under ``ensemble``; realtime_ensemble.png.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: bench/, serving/ and udfs/ live one level up
 RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -119,8 +130,17 @@ def _requests(path: str, bodies: list[bytes]) -> list[bytes]:
     return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
 
 
-def _bodies(n: int, distinct: int, seed: int) -> list[bytes]:
+def _bodies(n: int, distinct: int, seed: int, width: int = 0) -> list[bytes]:
+    """Request bodies: CTR features, or ``width`` standard-normal values (the medium model's vector)."""
     rng = np.random.default_rng(seed)
+    if width:
+        vectors = rng.standard_normal((distinct, width)).round(4)
+        return [
+            json.dumps(
+                {"user_id": i, "item_id": i % 1000, "features": vectors[i % distinct].tolist()}
+            ).encode()
+            for i in range(n)
+        ]
     rows = np.column_stack(
         [
             rng.integers(18, 80, distinct),
@@ -137,12 +157,12 @@ def _bodies(n: int, distinct: int, seed: int) -> list[bytes]:
 
 
 async def _open_loop(
-    port: int, rate: float, duration: float, seed: int, max_conns: int = 1024
+    port: int, rate: float, duration: float, seed: int, max_conns: int = 1024, width: int = 0
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
     rng = np.random.default_rng(seed)
-    reqs = _requests("/predict", _bodies(n, n, seed))
+    reqs = _requests("/predict", _bodies(n, n, seed, width))
     idle: list[_Conn] = []
     waiting: asyncio.Queue[_Conn] = asyncio.Queue()
     conns: list[_Conn] = []
@@ -213,10 +233,10 @@ def _pct(lat: np.ndarray, q: float) -> float | None:
 
 
 async def _closed_loop(
-    port: int, concurrency: int, duration: float, distinct: int, seed: int
+    port: int, concurrency: int, duration: float, distinct: int, seed: int, width: int = 0
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    reqs = _requests("/predict", _bodies(distinct, distinct, seed))
+    reqs = _requests("/predict", _bodies(distinct, distinct, seed, width))
     done = 0
     errors = 0
     stop = time.perf_counter() + duration
@@ -248,10 +268,10 @@ def client_main(args: argparse.Namespace) -> None:
     import uvloop
 
     if args.mode == "open":
-        result = uvloop.run(_open_loop(args.port, args.rate, args.duration, args.seed))
+        result = uvloop.run(_open_loop(args.port, args.rate, args.duration, args.seed, width=args.width))
     else:
         result = uvloop.run(
-            _closed_loop(args.port, args.concurrency, args.duration, args.distinct, args.seed)
+            _closed_loop(args.port, args.concurrency, args.duration, args.distinct, args.seed, args.width)
         )
     print(json.dumps(result), flush=True)
 
@@ -282,14 +302,20 @@ def _cpu_seconds(pid: int) -> float:
 
 class Server:
     def __init__(
-        self, name: str, cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        ready_path: str,
+        env: dict[str, str] | None = None,
+        pin: int | None = SERVER_CPU,  # None: free to use every core
     ):
         self.name, self.port = name, port
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
-            preexec_fn=_pin(SERVER_CPU),
+            preexec_fn=_pin(pin) if pin is not None else None,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -345,6 +371,10 @@ end
 def _wrk(port: int, distinct: int, duration: float, workdir: Path) -> dict[str, Any]:
     script = workdir / f"wrk_{distinct}.lua"
     script.write_text(WRK_LUA.replace("DISTINCT", str(distinct)))
+    return _wrk_run(port, script, duration)
+
+
+def _wrk_run(port: int, script: Path, duration: float) -> dict[str, Any]:
     cmd = ["wrk", "-t1", "-c64", f"-d{duration:g}s", "-s", str(script), f"http://127.0.0.1:{port}/predict"]
     out = subprocess.run(
         cmd, capture_output=True, text=True, preexec_fn=_pin(CLIENT_CPU), timeout=60, check=True
@@ -512,7 +542,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def orchestrate(args: argparse.Namespace) -> None:
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    """The single-model part: open-loop sweeps, cache hits, ASGI floor and server overhead."""
     if not DEMO_MODEL.exists():
         subprocess.run(
             [sys.executable, "-m", "udfs.demo", "--out", str(DEMO_MODEL.parent)], cwd=ROOT, check=True
@@ -620,9 +651,348 @@ def orchestrate(args: argparse.Namespace) -> None:
         # The bench itself keeps about 2 runnable; more means other work shared the 2 cores.
         "loadavg_1m_start_end": [load_start, _loadavg()],
     }
-    (RESULTS / "realtime.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "realtime.png")
-    print_table(results)
+    return results
+
+
+# -- the ensemble part: parallel vs sequential members ---------------------------------
+
+ENSEMBLE_RATES = [100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000]
+ENSEMBLE_WIDTH = 64  # the medium model's feature vector
+WIDTH_ARGS = ("--width", str(ENSEMBLE_WIDTH))
+MODES = ("parallel", "sequential")
+# Where the two ensemble servers run; the load generator stays on CLIENT_CPU either way.
+PLACEMENTS: dict[str, int | None] = {"server_on_cpu0": SERVER_CPU, "server_on_both_cores": None}
+
+ENSEMBLE_TOML = """
+[model]
+name = "medium_x3"
+input_columns = ["features"]
+num_features = {width}
+device = "cpu"
+combiner = "weighted_mean"
+{members}
+[server]
+port = {port}
+log_level = "warning"
+
+[batcher]
+max_batch_size = 64
+max_wait_ms = 2.0
+max_queue = 4096
+default_timeout_ms = 1000
+workers = 2
+parallel_members = {parallel}
+
+[cache]
+enabled = false
+"""
+
+
+def serve_main(config: str) -> None:
+    """``python -m serving --config`` with the runner built by ``ModelRunner.from_config``.
+
+    serving/app.py's ``create_app`` builds its default runner without ``[batcher] parallel_members``
+    (until it calls ``ModelRunner.from_config``); this passes the runner in, everything else is the same.
+    """
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.config import load_config
+    from serving.model import ModelRunner
+    from udfs.core import check_model
+    from udfs.spec import resolve
+
+    cfg = load_config(config)
+    model = resolve(cfg.model)
+    check_model(model)
+    uvicorn.run(
+        create_app(cfg, runner=ModelRunner.from_config(cfg, model)),
+        host=cfg.server.host,
+        port=cfg.server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        log_level=cfg.server.log_level,
+    )
+
+
+def ensemble_server(
+    workdir: Path, name: str, paths: dict[str, Path], parallel: bool, pin: int | None
+) -> Server:
+    port = _free_port()
+    members = "".join(f'[[model.members]]\npath = "{p}"\nname = "{n}"\n\n' for n, p in paths.items())
+    cfg = workdir / f"{name}.toml"
+    cfg.write_text(
+        ENSEMBLE_TOML.format(width=ENSEMBLE_WIDTH, members=members, port=port, parallel=str(parallel).lower())
+    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(cfg)]
+    return Server(name, cmd, port, "/v2/health/ready", pin=pin)
+
+
+def _p99_key(res: dict[str, Any]) -> float:
+    return float("inf") if res["p99_ms"] is None else float(res["p99_ms"])
+
+
+def ensemble_sweeps(
+    servers: dict[str, Server], rates: list[int], duration: float, repeats: int, workdir: Path
+) -> dict[str, Any]:
+    """Both servers take turns at every offered rate (same schedule and bodies); the best p99 counts."""
+    for srv in servers.values():  # warm up
+        run_client(
+            srv.port, "--mode", "open", "--rate", "200", "--duration", "1", "--seed", "99", *WIDTH_ARGS
+        )
+    curves: dict[str, list[list[Any]]] = {m: [] for m in servers}
+    details: dict[str, list[dict[str, Any]]] = {m: [] for m in servers}
+    live = set(servers)
+    for i, rate in enumerate(rates):
+        if not live:
+            break
+        best: dict[str, dict[str, Any]] = {}
+        runs: dict[str, list[float | None]] = {m: [] for m in live}
+        for r in range(repeats):
+            for mode, srv in servers.items():
+                if mode not in live:
+                    continue
+                cpu0 = _cpu_seconds(srv.proc.pid)
+                res, _ = run_client(
+                    srv.port,
+                    "--mode",
+                    "open",
+                    "--rate",
+                    str(rate),
+                    "--duration",
+                    str(duration),
+                    "--seed",
+                    str(100 * r + i),
+                    *WIDTH_ARGS,
+                )
+                cpu = _cpu_seconds(srv.proc.pid) - cpu0
+                res["ok_rps"] = round(res["ok"] / duration, 1)
+                res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
+                res["loadavg_1m"] = _loadavg()
+                runs[mode].append(res["p99_ms"])
+                if mode not in best or _p99_key(res) < _p99_key(best[mode]):
+                    best[mode] = res
+        for mode, res in best.items():
+            res["p99_ms_all_runs"] = runs[mode]
+            details[mode].append(res)
+            curves[mode].append([rate, res["p50_ms"], res["p99_ms"], res["ok_rps"]])
+            print(
+                f"  {mode:10s} {rate:6d} rps  p50 {_fmt(res['p50_ms'])}  p99 {_fmt(res['p99_ms'])}  "
+                f"ok {res['ok']}/{res['requests']}  codes {res['codes']}  load {res['loadavg_1m']}",
+                flush=True,
+            )
+            if _p99_key(res) > SATURATED_P99_MS:
+                live.discard(mode)
+    closed = {}
+    for mode, srv in servers.items():
+        closed[mode] = ensemble_closed_loop(srv, duration, repeats, workdir)
+        print(f"  {mode:10s} closed loop: {closed[mode]['rps']:,.0f} req/s", flush=True)
+    out: dict[str, Any] = {}
+    for mode in servers:
+        passing = [c[0] for c in curves[mode] if c[2] is not None and c[2] < P99_LIMIT_MS]
+        out[mode] = {
+            "max_rps_p99_under_50ms": max(passing) if passing else 0,
+            "closed_loop": closed[mode],
+            # [offered rps, p50 ms, p99 ms, answered rps]
+            "curve": curves[mode],
+            "details": details[mode],
+        }
+    out["comparison"] = compare(out)
+    return out
+
+
+WRK_BODIES_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {BODIES}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/predict", nil, bodies[(n % #bodies) + 1])
+end
+"""
+
+
+def ensemble_closed_loop(server: Server, duration: float, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Saturating throughput, 64 connections: wrk with 64-feature bodies when installed, else Python."""
+    use_wrk = shutil.which("wrk") is not None
+    script = workdir / "wrk_medium.lua"
+    if use_wrk and not script.exists():
+        bodies = ",\n".join(f"[=[{b.decode()}]=]" for b in _bodies(256, 256, 7, ENSEMBLE_WIDTH))
+        script.write_text(WRK_BODIES_LUA.replace("{BODIES}", "{" + bodies + "}"))
+    args = ("--mode", "closed", "--concurrency", "64", "--distinct", "4096", *WIDTH_ARGS)
+
+    def once(seconds: float) -> dict[str, Any]:
+        if use_wrk:
+            return _wrk_run(server.port, script, seconds)
+        return run_client(server.port, *args, "--duration", str(seconds))[0]
+
+    once(1.0)  # warm up
+    runs = []
+    for _ in range(repeats):
+        cpu0 = _cpu_seconds(server.proc.pid)
+        res = once(duration)
+        cpu = _cpu_seconds(server.proc.pid) - cpu0
+        res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
+        res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # 1.0 = one core busy
+        res["loadavg_1m"] = _loadavg()
+        runs.append(res)
+    best = max(runs, key=lambda r: r["rps"])
+    return {
+        **best,
+        "client": "wrk -t1 -c64" if use_wrk else "python, 64 connections",
+        "runs": [r["rps"] for r in runs],
+        "kept": f"best of {repeats} runs of {duration:g} s",
+    }
+
+
+def compare(res: dict[str, Any]) -> dict[str, Any]:
+    """p99 parallel / sequential at every rate both answered, and a verdict (10 % counts as a difference)."""
+    seq = {c[0]: c for c in res["sequential"]["curve"]}
+    ratios = {}
+    for rate, _p50, p99, _ in res["parallel"]["curve"]:
+        other = seq.get(rate)
+        if other is not None and p99 is not None and other[2] is not None:
+            ratios[rate] = round(p99 / other[2], 3)
+    par_wins = [r for r, x in ratios.items() if x < 0.9]
+    seq_wins = [r for r, x in ratios.items() if x > 1.1]
+    max_par = res["parallel"]["max_rps_p99_under_50ms"]
+    max_seq = res["sequential"]["max_rps_p99_under_50ms"]
+    if max_par > max_seq or (max_par == max_seq and len(par_wins) > len(seq_wins)):
+        verdict = "parallel"
+    elif max_seq > max_par or (max_par == max_seq and len(seq_wins) > len(par_wins)):
+        verdict = "sequential"
+    else:
+        verdict = "no clear difference"
+    return {
+        "p99_parallel_over_sequential": ratios,
+        "parallel_p99_lower_at": par_wins,
+        "sequential_p99_lower_at": seq_wins,
+        "max_rps_p99_under_50ms": {"parallel": max_par, "sequential": max_seq},
+        "closed_loop_rps": {m: res[m]["closed_loop"]["rps"] for m in MODES},
+        "better": verdict,
+        "parallel_beats_sequential": verdict == "parallel",
+    }
+
+
+def ensemble_part(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ensemble`` result: both member modes under both server placements."""
+    from bench.models import build_ensemble
+
+    paths = build_ensemble(ROOT / "build" / "bench" / "models")
+    rates = [r for r in ENSEMBLE_RATES if r <= args.max_rate]
+    started = time.monotonic()
+    load_start = _loadavg()
+    placements: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for placement, pin in PLACEMENTS.items():
+            where = f"servers pinned to CPU {pin}" if pin is not None else "servers on both cores"
+            print(f"ensemble of 3 x medium, parallel vs sequential members ({where}, cache off):", flush=True)
+            servers: dict[str, Server] = {}
+            try:
+                for mode in MODES:
+                    servers[mode] = ensemble_server(
+                        work, f"{placement}-{mode}", paths, mode == "parallel", pin
+                    )
+                placements[placement] = ensemble_sweeps(
+                    servers, rates, args.duration, args.ensemble_repeats, work
+                )
+            finally:
+                for srv in servers.values():
+                    srv.stop()
+    return {
+        "model": "3 x medium (64 -> 512 -> 512 -> 1; seeds 1, 2, 3), weighted_mean, equal weights",
+        "setup": (
+            f"two scorers at once (python -m serving's app, [batcher] parallel_members = true / false; "
+            f"max_batch_size 64, max_wait_ms 2, workers 2, cache off, torch intra-op threads 1); load "
+            f"generator on CPU {CLIENT_CPU} (open loop, Poisson arrivals, 64 distinct features per request); "
+            f"the two take turns at every rate with the same schedule, {args.duration:g} s per run, best p99 of "
+            f"{args.ensemble_repeats}; placements: servers pinned to CPU {SERVER_CPU}, or free on both cores "
+            "(then they share CPU 1 with the load generator)"
+        ),
+        "placements": placements,
+        "machine": f"{os.cpu_count()} cores, shared with other work (timings are noisy)",
+        "bench_seconds": round(time.monotonic() - started, 1),
+        "loadavg_1m_start_end": [load_start, _loadavg()],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_ensemble(ens: dict[str, Any]) -> None:
+    for placement, res in ens["placements"].items():
+        print(f"\nensemble, {placement}:  p50 / p99 ms (answered req/s)")
+        print(f"{'offered rps':>11} | {'parallel':>28} | {'sequential':>28} | p99 par/seq")
+        seq = {c[0]: c for c in res["sequential"]["curve"]}
+        par = {c[0]: c for c in res["parallel"]["curve"]}
+        for rate in sorted(set(seq) | set(par)):
+            cells = []
+            for point in (par.get(rate), seq.get(rate)):
+                if point is None:
+                    cells.append(f"{'-':>28}")
+                    continue
+                p50 = "fail" if point[1] is None else f"{point[1]:.2f}"
+                p99 = "fail" if point[2] is None else f"{point[2]:.2f}"
+                cells.append(f"{p50 + ' / ' + p99 + f' ({point[3]:,.0f})':>28}")
+            ratio = res["comparison"]["p99_parallel_over_sequential"].get(rate)
+            print(f"{rate:>11} | {cells[0]} | {cells[1]} | {'-' if ratio is None else ratio}")
+        c = res["comparison"]
+        print(
+            f"max rps with p99 < 50 ms: parallel {c['max_rps_p99_under_50ms']['parallel']}, sequential "
+            f"{c['max_rps_p99_under_50ms']['sequential']}; closed loop: parallel "
+            f"{c['closed_loop_rps']['parallel']:,.0f}, sequential {c['closed_loop_rps']['sequential']:,.0f} req/s; "
+            f"better: {c['better']}"
+        )
+    print(f"load average (1 min) start / end: {ens['loadavg_1m_start_end']}")
+
+
+def plot_ensemble(ens: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    placements = ens["placements"]
+    fig, axes = plt.subplots(
+        1, len(placements), figsize=(6 * len(placements), 4.8), sharey=True, squeeze=False
+    )
+    colors = {"parallel": "tab:blue", "sequential": "tab:orange"}
+    for ax, (placement, res) in zip(axes[0], placements.items(), strict=True):
+        for mode, color in colors.items():
+            curve = res[mode]["curve"]
+            rates = [c[0] for c in curve]
+            ax.plot(
+                rates,
+                [c[2] if c[2] is not None else 5000 for c in curve],
+                "-o",
+                color=color,
+                label=f"{mode} p99",
+            )
+            ax.plot(
+                rates,
+                [c[1] if c[1] is not None else 5000 for c in curve],
+                "--",
+                color=color,
+                alpha=0.6,
+                label=f"{mode} p50",
+            )
+        ax.axhline(P99_LIMIT_MS, color="gray", linestyle=":", label="50 ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, open loop)")
+        ax.set_title(f"{placement.replace('_', ' ')}: better = {res['comparison']['better']}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("latency (ms)")
+    fig.suptitle(
+        "Real-time, 3-member ensemble of medium: members in parallel vs one after another", fontsize=11
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -677,11 +1047,47 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--distinct", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
+    )
+    p.add_argument(
+        "--only",
+        choices=["ensemble"],
+        help="run only this part and merge it into the existing realtime.json (keeps the other results)",
+    )
+    p.add_argument(
+        "--ensemble-repeats",
+        type=int,
+        default=2,
+        help="open-loop runs per rate and mode; the best p99 counts",
+    )
     args = p.parse_args()
     if args.client:
         client_main(args)
+        return
+    if args.serve:
+        serve_main(args.serve)
+        return
+    if args.only == "ensemble" and not args.ensemble:
+        p.error("--only ensemble and --no-ensemble contradict each other")
+    out = RESULTS / "realtime.json"
+    if args.only == "ensemble":
+        results = json.loads(out.read_text()) if out.exists() else {}
     else:
-        orchestrate(args)
+        results = orchestrate(args)
+    if args.ensemble:
+        results["ensemble"] = ensemble_part(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.only != "ensemble":
+        plot(results, RESULTS / "realtime.png")
+        print_table(results)
+    if args.ensemble:
+        plot_ensemble(results["ensemble"], RESULTS / "realtime_ensemble.png")
+        print_ensemble(results["ensemble"])
+    print(f"[bench] wrote {out}")
 
 
 if __name__ == "__main__":
