@@ -179,4 +179,7 @@ def test_probabilities_output_keeps_bad_rows_null(models):
     out = score_batch(batch, load_scorer(resolve(spec)))
     assert [p is None for p in out.column("probabilities").to_pylist()] == [False, True, True]
     assert out.column("label").null_count == 2
-    assert out.column("error").to_pylist()[1:] == ["null feature: 'f'", "wrong length: expected 6 features, got 5"]
+    assert out.column("error").to_pylist()[1:] == [
+        "null feature: 'f'",
+        "wrong length: expected 6 features, got 5",
+    ]
