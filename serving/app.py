@@ -36,7 +36,7 @@ from serving.errors import (
 )
 from serving.metrics import Metrics
 from serving.model import ModelRunner, Row
-from serving.service import FeatureValue, Instance, Service
+from serving.service import Instance, Service
 from udfs.core import ERROR, MODEL_VERSION, PREDICTION, output_schema, short_reason
 from udfs.spec import ResolvedModel, resolve
 
@@ -47,16 +47,16 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SHED = frozenset({"queue_full", "deadline", "not_ready"})
-JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON_CONTENT = (b"content-type", b"application/json")
+JSON_HEADERS = [JSON_CONTENT]
 
 
-class Body(msgspec.Struct, forbid_unknown_fields=True):
-    """A /predict body: one instance's fields, or ``instances``, plus an optional deadline."""
+class Body(Instance, forbid_unknown_fields=True):
+    """A /predict body: one instance's fields, or ``instances``, plus an optional deadline.
 
-    user_id: str | int | None = None
-    item_id: str | int | None = None
-    features: list[float | None] | dict[str, FeatureValue] | None = None
-    context: dict[str, float | None] | None = None
+    An :class:`Instance` itself, so a single-instance body is scored without a copy.
+    """
+
     timeout_ms: float | None = None
     instances: list[Instance] | None = None
 
@@ -205,7 +205,18 @@ class App:
             status, body = 500, _encode({"error": f"internal error: {short_reason(exc)}"})
         if timed:
             self.metrics.request_duration.observe((time.monotonic() - started) * 1e6)
-        await _send(send, status, body, JSON_HEADERS + headers)
+        if headers:
+            await _send(send, status, body, JSON_HEADERS + headers)
+            return
+        # The common case, spelled out: two messages and one header list, nothing else built.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [JSON_CONTENT, (b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     def check_token(self, scope: Scope) -> None:
         assert self.token is not None
@@ -256,7 +267,9 @@ class App:
         return started + timeout_ms / 1000
 
     async def predict(self, scope: Scope, receive: Receive, started: float) -> tuple[int, bytes]:
-        self.service.check_ready()
+        svc = self.service
+        if not svc.ready:
+            svc.check_ready()
         parsed = decode(await self.read_body(scope, receive), _predict_decoder, PredictBody)
         if isinstance(parsed, list):
             return await self.predict_many(parsed, self.deadline(started, None), started)
@@ -266,8 +279,7 @@ class App:
             return await self.predict_many(
                 parsed.instances, self.deadline(started, parsed.timeout_ms), started
             )
-        inst = Instance(parsed.user_id, parsed.item_id, parsed.features, parsed.context)
-        out = await self.service.predict(inst, self.deadline(started, parsed.timeout_ms))
+        out = await svc.predict(parsed, self.deadline(started, parsed.timeout_ms))
         self.metrics.request_success.inc()
         out["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
         return 200, _encode(out)
@@ -476,7 +488,7 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            "headers": [*headers, (b"content-length", b"%d" % len(body))],
         }
     )
     await send({"type": "http.response.body", "body": body})

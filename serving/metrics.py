@@ -8,7 +8,7 @@ rendered on ``GET /metrics``.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 US_BUCKETS = (
     100,
@@ -88,6 +88,17 @@ class Histogram:
         """Record ``value`` ``n`` times (a micro-batch's compute time, once per request in it)."""
         self.counts[bisect_left(self.buckets, value)] += n
         self.sum += value * n
+        self.count += n
+
+    def observe_each(self, values: Iterable[float]) -> None:
+        """Record every value (a micro-batch's queue times) in one call."""
+        counts, buckets = self.counts, self.buckets
+        total, n = 0.0, 0
+        for v in values:
+            counts[bisect_left(buckets, v)] += 1
+            total += v
+            n += 1
+        self.sum += total
         self.count += n
 
     def render(self, base: dict[str, str]) -> list[str]:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 import msgspec
@@ -51,14 +52,18 @@ class NoCache:
 
 
 class LocalCache:
-    """In-process LRU with a TTL: the embedded default."""
+    """In-process LRU with a TTL: the embedded default. Keys are any hashable (the service uses tuples)."""
 
     def __init__(self, cfg: CacheConfig) -> None:
         self.ttl = cfg.ttl_s
         self.max_entries = cfg.max_entries
-        self._data: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._data: OrderedDict[Hashable, tuple[float, dict[str, Any]]] = OrderedDict()
 
-    async def get(self, key: str) -> tuple[dict[str, Any] | None, str]:
+    async def get(self, key: Hashable) -> tuple[dict[str, Any] | None, str]:
+        return self.lookup(key)
+
+    def lookup(self, key: Hashable) -> tuple[dict[str, Any] | None, str]:
+        """:meth:`get` without the coroutine: the request path calls this directly."""
         entry = self._data.get(key)
         if entry is None:
             return None, MISS
@@ -68,10 +73,10 @@ class LocalCache:
         self._data.move_to_end(key)
         return entry[1], HIT
 
-    async def set(self, key: str, value: dict[str, Any]) -> None:
+    async def set(self, key: Hashable, value: dict[str, Any]) -> None:
         self.put(key, value)
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
+    def put(self, key: Hashable, value: dict[str, Any]) -> None:
         self._data[key] = (time.monotonic() + self.ttl, value)
         self._data.move_to_end(key)
         if len(self._data) > self.max_entries:
