@@ -210,22 +210,33 @@ class Service:
         """Score one instance before ``deadline`` (time.monotonic()); the response fields, or a RequestError."""
         if not self.ready:
             self.check_ready()
+        key, row = self.key_of(inst)
+        out, status = self.lookup(key)
+        if out is not None:
+            return out
+        return await self.compute(key, deadline, row, inst, status)
+
+    async def predict_row(self, row: Row, deadline: float) -> dict[str, Any]:
+        """Score one row of feature values (the KServe v2 path)."""
+        self.check_ready()
+        key = self._row_key(row)
+        out, status = self.lookup(key)
+        if out is not None:
+            return out
+        return await self.compute(key, deadline, row, None, status)
+
+    def key_of(self, inst: Instance) -> tuple[Hashable, Row | None]:
+        """The instance's cache key, and its row when it carries its features (else None: the store has them)."""
         features = inst.features
         if features is not None:
             row = self.row_from_features(features)
-            return await self._predict(self._row_key(row), deadline, row, None)
+            return self._row_key(row), row
         for name in ("user_id", "item_id"):
             if getattr(inst, name) is None:
                 raise BadRequest(f"{name}: required when features is absent")
         ctx = tuple(sorted(inst.context.items())) if inst.context else ()
         ids = (str(inst.user_id), str(inst.item_id), ctx)
-        key: Hashable = self._ekey + repr(ids) if self._string_keys() else ("e", *ids)
-        return await self._predict(key, deadline, None, inst)
-
-    async def predict_row(self, row: Row, deadline: float) -> dict[str, Any]:
-        """Score one row of feature values (the KServe v2 path)."""
-        self.check_ready()
-        return await self._predict(self._row_key(row), deadline, row, None)
+        return (self._ekey + repr(ids) if self._string_keys() else ("e", *ids)), None
 
     def _string_keys(self) -> bool:
         """Whether cache keys must be strings (Redis); in-process keys are tuples, hashed without repr()."""
@@ -239,22 +250,32 @@ class Service:
         # repr() of the floats was ~1 us of a cache hit; a tuple of them hashes in a tenth of that.
         return ("f", tuple(row[0])) if self.runner.array_layout else ("f", row)
 
-    async def _predict(
-        self, key: Hashable, deadline: float, row: Row | None, inst: Instance | None
-    ) -> dict[str, Any]:
-        metrics = self.metrics
+    def lookup(self, key: Hashable) -> tuple[dict[str, Any] | None, str | None]:
+        """The cache without awaiting: ``(fields, HIT)`` on an in-process hit, ``(None, status)`` when the
+        model is needed, ``(None, None)`` when the cache (Redis) must be awaited by :meth:`compute`."""
         cache = self.cache
-        # The in-process cache and no cache answer at once: no coroutine to create and await.
         if type(cache) is LocalCache:
             cached, status = cache.lookup(key)
         elif type(cache) is NoCache:
-            cached, status = None, OFF
+            return None, OFF
         else:
+            return None, None
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            return {**cached, "cache_hit": True}, status
+        return None, status
+
+    async def compute(
+        self, key: Hashable, deadline: float, row: Row | None, inst: Instance | None, status: str | None
+    ) -> dict[str, Any]:
+        """Everything after a :meth:`lookup` that did not answer: the awaited cache, the store, the model."""
+        metrics = self.metrics
+        if status is None:
             assert isinstance(key, str)
-            cached, status = await cache.get(key)
-        if status == HIT:
-            metrics.cache_hits.inc()
-            return {**cached, "cache_hit": True}  # type: ignore[dict-item]
+            cached, status = await self.cache.get(key)
+            if status == HIT:
+                metrics.cache_hits.inc()
+                return {**cached, "cache_hit": True}  # type: ignore[dict-item]
         if status != OFF:
             metrics.cache_misses.inc()
             if status == UNAVAILABLE:
