@@ -38,7 +38,7 @@ from serving.metrics import Metrics
 from serving.model import ModelRunner, Row
 from serving.service import Instance, Service
 from udfs.core import ERROR, MODEL_VERSION, PREDICTION, output_schema, short_reason
-from udfs.spec import ResolvedModel, resolve
+from udfs.spec import ResolvedModel
 
 log = logging.getLogger("serving.http")
 
@@ -524,5 +524,6 @@ def create_app(
 ) -> App:
     """The ASGI app for ``cfg``; ``runner`` replaces the model runner (tests, ensembles)."""
     if runner is None:
-        runner = ModelRunner(model or resolve(cfg.model), warmup_sizes=(1, cfg.batcher.max_batch_size))
+        # from_config: warm-up sizes and [batcher] parallel_members, as the config says.
+        runner = ModelRunner.from_config(cfg, model)
     return App(cfg, Service(cfg, runner), token=token)
