@@ -3,11 +3,18 @@ however the row arrives (by position, by name, through KServe v2, as an array co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
+from typing import Any
 
 import pytest
 
-from serving.metrics import US_BUCKETS, Histogram
+from serving.batcher import Batcher
+from serving.config import BatcherConfig
+from serving.errors import DeadlineExceeded
+from serving.metrics import US_BUCKETS, Histogram, Metrics
 from tests.serving.conftest import GatedRunner
 from udfs.demo import CTR_FEATURES
 
@@ -63,3 +70,51 @@ def test_observe_each_records_what_observe_records(values):
         one.observe(v)
     each.observe_each(values)
     assert (each.counts, each.count, each.sum) == (one.counts, one.count, pytest.approx(one.sum))
+
+
+async def _deadline_cases() -> list[str]:
+    """Requests held behind a computing batch: which ones get their 504 while the batch still runs."""
+    gate = threading.Event()
+
+    def score(rows: list[Any]) -> list[dict[str, Any]]:
+        gate.wait(30)
+        return [{"prediction": r[0]} for r in rows]
+
+    batcher = Batcher(score, BatcherConfig(max_batch_size=1, max_wait_ms=0.0, workers=1), Metrics("m", "v"))
+    await batcher.start()
+    seen: list[str] = []
+
+    async def outcome(name: str, fut: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(DeadlineExceeded):
+            await asyncio.wait_for(fut, 10)
+        seen.append(f"{name}: {'504' if isinstance(fut.exception(), DeadlineExceeded) else fut.result()}")
+
+    try:
+        # In deadline order, sharing the timer: one computing, one queued behind it.
+        computing, queued = batcher.submit((1.0,), 100.0), batcher.submit((2.0,), 150.0)
+        await outcome("computing", computing)
+        await outcome("queued", queued)
+        gate.set()
+        # Out of order: a shorter deadline than the one before it gets a timer of its own.
+        gate.clear()
+        long, short = batcher.submit((3.0,), 60_000.0), batcher.submit((4.0,), 50.0)
+        await outcome("short", short)
+        gate.set()
+        await outcome("long", long)
+        # The long one answered, the shared timer still armed for its 60 s: a new short deadline re-arms it.
+        gate.clear()
+        await outcome("fresh", batcher.submit((5.0,), 50.0))
+    finally:
+        gate.set()
+        await batcher.stop()
+    return seen
+
+
+def test_deadlines_fire_while_the_batch_computes_in_and_out_of_order():
+    assert asyncio.run(_deadline_cases()) == [
+        "computing: 504",
+        "queued: 504",
+        "short: 504",
+        "long: {'prediction': 3.0}",
+        "fresh: 504",
+    ]
