@@ -84,8 +84,10 @@ broker: $(STAMP) ## local Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:
 stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job for 60 s, printing predictions as they arrive
 	$(PY) -m streaming.demo --seconds 60 --rate 200
 
-bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-score-produce loop (bench/results/stream.json and .png)
-	$(PY) bench/stream_bench.py
+# Each variant and phase gets a fresh local broker; takes about 5 minutes. On a shared machine run it
+# under the benchmark lock: flock /tmp/sparkscore-bench.lock make bench-stream
+bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-score-produce loop (bench/results/stream.json and .png; ARGS="--rate N ...")
+	$(PY) bench/stream_bench.py $(ARGS)
 
 .PHONY: broker stream-demo bench-stream
 # --- end streaming ---

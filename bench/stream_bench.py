@@ -2,7 +2,9 @@
 
     python bench/stream_bench.py [--rate 5000] [--seconds 30] [--backlog 400000]   # or: make bench-stream
 
-For each variant, on a fresh local Tansu broker (2-partition topics):
+Two phases per variant, each on a fresh local Tansu broker (2-partition topics)
+with a freshly started variant warmed up by ``--warmup-rounds`` x ``--warmup``
+events (so every Python worker has loaded the model):
 
 * ``sparkscore``: ``spark-submit jobs/stream_score.py`` (kafka_py source, local[2],
   0 s trigger, maxOffsetsPerTrigger 100,000, effectively-once sink; the window
@@ -12,12 +14,18 @@ For each variant, on a fresh local Tansu broker (2-partition topics):
   ``json.dumps`` + produce per prediction (what a hand-written service does;
   no checkpoints, no dead-letter bookkeeping beyond a produce, no exactly-once).
 
-Saturation: ``--backlog`` events are in the topic before the variant starts;
+Saturation: a burst of ``--backlog`` events is produced as fast as possible;
 sustained events/s is measured between the 10 % and 90 % arrival marks of their
-predictions (start-up and the tail are left out). Fixed rate: the warm variant
-then gets ``--rate`` events/s for ``--seconds``; end-to-end latency is the time
-from just before an event is produced to its prediction being read back from
-the output topic (p50 / p99). Producer and reader run in their own processes.
+predictions (start-up and the tail are left out). Fixed rate: ``--rate``
+events/s for ``--seconds``; end-to-end latency is the time from just before an
+event is produced to the arrival of the fetch response that carries its
+prediction (p50 / p90 / p99, and per second of send time in ``timeline``); the
+delivered rate is taken between the 10 % and 90 % arrival marks too. Producer
+and reader run in their own processes. The load generator is gentle with the
+broker: 5 ms producer linger and 100 ms fetch long-polls (a fetch still returns
+as soon as data is there). With 1 ms linger and 10 ms polls, Tansu spent a
+whole core on the load generator alone, its per-request cost grew with the log,
+and both variants slowed down over a run until predictions stopped arriving.
 
 Writes bench/results/stream.json and stream.png and prints a table. Not part of
 ``make test``; the machine is shared, so the load average is recorded with the numbers.
@@ -52,9 +60,8 @@ RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
 VARIANTS = ("sparkscore", "plain_loop")
 IN, OUT, DLQ = "events", "predictions", "events.dlq"
-# Tansu answers every fetch with work that grows with the log: 10 ms long polls from the load
-# generator's own consumers took a whole core and slowed both variants more and more over a
-# run (predictions stopped arriving). Fetches still return as soon as a record is there.
+# Long polls for the load generator's consumers (see the module docstring): a fetch still
+# returns as soon as a record is there, but an idle partition costs Tansu 10 requests/s, not 100.
 FETCH_WAIT_MS = 100
 
 JOB_TOML = """

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streaming import backends, kafka_client
@@ -40,10 +41,36 @@ SPARK_DEFAULTS = {
 
 # Small batches are written by the driver: each chained Python stage costs every task a
 # worker round trip (about 0.1 s on 2 busy cores), a large share of a small batch's time.
-# The batch size is only known afterwards, so the previous batch decides; the cap on
-# maxOffsetsPerTrigger bounds what a burst after a quiet spell can bring to the driver.
+# Large batches stay on the executors, where the writing runs in parallel.
 DRIVER_WRITE_MAX_EVENTS = 20_000
-DRIVER_WRITE_MAX_TRIGGER = 200_000
+
+
+def batch_size(checkpoint: str, batch_id: int) -> int | None:
+    """Source records in micro-batch ``batch_id``, from the query's offset log; None when unknown.
+
+    Spark writes the batch's end offsets before it runs the batch, so the difference to
+    the previous entry is the exact size. Only local checkpoints are read (a remote one,
+    batch 0, or an offset shape other than ``{"topic": {"0": n}}`` gives None).
+    """
+    path = checkpoint.removeprefix("file:")
+    if batch_id < 1 or "://" in path:
+        return None
+    try:
+        prev, cur = (_offset_entry(Path(path) / "offsets" / str(b)) for b in (batch_id - 1, batch_id))
+        return sum(
+            int(off) - int(prev[topic][part]) for topic, parts in cur.items() for part, off in parts.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _offset_entry(path: Path) -> dict[str, dict[str, int]]:
+    # An offset log file: "v1", the batch metadata, then one line per source.
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[2]) if len(lines) > 2 else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a Kafka offset entry")
+    return entry
 
 
 def source_options(
@@ -116,9 +143,7 @@ def start_scoring(
 ) -> tuple[StreamingQuery, ExactlyOnceSink]:
     records = scoring_frame(spark, cfg, model, backend)
     sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
-    limit = cfg.input.max_offsets_per_trigger
-    bounded = limit is not None and limit <= DRIVER_WRITE_MAX_TRIGGER
-    last_events: list[int] = []
+    checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
 
     def run_batch(batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
@@ -126,14 +151,14 @@ def start_scoring(
         if plan is None:
             print(f"[sparkscore] batch {batch_id}: already committed before a restart, skipped", flush=True)
             return
-        if bounded and last_events and last_events[-1] <= DRIVER_WRITE_MAX_EVENTS:
+        size = batch_size(checkpoint, batch_id)
+        if size is not None and size <= DRIVER_WRITE_MAX_EVENTS:
             # Same records, same headers, same markers as the executors' path; no extra Python stage.
             table = batch.toArrow()
             result = sink.write_local(plan, (r for b in table.to_batches() for r in record_rows(b)))
         else:
             result = BatchResult.from_rows(batch.mapInArrow(write_partition(plan), SUMMARY_SCHEMA).collect())
         sink.commit(plan, result)
-        last_events[:] = [sum(result.counts.values()) + result.skipped]
         preds = result.counts.get(cfg.output.topic, 0)
         dlq = result.counts.get(cfg.output.dlq_topic, 0)
         skipped = f", {result.skipped:,} already written" if result.skipped else ""
@@ -145,7 +170,7 @@ def start_scoring(
 
     writer = (
         records.writeStream.queryName(cfg.job.query_name)
-        .option("checkpointLocation", f"{cfg.job.checkpoint.rstrip('/')}/scoring")
+        .option("checkpointLocation", checkpoint)
         .foreachBatch(run_batch)
     )
     query = _trigger(writer, trigger or cfg.job.trigger).start()
@@ -198,6 +223,7 @@ class StreamSummary:
     seconds: float
     totals: dict[str, int] = field(default_factory=dict)
     batches: int = 0
+    driver_batches: int = 0  # scoring batches the driver wrote itself (small ones)
     stats_windows: int = 0
     progress: list[dict[str, Any]] = field(default_factory=list)  # the scoring query's recent progress
 
@@ -278,6 +304,7 @@ def run(
         seconds=time.monotonic() - started,
         totals=sink.totals,
         batches=sink.batches,
+        driver_batches=sink.local_batches,
         stats_windows=(stats_sink.totals.get(cfg.stats.topic, 0) if stats_sink else 0),
         progress=[json.loads(p.json) for p in scoring.recentProgress],
     )

@@ -313,6 +313,7 @@ class ExactlyOnceSink:
         self._scanned: Positions = {}
         self.totals: dict[str, int] = {}
         self.batches = 0
+        self.local_batches = 0  # of which the driver wrote the records itself
 
     # -- wiring ---------------------------------------------------------------------------------
     def bind(self, query_id: str) -> None:
@@ -437,8 +438,9 @@ class ExactlyOnceSink:
     def write_local(
         self, plan: BatchPlan, records: Iterable[tuple[int, Any, Any, Any, str, list[Any]]]
     ) -> BatchResult:
-        """Produce a small batch from the driver (e.g. window statistics)."""
+        """Produce a small batch from the driver (window statistics, small scoring batches)."""
         counts, skipped, ends = produce(self.producer, plan, records)
+        self.local_batches += 1
         return BatchResult(counts, skipped, ends)
 
     def close(self) -> None:

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pytest
 
 from jobs import stream_score
+from streaming import query
 from streaming.query import run
-from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_TOPIC
+from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_QUERY, H_TOPIC
 from tests.streaming.conftest import ROOT, event, wait_until
 from udfs.core import load_scorer, score_batch
 
@@ -302,3 +303,34 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
     assert len(ids) == len(values) and set(ids.values()) == {1}, (written_before, ids.most_common(3))
     assert len(preds) == len(values) - len(bad) and len(dlq) == len(bad)
     assert summary.batches >= 1
+
+
+def test_batches_written_by_the_driver_equal_those_written_by_the_executors(
+    spark, kafka, stream_model, models, tmp_path, monkeypatch
+):
+    """Small batches skip the executors' write stage; the records and headers must be the same either way."""
+    events = kafka.topic(partitions=2, prefix="events")
+    values, _, bad = make_events(40)
+    kafka.produce(events, values)
+
+    def written(tag: str, driver_max: int):
+        monkeypatch.setattr(query, "DRIVER_WRITE_MAX_EVENTS", driver_max)
+        cfg = load(
+            write_config(tmp_path, kafka, models["torchscript"], events=events, tag=tag, max_offsets=10)
+        )
+        summary = run(spark, cfg, stream_model, available_now=True)
+        records = {}
+        for r in kafka.read(cfg.output.topic) + kafka.read(cfg.output.dlq_topic):
+            # The query id differs between the two runs, and a record without a key lands on
+            # a random partition; everything else must not differ.
+            headers = {k: v for k, v in r.headers.items() if k != H_QUERY}
+            part = r.partition if r.key is not None else None
+            records[r.headers[H_ID]] = (r.topic.split("-")[0], part, r.key, r.value, headers)
+        return summary, records
+
+    by_driver, from_driver = written("bydriver", 10**9)
+    by_executors, from_executors = written("byexecutors", -1)
+    assert by_driver.driver_batches >= 3 and by_executors.driver_batches == 0
+    assert by_driver.batches == by_executors.batches
+    assert len(from_driver) == len(values) and from_driver == from_executors
+    assert sum(1 for t, *_ in from_driver.values() if t == "dlq") == len(bad)
