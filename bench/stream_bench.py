@@ -472,7 +472,7 @@ def chart(results: dict[str, Any], path: Path, rate: float) -> None:
     import matplotlib.pyplot as plt
 
     names = [v for v in VARIANTS if v in results]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     bars = ax1.bar(
         names, [results[v]["events_per_s"] for v in names], color=["tab:blue", "tab:gray"][: len(names)]
     )
@@ -487,6 +487,14 @@ def chart(results: dict[str, Any], path: Path, rate: float) -> None:
     ax2.set_xticks(xs, names)
     ax2.set_title(f"end-to-end latency at {rate:,.0f} events/s (ms)")
     ax2.legend(fontsize=8)
+    for v, color in zip(names, ["tab:blue", "tab:gray"], strict=False):
+        rows = results[v]["fixed_rate"].get("timeline", {}).get("rows", [])
+        ax3.plot([r[0] for r in rows], [r[2] for r in rows], color=color, label=f"{v} p50")
+        ax3.plot([r[0] for r in rows], [r[3] for r in rows], color=color, ls=":", label=f"{v} max")
+    ax3.axhline(1000, color="tab:red", lw=0.8, ls="--")
+    ax3.set_xlabel("second of the fixed-rate phase (by send time)")
+    ax3.set_title("latency over the fixed-rate phase (ms)")
+    ax3.legend(fontsize=8)
     fig.suptitle("Kafka -> score -> Kafka on one 2-core machine (local Tansu broker)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
