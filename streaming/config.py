@@ -99,10 +99,14 @@ class StatsConfig:
     # append: one final record per window once the watermark passes it; update: a record per change.
     output_mode: Literal["append", "update"] = "append"
     checkpoint: str | None = None  # default: <job.checkpoint>/stats
+    # Windows close once a minute or so: a batch every few seconds is plenty, and leaves the query
+    # idle between batches, where a stop is clean. availableNow runs use availableNow here too.
+    trigger: str = "10 seconds"
 
     def __post_init__(self) -> None:
         _check_duration("window", self.window)
         _check_duration("watermark", self.watermark)
+        _check_duration("trigger", self.trigger)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,43 @@ def _sink(cfg: StreamConfig, topics: tuple[str, ...], name: str) -> ExactlyOnceS
     )
 
 
+class BatchGate:
+    """Whether a ``foreachBatch`` call is running, so that a stop can wait for the batch boundary.
+
+    Stopping a query inside ``foreachBatch`` makes the Python callback fail with a long Py4J error.
+    Spark decides whether that error was "just the stop" with a regular expression over the whole
+    message (``StreamExecution.isInterruptionException``), which overflows the stack on a long
+    message: the query thread dies with a ``StackOverflowError`` trace in the log. Between batches
+    the interrupt lands in Spark's own code and the stop is clean.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._running = False
+
+    def __enter__(self) -> BatchGate:
+        with self._cv:
+            self._running = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no batch is running (at most ``timeout_s``); True when idle."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running, timeout_s)
+
+
+def stop_between_batches(query: StreamingQuery, gate: BatchGate, *, timeout_s: float = 60.0) -> None:
+    """Stop ``query`` once its current batch (if any) has finished; after ``timeout_s``, stop anyway."""
+    if query.isActive:
+        gate.wait_idle(timeout_s)
+        query.stop()
+
+
 def ensure_output_topics(cfg: StreamConfig) -> None:
     topics = {cfg.output.topic: cfg.output.partitions, cfg.output.dlq_topic: cfg.output.partitions}
     topics[cfg.output.commit_topic] = 1
@@ -139,13 +176,25 @@ def scoring_frame(spark: SparkSession, cfg: StreamConfig, model: ResolvedModel, 
 
 
 def start_scoring(
-    spark: SparkSession, cfg: StreamConfig, model: ResolvedModel, backend: str, *, trigger: str | None = None
+    spark: SparkSession,
+    cfg: StreamConfig,
+    model: ResolvedModel,
+    backend: str,
+    *,
+    trigger: str | None = None,
+    gate: BatchGate | None = None,
 ) -> tuple[StreamingQuery, ExactlyOnceSink]:
     records = scoring_frame(spark, cfg, model, backend)
     sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
     checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
 
+    gate = gate or BatchGate()
+
     def run_batch(batch: DataFrame, batch_id: int) -> None:
+        with gate:
+            score_and_write(batch, batch_id)
+
+    def score_and_write(batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
         plan = sink.begin(batch_id)
         if plan is None:
@@ -179,7 +228,12 @@ def start_scoring(
 
 
 def start_stats(
-    spark: SparkSession, cfg: StreamConfig, backend: str, *, trigger: str | None = None
+    spark: SparkSession,
+    cfg: StreamConfig,
+    backend: str,
+    *,
+    trigger: str | None = None,
+    gate: BatchGate | None = None,
 ) -> tuple[StreamingQuery, ExactlyOnceSink]:
     st = cfg.stats
     windows = backends.read_kafka(spark, backend, source_options(cfg, topic=cfg.output.topic)).transform(
@@ -189,7 +243,13 @@ def start_stats(
     )
     sink = _sink(cfg, (st.topic,), "stats")
 
+    gate = gate or BatchGate()
+
     def run_batch(batch: DataFrame, batch_id: int) -> None:
+        with gate:
+            write_windows(batch, batch_id)
+
+    def write_windows(batch: DataFrame, batch_id: int) -> None:
         plan = sink.begin(batch_id)
         if plan is None:
             return
@@ -265,8 +325,9 @@ def run(
         f"with the {backend} source ({trigger} trigger)",
         flush=True,
     )
-    scoring, sink = start_scoring(spark, cfg, model, backend, trigger=trigger)
-    queries = [scoring]
+    scoring_gate, stats_gate = BatchGate(), BatchGate()
+    scoring, sink = start_scoring(spark, cfg, model, backend, trigger=trigger, gate=scoring_gate)
+    queries = [(scoring, scoring_gate)]
     stats_sink = None
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -276,26 +337,27 @@ def run(
         if trigger == "availableNow":
             _await(scoring, stop, None)
             if cfg.stats.enabled and not stop.is_set():
-                stats, stats_sink = start_stats(spark, cfg, backend, trigger=trigger)
-                queries.append(stats)
+                stats, stats_sink = start_stats(spark, cfg, backend, trigger=trigger, gate=stats_gate)
+                queries.append((stats, stats_gate))
                 _await(stats, stop, None)
         else:
             if cfg.stats.enabled:
-                stats, stats_sink = start_stats(spark, cfg, backend, trigger=trigger)
-                queries.append(stats)
+                stats, stats_sink = start_stats(
+                    spark, cfg, backend, trigger=cfg.stats.trigger, gate=stats_gate
+                )
+                queries.append((stats, stats_gate))
             deadline = None if duration_s is None else time.monotonic() + duration_s
-            while not stop.is_set() and all(q.isActive for q in queries):
+            while not stop.is_set() and all(q.isActive for q, _ in queries):
                 if deadline is not None and time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
     finally:
-        for q in queries:
-            if q.isActive:
-                q.stop()
+        for q, gate in queries:
+            stop_between_batches(q, gate)
         sink.close()
         if stats_sink is not None:
             stats_sink.close()
-    for q in queries:
+    for q, _ in queries:
         exc = q.exception()
         if exc is not None:
             raise QueryFailed(f"query {q.name} failed: {str(exc).strip().splitlines()[0]}") from exc

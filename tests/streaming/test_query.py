@@ -1,10 +1,12 @@
-"""Query wiring helpers that need no broker: the micro-batch size read from the offset log."""
+"""Query wiring helpers that need no broker: the micro-batch size read from the offset log, and
+stopping a query only between batches."""
 
 from __future__ import annotations
 
 import json
+import threading
 
-from streaming.query import batch_size
+from streaming.query import BatchGate, batch_size, stop_between_batches
 
 
 def write_offsets(folder, batch_id: int, offsets: dict | None) -> None:
@@ -30,3 +32,50 @@ def test_batch_size_is_unknown_rather_than_wrong(tmp_path):
     assert batch_size(str(tmp_path), 2) is None
     assert batch_size(str(tmp_path), 7) is None  # no such entry
     assert batch_size("s3a://bucket/ck", 5) is None
+
+
+class FakeQuery:
+    """Records whether a batch was running when stop() came."""
+
+    def __init__(self, gate: BatchGate) -> None:
+        self.gate = gate
+        self.isActive = True
+        self.stopped_while_running: bool | None = None
+
+    def stop(self) -> None:
+        self.stopped_while_running = not self.gate.wait_idle(0)
+        self.isActive = False
+
+
+def test_a_stop_requested_mid_batch_waits_for_the_batch_boundary():
+    gate = BatchGate()
+    query = FakeQuery(gate)
+    in_batch, finish = threading.Event(), threading.Event()
+
+    def batch() -> None:
+        with gate:
+            in_batch.set()
+            finish.wait(30)
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    assert in_batch.wait(30)
+    stopper = threading.Thread(target=stop_between_batches, args=(query, gate))
+    stopper.start()
+    assert not gate.wait_idle(0.05), "the batch is still running"
+    assert query.isActive, "stopped in the middle of a batch"
+    finish.set()
+    stopper.join(30)
+    worker.join(30)
+    assert query.stopped_while_running is False
+    assert not query.isActive
+
+
+def test_an_idle_query_is_stopped_at_once_and_a_stopped_one_is_left_alone():
+    gate = BatchGate()
+    query = FakeQuery(gate)
+    stop_between_batches(query, gate, timeout_s=30)
+    assert query.stopped_while_running is False and not query.isActive
+    query.stopped_while_running = None
+    stop_between_batches(query, gate)
+    assert query.stopped_while_running is None  # not active: stop() not called again
