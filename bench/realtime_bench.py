@@ -688,38 +688,6 @@ enabled = false
 """
 
 
-def serve_main(config: str) -> None:
-    """``python -m serving --config`` with the runner built by ``ModelRunner.from_config``.
-
-    serving/app.py's ``create_app`` builds its default runner without ``[batcher] parallel_members``
-    (until it calls ``ModelRunner.from_config``); this passes the runner in, everything else is the same.
-    """
-    import uvicorn
-
-    from serving.app import create_app
-    from serving.config import load_config
-    from serving.model import ModelRunner
-    from udfs.core import check_model
-    from udfs.spec import resolve
-
-    cfg = load_config(config)
-    model = resolve(cfg.model)
-    check_model(model)
-    uvicorn.run(
-        create_app(cfg, runner=ModelRunner.from_config(cfg, model)),
-        host=cfg.server.host,
-        port=cfg.server.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-        date_header=False,
-        log_level=cfg.server.log_level,
-    )
-
-
 def ensemble_server(
     workdir: Path, name: str, paths: dict[str, Path], parallel: bool, pin: int | None
 ) -> Server:
@@ -729,7 +697,7 @@ def ensemble_server(
     cfg.write_text(
         ENSEMBLE_TOML.format(width=ENSEMBLE_WIDTH, members=members, port=port, parallel=str(parallel).lower())
     )
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(cfg)]
+    cmd = [sys.executable, "-m", "serving", "--config", str(cfg)]
     return Server(name, cmd, port, "/v2/health/ready", pin=pin)
 
 
@@ -1056,7 +1024,6 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument(
         "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
     )
@@ -1074,9 +1041,6 @@ def main() -> None:
     args = p.parse_args()
     if args.client:
         client_main(args)
-        return
-    if args.serve:
-        serve_main(args.serve)
         return
     if args.only == "ensemble" and not args.ensemble:
         p.error("--only ensemble and --no-ensemble contradict each other")
