@@ -139,6 +139,19 @@ def _close_cached() -> None:
     _CACHE.clear()
 
 
+def check_reachable(conf: dict[str, Any], timeout_s: float) -> None:
+    """Fail fast, naming the address, when no broker answers: before any query starts."""
+    try:
+        make_admin(conf).list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        err = exc.args[0]
+        reason = err.str() if isinstance(err, KafkaError) else str(err)
+        raise KafkaConfigError(
+            f"no Kafka broker answered at {conf.get('bootstrap.servers')!r} within {timeout_s:g} s ({reason}); "
+            "is it running? Locally: make broker"
+        ) from None
+
+
 def topic_partitions(client: Consumer | AdminClient, timeout_s: float) -> dict[str, list[int]]:
     """Every topic the broker knows, with its partition ids (internal ``__`` topics left out)."""
     try:

@@ -311,6 +311,8 @@ def run(
     backend = backends.choose_backend(spark, cfg.kafka.source)
     from streaming.pipeline import check_event_schema
 
+    # A wrong address or a stopped broker is the most common mistake: say so before Spark starts work.
+    kafka_client.check_reachable(cfg.kafka.client_conf, timeout_s=min(15.0, cfg.kafka.poll_timeout_ms / 1000))
     check_event_schema(
         event_schema(cfg.events.schema),
         user_id=cfg.events.user_id,

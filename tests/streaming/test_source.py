@@ -7,6 +7,7 @@ The conformance tests run the same assertions against each backend present:
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 
 import pytest
@@ -334,3 +335,14 @@ def test_kafka_py_fails_a_query_whose_offsets_are_past_the_log_unless_told_not_t
     kafka.produce(topic, [b"y"])
     rows, _ = _run(spark, PYTHON, lenient, str(tmp_path / "b"))
     assert [bytes(r["value"]) for r in rows] == [b"y"]
+
+
+def test_an_unreachable_broker_is_named_in_one_clear_error_before_any_query(kafka):
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(
+        kc.KafkaConfigError, match=rf"no Kafka broker answered at '127.0.0.1:{port}'.*make broker"
+    ):
+        kc.check_reachable({"bootstrap.servers": f"127.0.0.1:{port}"}, timeout_s=2)
+    kc.check_reachable(kafka.conf, timeout_s=POLL_TIMEOUT_S)  # the running broker answers
