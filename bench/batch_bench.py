@@ -645,17 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, help="result JSON (default bench/results/batch.json on a full run)")
     p.add_argument("--keep-output", action="store_true", help="keep the predictions under build/bench/out")
-    p.add_argument(
-        "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
-    )
-    p.add_argument(
-        "--only",
-        choices=["ensemble"],
-        help="run only this part and merge it into the existing result JSON (keeps the other results)",
-    )
+    common.add_ensemble_args(p, "result JSON")
     args = p.parse_args(argv)
-    if args.only == "ensemble" and not args.ensemble:
-        p.error("--only ensemble and --no-ensemble contradict each other")
+    common.check_ensemble_args(p, args)
     for name, known in (("models", CASES), ("variants", ALL)):
         unknown = [v for v in getattr(args, name).split(",") if v not in known]
         if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,23 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def add_ensemble_args(p: argparse.ArgumentParser, results: str) -> None:
+    """``--no-ensemble`` / ``--only ensemble``: the issue-5 part of a benchmark, on by default."""
+    p.add_argument(
+        "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
+    )
+    p.add_argument(
+        "--only",
+        choices=["ensemble"],
+        help=f"run only this part and merge it into the existing {results} (keeps the other results)",
+    )
+
+
+def check_ensemble_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.only == "ensemble" and not args.ensemble:
+        p.error("--only ensemble and --no-ensemble contradict each other")
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:

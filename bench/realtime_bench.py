@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/, serving/ and udfs/ live one level up
+from bench import common  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -392,6 +395,24 @@ def _wrk_run(port: int, script: Path, duration: float) -> dict[str, Any]:
     }
 
 
+def closed_loop_runs(
+    server: Server, once: Callable[[float], dict[str, Any]], duration: float, repeats: int
+) -> list[dict[str, Any]]:
+    """A warm-up, then ``repeats`` runs of ``once``, each with the server's CPU time per request."""
+    once(1.0)
+    runs = []
+    for _ in range(repeats):
+        cpu0 = _cpu_seconds(server.proc.pid)
+        res = once(duration)
+        cpu = _cpu_seconds(server.proc.pid) - cpu0
+        res["server_cpu_seconds"] = round(cpu, 3)
+        res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
+        res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # 1.0 = one core busy
+        res["loadavg_1m"] = _loadavg()
+        runs.append(res)
+    return runs
+
+
 def closed_loop_cpu(
     server: Server, distinct: int, workdir: Path, duration: float = 3.0, repeats: int = 3
 ) -> dict[str, Any]:
@@ -418,17 +439,7 @@ def closed_loop_cpu(
         )
         return res
 
-    once(1.0)  # warm up
-    runs = []
-    for _ in range(repeats):
-        cpu0 = _cpu_seconds(server.proc.pid)
-        res = once(duration)
-        cpu = _cpu_seconds(server.proc.pid) - cpu0
-        res["server_cpu_seconds"] = round(cpu, 3)
-        res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
-        res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # of the one core it is pinned to
-        res["loadavg_1m"] = _loadavg()
-        runs.append(res)
+    runs = closed_loop_runs(server, once, duration, repeats)
     # Other work shares this machine: keep the least disturbed run (highest rate), report them all.
     best = max(runs, key=lambda r: r["rps"])
     best = {**best, "client": "wrk -t1 -c64" if use_wrk else "python, 64 connections"}
@@ -800,16 +811,7 @@ def ensemble_closed_loop(server: Server, duration: float, repeats: int, workdir:
             return _wrk_run(server.port, script, seconds)
         return run_client(server.port, *args, "--duration", str(seconds))[0]
 
-    once(1.0)  # warm up
-    runs = []
-    for _ in range(repeats):
-        cpu0 = _cpu_seconds(server.proc.pid)
-        res = once(duration)
-        cpu = _cpu_seconds(server.proc.pid) - cpu0
-        res["server_cpu_us_per_request"] = round(cpu / max(res["requests"], 1) * 1e6, 1)
-        res["server_cpu_share"] = round(cpu / res["seconds"], 2)  # 1.0 = one core busy
-        res["loadavg_1m"] = _loadavg()
-        runs.append(res)
+    runs = closed_loop_runs(server, once, duration, repeats)
     best = max(runs, key=lambda r: r["rps"])
     return {
         **best,
@@ -1024,14 +1026,7 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--no-ensemble", dest="ensemble", action="store_false", help="skip the ensemble part (on by default)"
-    )
-    p.add_argument(
-        "--only",
-        choices=["ensemble"],
-        help="run only this part and merge it into the existing realtime.json (keeps the other results)",
-    )
+    common.add_ensemble_args(p, "realtime.json")
     p.add_argument(
         "--ensemble-repeats",
         type=int,
@@ -1042,8 +1037,7 @@ def main() -> None:
     if args.client:
         client_main(args)
         return
-    if args.only == "ensemble" and not args.ensemble:
-        p.error("--only ensemble and --no-ensemble contradict each other")
+    common.check_ensemble_args(p, args)
     out = RESULTS / "realtime.json"
     if args.only == "ensemble":
         results = json.loads(out.read_text()) if out.exists() else {}
