@@ -13,6 +13,12 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP ?= 127.0.0.1
 SPARK_SUBMIT := $(VENV)/bin/spark-submit --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 DEMO := build/demo
+# JVM jars, fetched by Maven (its own settings name the repository): Spark's Kafka connector for
+# --jars, and the Apache Kafka broker that tests and benchmarks run (kept off Spark's classpath).
+JARS       := build/jars/.fetched
+KAFKA_JARS := build/kafka/libs/.fetched
+MVN        := mvn -q -B -Dstyle.color=never
+PORT       ?= 9092
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -35,7 +41,21 @@ $(DEMO)/ctr.pt: $(STAMP) udfs/demo.py
 demo: $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
 	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
 
-test: setup ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
+$(JARS): jvm/pom.xml
+	@command -v mvn >/dev/null || { echo "Maven is required to fetch the JVM jars (apt-get install maven)"; exit 1; }
+	rm -rf build/jars
+	$(MVN) -f jvm/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath build/jars)
+	touch $@
+
+$(KAFKA_JARS): jvm/kafka-broker/pom.xml
+	@command -v mvn >/dev/null || { echo "Maven is required to fetch the JVM jars (apt-get install maven)"; exit 1; }
+	rm -rf build/kafka/libs
+	$(MVN) -f jvm/kafka-broker/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath build/kafka/libs)
+	touch $@
+
+jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and the Apache Kafka broker (build/kafka/libs) with Maven
+
+test: setup jars ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
 	$(PY) -m pytest tests
 
 test-fast: setup ## the quick loop: no slow, kafka or redis tests
@@ -62,7 +82,7 @@ bench-batch: $(STAMP) ## batch benchmark (bench/results/batch.json and .png; ARG
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
 
-.PHONY: help setup demo test test-fast lint format package bench-batch clean
+.PHONY: help setup jars demo test test-fast lint format package bench-batch clean
 
 # --- serving ---
 serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model, no Redis; --redis-url via ARGS)
@@ -78,8 +98,11 @@ bench-realtime: $(STAMP) $(DEMO)/ctr.pt ## real-time benchmark (bench/results/re
 # --- end serving ---
 
 # --- streaming ---
-broker: $(STAMP) ## local Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, in the foreground
-	$(PY) -m streaming.broker --port 9092
+broker: $(STAMP) ## local Kafka-protocol broker (Tansu, in memory, no JVM) on 127.0.0.1:PORT (default 9092), in the foreground
+	$(PY) -m streaming.broker --kind tansu --port $(PORT)
+
+kafka: $(STAMP) $(KAFKA_JARS) ## Apache Kafka (one KRaft node, temp log dir) on 127.0.0.1:PORT (default 9092), in the foreground
+	$(PY) -m streaming.broker --kind kafka --port $(PORT)
 
 stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job for 60 s, printing predictions as they arrive
 	$(PY) -m streaming.demo --seconds 60 --rate 200
@@ -89,5 +112,5 @@ stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job fo
 bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-score-produce loop (bench/results/stream.json and .png; ARGS="--rate N ...")
 	$(PY) bench/stream_bench.py $(ARGS)
 
-.PHONY: broker stream-demo bench-stream
+.PHONY: broker kafka stream-demo bench-stream
 # --- end streaming ---

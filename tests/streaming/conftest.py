@@ -1,7 +1,10 @@
-"""Fixtures for the streaming tests: one Tansu broker per session on a free loopback port, topic helpers.
+"""Fixtures for the streaming tests: brokers on free loopback ports, topic helpers.
 
-The broker FAILS the tests that need it (never skips) when the Tansu binary is
-missing. Topics get unique names, so tests share the broker without sharing data.
+``broker`` / ``kafka`` is one Tansu broker per session (in memory, no JVM);
+``apache_kafka`` / ``apache`` is one Apache Kafka KRaft node per session (jars
+from ``make jars``, log dir in a temp dir removed afterwards). A broker that
+cannot start FAILS the tests that need it (never skips). Topics get unique
+names, so tests share a broker without sharing data.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 from confluent_kafka import Producer
 
 from streaming import kafka_client as kc
-from streaming.broker import BrokerError, TansuBroker
+from streaming.broker import ApacheKafkaBroker, BrokerError, LocalBroker, TansuBroker
 from udfs.spec import ModelSpec, ResolvedModel, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,13 +112,11 @@ class Kafka:
         return sum(self.end_offsets(topic).values())
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory) -> Iterator[TansuBroker]:
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+def _session_broker(b: LocalBroker) -> Iterator[LocalBroker]:
     try:
-        b = TansuBroker(log_path=str(log)).start()
+        b.start()
     except BrokerError as exc:
-        pytest.fail(f"cannot start the Kafka test broker: {exc}", pytrace=False)
+        pytest.fail(f"cannot start the {b.kind} test broker: {exc}", pytrace=False)
     yield b
     # Spark's Python workers cache Kafka clients that would log reconnect errors once the broker is gone.
     from pyspark.sql import SparkSession
@@ -127,8 +128,27 @@ def broker(tmp_path_factory) -> Iterator[TansuBroker]:
 
 
 @pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[LocalBroker]:
+    """Tansu, in memory."""
+    yield from _session_broker(TansuBroker(log_path=str(tmp_path_factory.mktemp("tansu") / "tansu.log")))
+
+
+@pytest.fixture(scope="session")
 def kafka(broker) -> Kafka:
     return Kafka(broker.bootstrap)
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory) -> Iterator[LocalBroker]:
+    """One Apache Kafka KRaft node; its log dir is a temp dir, removed when the session ends."""
+    log = tmp_path_factory.mktemp("apache-kafka") / "server.log"
+    yield from _session_broker(ApacheKafkaBroker(log_path=str(log)))
+
+
+@pytest.fixture(scope="session")
+def apache(apache_kafka) -> Kafka:
+    """Topic helpers bound to the Apache Kafka broker."""
+    return Kafka(apache_kafka.bootstrap)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+"""The local brokers: Apache Kafka from the Maven jars, and the `python -m streaming.broker` wrapper."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from streaming.broker import ApacheKafkaBroker, free_port, port_in_use
+from tests.streaming.conftest import ROOT, Kafka, wait_until
+
+pytestmark = pytest.mark.kafka
+
+
+def test_apache_kafka_serves_topics_and_reads_back_what_was_written(apache):
+    topic = apache.topic(partitions=2)
+    apache.produce(topic, [b"a", b"b", b"c"])
+    assert sorted(r.value for r in apache.read(topic)) == [b"a", b"b", b"c"]
+    assert apache.end_offsets(topic) == {0: 2, 1: 1}
+
+
+@pytest.mark.slow
+def test_apache_kafka_keeps_topics_across_a_restart_on_a_kept_log_dir_and_removes_a_temp_one(tmp_path):
+    kept = ApacheKafkaBroker(data_dir=str(tmp_path / "data"))
+    with kept:
+        k = Kafka(kept.bootstrap)
+        topic = k.topic()
+        k.produce(topic, [b"x", b"y"])
+    with ApacheKafkaBroker(kept.port, data_dir=str(tmp_path / "data")) as again:
+        assert [r.value for r in Kafka(again.bootstrap).read(topic)] == [b"x", b"y"]
+
+    temp = ApacheKafkaBroker()
+    with temp:
+        data_dir = temp.data_dir
+        assert data_dir is not None and data_dir.exists()
+    assert not data_dir.exists()
+
+
+def _wrapper(port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streaming.broker", "--kind", "tansu", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _started(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "broker on 127.0.0.1:" in line, line
+    return line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_broker_wrapper_stops_its_broker_on_a_signal(sig):
+    port = free_port()
+    proc = _wrapper(port)
+    try:
+        _started(proc)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        wait_until(lambda: not port_in_use(port), f"port {port} to be released", timeout=30)
+    finally:
+        proc.kill()
+
+
+def test_broker_wrapper_refuses_a_port_already_taken_and_leaves_the_running_broker_alone():
+    port = free_port()
+    first = _wrapper(port)
+    try:
+        _started(first)
+        second = _wrapper(port)
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 2
+        assert f"port {port} on 127.0.0.1 is already in use" in err
+        assert "Traceback" not in err
+        assert first.poll() is None and port_in_use(port)
+    finally:
+        first.terminate()
+        first.wait(30)
+
+
+def test_broker_dies_with_a_wrapper_killed_outright():
+    port = free_port()
+    proc = _wrapper(port)
+    try:
+        _started(proc)
+        proc.kill()  # SIGKILL: no handler runs; the broker must not outlive it (no orphan on PID 1)
+        proc.wait(10)
+        wait_until(lambda: not port_in_use(port), f"the orphaned broker on {port} to exit", timeout=30)
+    finally:
+        proc.kill()
