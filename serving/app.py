@@ -191,7 +191,8 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.service.start()
+                    # A worker of several loads before it accepts connections: no 503 while it warms up.
+                    await self.service.start(wait=self.peers is not None)
                     if self.peers is not None:
                         await self.peers.start(self)
                 except Exception as exc:  # noqa: BLE001 - reported to uvicorn, which exits

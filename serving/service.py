@@ -141,8 +141,11 @@ class Service:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the batcher and load the model in the background (readiness stays false until done)."""
+    async def start(self, *, wait: bool = False) -> None:
+        """Start the batcher and load the model in the background (readiness stays false until done).
+
+        ``wait``: return only once loaded (a worker process then accepts no connection before it can answer).
+        """
         if self.cfg.redis.url:
             self.redis = RedisConnection(self.cfg.redis, self.metrics)
             self.store = RedisFeatureStore(self.redis)
@@ -150,6 +153,10 @@ class Service:
             self.cache = RedisCache(self.redis, self.cfg.cache) if self.redis else LocalCache(self.cfg.cache)
         await self.primary.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="model-load")
+        if wait:
+            await self._load_task
+            if self.load_error:
+                raise RuntimeError(self.load_error)
 
     async def _load(self) -> None:
         try:

@@ -242,14 +242,15 @@ class RedisProcess:
                 self.proc.wait(10)
 
 
-def start_redis() -> RedisProcess:
+def start_redis(port: int | None = None) -> RedisProcess:
+    """A fresh redis-server on a free port (or on ``port``: the same server coming back after a restart)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
             "redis-server is not installed; the serving tests need it: run `make setup` as root "
             "or `sudo apt-get install redis-server`"
         )
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             binary,
