@@ -95,7 +95,7 @@ def test_two_workers_one_port_one_scrape_restart_load_everywhere_and_drain(versi
         assert loaded.status_code == 200, loaded.text
         new = version_of(versions["b"])
         assert loaded.json()["workers"] == {"0": new, "1": new}
-        for i in range(10):
+        for _ in range(10):
             resp = httpx.post(url + "/predict", json={"features": ROW}, timeout=20)
             assert resp.json()["model_version"] == new
     finally:
