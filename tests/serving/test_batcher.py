@@ -135,7 +135,11 @@ def test_a_model_exception_fails_its_batch_with_500_and_the_batcher_keeps_runnin
 
 def test_identical_requests_in_flight_are_computed_once(serve, ctr_model, pool):
     runner = GatedRunner(ctr_model, hold=holds)
-    srv = serve(runner=runner, batcher={"max_batch_size": 8, "max_wait_ms": 1.0, "workers": 1})
+    # A deadline far beyond the test's own waits: on a loaded machine 1 s can pass before the gate opens.
+    srv = serve(
+        runner=runner,
+        batcher={"max_batch_size": 8, "max_wait_ms": 1.0, "workers": 1, "default_timeout_ms": 30_000.0},
+    )
     held = send(pool, srv.url, {"features": row(HELD_AGE)})
     assert runner.entered.wait(10)
     twins = [send(pool, srv.url, {"user_id": i, "features": row(55.0)}) for i in range(3)]
