@@ -24,13 +24,16 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): constraints.txt pyproject.toml
-	@command -v java >/dev/null || { echo "Java 17 is required (apt-get install openjdk-17-jre-headless)"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv with the pinned dependencies (and redis-server when root)
+# Spark (the batch and stream jobs, the tests) needs Java; the real-time scorer does not.
+need-java:
+	@command -v java >/dev/null || { echo "Java 17 is required (apt-get install openjdk-17-jre-headless)"; exit 1; }
+
+setup: $(STAMP) need-java ## create .venv with the pinned dependencies (and redis-server when root)
 	@command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; fi; }
@@ -38,7 +41,7 @@ setup: $(STAMP) ## create .venv with the pinned dependencies (and redis-server w
 $(DEMO)/ctr.pt: $(STAMP) udfs/demo.py
 	$(PY) -m udfs.demo --out $(DEMO)
 
-demo: $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
+demo: need-java $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
 	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
 
 $(JARS): jvm/pom.xml
@@ -76,25 +79,37 @@ package: $(STAMP) ## build dist/sparkscore.zip (for --py-files) and a wheel
 	$(PY) -c "import shutil; shutil.copy(next(__import__('glob').iglob('dist/sparkscore-*.whl')), 'dist/sparkscore.zip')"
 	@echo "dist/sparkscore.zip: pass it to spark-submit --py-files"
 
-bench-batch: $(STAMP) ## batch benchmark (bench/results/batch.json and .png; ARGS="--rows N ...")
+bench-batch: need-java $(STAMP) ## batch benchmark (bench/results/batch.json and .png; ARGS="--rows N ...")
 	$(PY) bench/batch_bench.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
 
-.PHONY: help setup jars demo test test-fast lint format package bench-batch clean
+.PHONY: help need-java setup jars demo test test-fast lint format package bench-batch clean
 
 # --- serving ---
 serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model, no Redis; --redis-url via ARGS)
 	$(PY) -m serving --config conf/serve.toml $(ARGS)
 
-bench-realtime: $(STAMP) $(DEMO)/ctr.pt ## real-time benchmark (bench/results/realtime.json and .png)
+# Ray Serve and BentoML conflict with the project's pins: they live in their own venv, for the bench only.
+PEERS_VENV := build/peers-venv
+$(PEERS_VENV)/.installed:
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0 "ray[serve]==2.60.0" "bentoml==1.4.40" numpy
+	touch $@
+
+peers-venv: ## the bench's venv for Ray Serve and BentoML (build/peers-venv; not used by the tests)
+	@$(MAKE) --no-print-directory $(PEERS_VENV)/.installed || echo "could not build $(PEERS_VENV): the bench records Ray Serve and BentoML as unavailable"
+
+# A full run takes 10-15 minutes; on a shared machine: flock /tmp/sparkscore-bench.lock make bench-realtime
+bench-realtime: $(STAMP) $(DEMO)/ctr.pt peers-venv ## real-time benchmark vs Ray Serve, BentoML, FastAPI (bench/results/realtime.json and .png)
 	@# wrk measures the closed-loop figures; without it the bench falls back to its Python client.
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } \
 	  || echo "wrk is missing (apt-get install wrk): closed-loop figures use the Python client"
 	$(PY) bench/realtime_bench.py $(ARGS)
 
-.PHONY: serve bench-realtime
+.PHONY: serve bench-realtime peers-venv
 # --- end serving ---
 
 # --- streaming ---

@@ -1,30 +1,43 @@
-"""Real-time benchmark: latency under open-loop load, cache-hit throughput, per-request overhead.
+"""Real-time benchmark: latency under open-loop load next to the servers users would pick instead,
+cache-hit throughput, per-request overhead, and throughput with one and two worker processes.
 
-    python bench/realtime_bench.py            # or: make bench-realtime  (about 5-8 minutes)
+    python bench/realtime_bench.py            # or: make bench-realtime  (about 10-15 minutes)
 
-Three servers score the demo CTR model, one at a time, each pinned to CPU 0;
-the load generator runs in its own process pinned to CPU 1:
+Every variant serves the same TorchScript model (the demo CTR model), one at a time, pinned to
+CPU 0; the load generator runs in its own process pinned to CPU 1. Variants (``VARIANTS``; append
+one to add a server):
 
-* ``sparkscore``: ``python -m serving`` (dynamic batching, max_batch_size 64);
+* ``sparkscore``: ``python -m serving`` (dynamic batching, max_batch_size 64, max_wait_ms 2);
 * ``unbatched``: the same scorer with ``max_batch_size = 1``;
-* ``fastapi_per_request``: ``bench/fastapi_baseline.py``, the tutorial recipe.
+* ``fastapi_per_request``: ``bench/fastapi_baseline.py``, the tutorial recipe (sync endpoint);
+* ``fastapi_async``: ``bench/peers/fastapi_async.py``, an ``async`` endpoint calling the model inline;
+* ``seed_batcher``: ``bench/peers/seed_batcher.py``, the pattern document's asyncio DynamicBatcher
+  behind FastAPI (max batch 32, 10 ms);
+* ``ray_serve``: ``bench/peers/ray_serve_app.py``, Ray Serve with ``@serve.batch`` (max batch 64, 2 ms);
+* ``bentoml``: ``bench/peers/bentoml_service.py``, BentoML's adaptive batching (max batch 64).
 
-Open loop: requests leave on a Poisson schedule at a fixed offered rate, each on
-a free keep-alive connection, and latency is counted from the *scheduled* send
-time (no coordinated omission). Every request has distinct features and the
-prediction cache is off, so every request reaches the model. A non-200 answer or
-no answer counts as infinitely slow. Then, on the sparkscore scorer alone:
-cache-hit throughput (closed loop, a small set of repeated requests, cache on),
-and server CPU time per request with a model that returns immediately, next to
-the same figure for the cheapest possible ASGI app (bench/asgi_floor.py). The
-closed-loop runs use wrk (``apt-get install wrk``) when it is installed, since
-the Python generator saturates near 7,000 requests/s on this machine; each
-closed-loop figure is the best of three 3 s runs (the machine is shared).
+Ray Serve and BentoML conflict with this project's pins, so they run from ``build/peers-venv``
+(``make bench-realtime`` builds it); a peer that cannot start is recorded with the reason.
+
+Open loop: requests leave on a Poisson schedule at a fixed offered rate, each on a free keep-alive
+connection, and latency is counted from the *scheduled* send time (no coordinated omission). Every
+request has distinct features and the prediction cache is off, so every request reaches the model. A
+non-200 answer or no answer counts as infinitely slow. Each variant's rate rises until its p99 passes
+50 ms at two rates in a row (a failing rate is run twice, the better p99 counts: the machine is
+shared), then the gap
+between the last passing and the first failing rate is bisected twice: ``max_rps_p99_under_50ms`` is
+the highest passing rate measured. Then, on the sparkscore scorer alone: cache-hit throughput (closed
+loop, a small set of repeated requests, cache on), server CPU time per request with a model that
+returns immediately next to the cheapest possible ASGI app (bench/asgi_floor.py), and closed-loop
+throughput with ``--workers 1`` and ``--workers 2`` (not pinned; the load generator shares the
+machine). Closed-loop runs use wrk (``apt-get install wrk``) when it is installed; each closed-loop
+figure is the best of three 3 s runs.
 
 Writes bench/results/realtime.json and realtime.png and prints a table.
 
-Ensemble part (issue 5; in the default run, ``--no-ensemble`` skips it, ``--only ensemble`` runs
-it alone and merges it into the existing realtime.json): a three-member ensemble of the batch
+Ensemble part (issue 5; in the default run, ``--no-ensemble`` skips it and keeps the ensemble
+results already in realtime.json, ``--only ensemble`` runs it alone and merges it in): a
+three-member ensemble of the batch
 bench's ``medium`` model (64 -> 512 -> 512 -> 1, seeds 1, 2, 3; ``weighted_mean``), requests of
 64 distinct features each, cache off, served twice at once: ``[batcher] parallel_members = true``
 (the members of a micro-batch on the runner's thread pool) and ``false`` (one after another on the
@@ -38,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -47,6 +61,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +74,42 @@ from bench import common  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
 SERVER_CPU, CLIENT_CPU = 0, 1
-RATES = [250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000]
+# Offered rates, finer at the low end where the peers stop; the sweep climbs until p99 passes 50 ms.
+RATES = [
+    250,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    2500,
+    3000,
+    4000,
+    5000,
+    6000,
+    7000,
+    8000,
+    9000,
+    10000,
+    11000,
+    12000,
+    13000,
+    14000,
+    15000,
+    16000,
+    18000,
+    20000,
+    22000,
+    24000,
+    27000,
+    30000,
+    34000,
+    38000,
+]
 P99_LIMIT_MS = 50.0
-SATURATED_P99_MS = 1000.0  # stop raising the rate for a variant past this
+SATURATED_P99_MS = 1000.0
+PEERS_VENV = ROOT / "build" / "peers-venv"
+PEERS = ("ray_serve", "bentoml", "fastapi_async", "seed_batcher")
 
 SERVE_TOML = """
 [model]
@@ -133,8 +181,11 @@ def _requests(path: str, bodies: list[bytes]) -> list[bytes]:
     return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
 
 
-def _bodies(n: int, distinct: int, seed: int, width: int = 0) -> list[bytes]:
-    """Request bodies: CTR features, or ``width`` standard-normal values (the medium model's vector)."""
+def _bodies(n: int, distinct: int, seed: int, width: int = 0, shape: str = "predict") -> list[bytes]:
+    """Request bodies: CTR features, or ``width`` standard-normal values (the medium model's vector).
+
+    ``shape = "batch_of_one"``: ``{"features": [[...]]}``, what a BentoML batchable API takes.
+    """
     rng = np.random.default_rng(seed)
     if width:
         vectors = rng.standard_normal((distinct, width)).round(4)
@@ -155,17 +206,26 @@ def _bodies(n: int, distinct: int, seed: int, width: int = 0) -> list[bytes]:
     out = []
     for i in range(n):
         r = rows[i % distinct]
-        out.append(json.dumps({"user_id": i, "item_id": i % 1000, "features": r.tolist()}).encode())
+        if shape == "batch_of_one":
+            out.append(json.dumps({"features": [r.tolist()]}).encode())
+        else:
+            out.append(json.dumps({"user_id": i, "item_id": i % 1000, "features": r.tolist()}).encode())
     return out
 
 
 async def _open_loop(
-    port: int, rate: float, duration: float, seed: int, max_conns: int = 1024, width: int = 0
+    port: int,
+    rate: float,
+    duration: float,
+    seed: int,
+    max_conns: int = 1024,
+    width: int = 0,
+    shape: str = "predict",
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
     rng = np.random.default_rng(seed)
-    reqs = _requests("/predict", _bodies(n, n, seed, width))
+    reqs = _requests("/predict", _bodies(n, n, seed, width, shape))
     idle: list[_Conn] = []
     waiting: asyncio.Queue[_Conn] = asyncio.Queue()
     conns: list[_Conn] = []
@@ -271,7 +331,9 @@ def client_main(args: argparse.Namespace) -> None:
     import uvloop
 
     if args.mode == "open":
-        result = uvloop.run(_open_loop(args.port, args.rate, args.duration, args.seed, width=args.width))
+        result = uvloop.run(
+            _open_loop(args.port, args.rate, args.duration, args.seed, width=args.width, shape=args.body)
+        )
     else:
         result = uvloop.run(
             _closed_loop(args.port, args.concurrency, args.duration, args.distinct, args.seed, args.width)
@@ -299,8 +361,8 @@ def _free_port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server and every process it started (Ray, BentoML and the workers are several)."""
+    return common.tree_cpu_seconds(pid)
 
 
 class Server:
@@ -321,10 +383,11 @@ class Server:
             preexec_fn=_pin(pin) if pin is not None else None,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: stop() ends every process it started
         )
         import httpx
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -336,14 +399,20 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"{name} did not become ready")
+        self.stop()
+        raise RuntimeError(f"{name} did not become ready within 240 s")
 
     def stop(self) -> None:
-        self.proc.terminate()
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
 
 def run_client(port: int, *extra: str) -> tuple[dict[str, Any], float]:
@@ -452,23 +521,31 @@ def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def scorer(workdir: Path, name: str, model: Path, *, max_batch_size: int, cache: bool) -> Server:
+def scorer(
+    workdir: Path,
+    name: str,
+    model: Path,
+    *,
+    max_batch_size: int,
+    cache: bool,
+    workers: int = 1,
+    pin: int | None = SERVER_CPU,
+) -> Server:
     port = _free_port()
     cfg = workdir / f"{name}.toml"
     cfg.write_text(
         SERVE_TOML.format(model=model, port=port, max_batch_size=max_batch_size, cache=str(cache).lower())
     )
-    cmd = [sys.executable, "-m", "serving", "--config", str(cfg)]
-    return Server(name, cmd, port, "/v2/health/ready")
+    cmd = [sys.executable, "-m", "serving", "--config", str(cfg), "--workers", str(workers)]
+    return Server(name, cmd, port, "/v2/health/ready", pin=pin)
 
 
-def fastapi_server(model: Path) -> Server:
-    port = _free_port()
-    cmd = [
+def uvicorn_cmd(app: str, port: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.fastapi_baseline:app",
+        app,
         "--host",
         "127.0.0.1",
         "--port",
@@ -484,31 +561,182 @@ def fastapi_server(model: Path) -> Server:
         "--log-level",
         "warning",
     ]
-    return Server("fastapi_per_request", cmd, port, "/health", env={"MODEL": str(model)})
 
 
-def sweep(server: Server, rates: list[int], duration: float) -> dict[str, Any]:
-    run_client(server.port, "--mode", "open", "--rate", "200", "--duration", "1", "--seed", "99")  # warm up
-    curve, details = [], []
-    for i, rate in enumerate(rates):
-        cpu0 = _cpu_seconds(server.proc.pid)
-        res, _ = run_client(
-            server.port, "--mode", "open", "--rate", str(rate), "--duration", str(duration), "--seed", str(i)
+def fastapi_server(
+    model: Path, name: str = "fastapi_per_request", app: str = "bench.fastapi_baseline:app"
+) -> Server:
+    port = _free_port()
+    return Server(name, uvicorn_cmd(app, port), port, "/health", env={"MODEL": str(model)})
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run on this machine; the message goes into realtime.json."""
+
+
+def peers_python(module: str) -> str:
+    """build/peers-venv's interpreter, after checking it can import ``module``."""
+    py = PEERS_VENV / "bin" / "python"
+    if not py.exists():
+        raise PeerUnavailable(
+            f"{PEERS_VENV} does not exist: `make bench-realtime` builds it (pip install ray[serve], bentoml)"
         )
-        cpu = _cpu_seconds(server.proc.pid) - cpu0
-        res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
-        res["loadavg_1m"] = _loadavg()  # other work on the machine shows here
-        details.append(res)
-        curve.append([rate, res["p50_ms"], res["p99_ms"]])
+    check = subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise PeerUnavailable(f"{module} does not import in {PEERS_VENV}: {check.stderr.strip()[-300:]}")
+    return str(py)
+
+
+def ray_server(model: Path) -> Server:
+    py = peers_python("ray.serve")
+    port = _free_port()
+    cmd = [py, str(ROOT / "bench" / "peers" / "ray_serve_app.py"), "--model", str(model), "--port", str(port)]
+    # Ray's processes inherit the pinning; its own telemetry stays off.
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    return Server("ray_serve", cmd, port, "/predict", env=env)
+
+
+def bentoml_server(model: Path) -> Server:
+    py = peers_python("bentoml")
+    port = _free_port()
+    cmd = [
+        py,
+        "-m",
+        "bentoml",
+        "serve",
+        "bench.peers.bentoml_service:Scorer",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {"MODEL": str(model), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+    return Server("bentoml", cmd, port, "/readyz", env=env)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server in the open-loop comparison; ``start`` raises PeerUnavailable when it cannot run here."""
+
+    name: str
+    start: Callable[[Path], Server]
+    what: str
+    body: str = "predict"  # request body shape (see _bodies)
+
+
+def variants(work: Path) -> list[Variant]:
+    """Every server the open-loop sweep compares, in order (another helper appends its own)."""
+    return [
+        Variant(
+            "sparkscore",
+            lambda m: scorer(work, "sparkscore", m, max_batch_size=64, cache=False),
+            "python -m serving, dynamic batching (max_batch_size 64, max_wait_ms 2), cache off, 1 worker",
+        ),
+        Variant(
+            "unbatched",
+            lambda m: scorer(work, "unbatched", m, max_batch_size=1, cache=False),
+            "the same scorer with max_batch_size = 1",
+        ),
+        Variant("fastapi_per_request", fastapi_server, "FastAPI sync endpoint, the model once per request"),
+        Variant(
+            "fastapi_async",
+            lambda m: fastapi_server(m, "fastapi_async", "bench.peers.fastapi_async:app"),
+            "FastAPI async endpoint, the model called inline once per request",
+        ),
+        Variant(
+            "seed_batcher",
+            lambda m: fastapi_server(m, "seed_batcher", "bench.peers.seed_batcher:app"),
+            "the pattern's asyncio DynamicBatcher behind FastAPI (max batch 32, 10 ms)",
+        ),
+        Variant("ray_serve", ray_server, "Ray Serve 2.60, @serve.batch(max_batch_size=64, 2 ms), 1 replica"),
+        Variant(
+            "bentoml",
+            bentoml_server,
+            "BentoML 1.4.40, batchable API (adaptive batching, max batch 64), 1 worker",
+            body="batch_of_one",
+        ),
+    ]
+
+
+def measure(server: Server, rate: int, duration: float, seed: int, body: str) -> dict[str, Any]:
+    """One open-loop run at ``rate``, with the server's CPU time per answered request."""
+    cpu0 = _cpu_seconds(server.proc.pid)
+    res, _ = run_client(
+        server.port,
+        "--mode",
+        "open",
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--seed",
+        str(seed),
+        "--body",
+        body,
+    )
+    cpu = _cpu_seconds(server.proc.pid) - cpu0
+    res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
+    # The generator could not send at the offered rate: the figure is the generator's, not the server's.
+    res["generator_kept_up"] = res["send_seconds"] <= duration * 1.1
+    res["loadavg_1m"] = _loadavg()  # other work on the machine shows here
+    return res
+
+
+def _passes(res: dict[str, Any]) -> bool:
+    return res["p99_ms"] is not None and res["p99_ms"] < P99_LIMIT_MS
+
+
+def sweep(server: Server, rates: list[int], duration: float, body: str = "predict") -> dict[str, Any]:
+    """Raise the offered rate until p99 passes 50 ms at two rates in a row (a failing rate gets a second
+    run), then bisect the gap above the last passing rate twice: the highest passing rate is the maximum."""
+    run_client(
+        server.port, "--mode", "open", "--rate", "200", "--duration", "1", "--seed", "99", "--body", body
+    )
+    points: dict[int, dict[str, Any]] = {}
+
+    def run(rate: int) -> bool:
+        res = measure(server, rate, duration, len(points), body)
+        if not _passes(res):
+            again = measure(server, rate, duration, len(points) + 100, body)
+            res["first_run_p99_ms"] = res["p99_ms"]
+            if _p99_key(again) < _p99_key(res):
+                again["first_run_p99_ms"] = res["p99_ms"]
+                res = again
+        points[rate] = res
         print(
             f"  {server.name:22s} {rate:6d} rps  p50 {_fmt(res['p50_ms'])}  p99 {_fmt(res['p99_ms'])}  "
-            f"ok {res['ok']}/{res['requests']}  codes {res['codes']}",
+            f"ok {res['ok']}/{res['requests']}  codes {res['codes']}  load {res['loadavg_1m']}",
             flush=True,
         )
-        if res["p99_ms"] is None or res["p99_ms"] > SATURATED_P99_MS:
-            break
-    passing = [r for r, _, p99 in curve if p99 is not None and p99 < P99_LIMIT_MS]
-    return {"max_rps_p99_under_50ms": max(passing) if passing else 0, "curve": curve, "details": details}
+        return _passes(res)
+
+    # Two failing rates in a row end the climb: one failure on a shared machine can be a neighbour's burst.
+    last_pass, first_fail, fails = 0, None, 0
+    for rate in rates:
+        if run(rate):
+            last_pass, first_fail, fails = rate, None, 0
+        else:
+            first_fail = first_fail or rate
+            fails += 1
+            if fails == 2:
+                break
+    if first_fail is not None and last_pass:
+        for _ in range(2):
+            mid = int(round((last_pass + first_fail) / 2, -2))
+            if mid in (last_pass, first_fail):
+                break
+            if run(mid):
+                last_pass = mid
+            else:
+                first_fail = mid
+    curve = [[r, p["p50_ms"], p["p99_ms"]] for r, p in sorted(points.items())]
+    return {
+        "max_rps_p99_under_50ms": last_pass,
+        "first_rate_over_50ms": first_fail,
+        "top_of_sweep_reached": first_fail is None,
+        "curve": curve,
+        "details": [points[r] for r in sorted(points)],
+    }
 
 
 def _fmt(v: float | None) -> str:
@@ -527,34 +755,64 @@ def instant_model(path: Path) -> Path:
     return path
 
 
+def swept(results: dict[str, Any]) -> list[str]:
+    """The variants with a latency curve, in sweep order."""
+    return [k for k, v in results.items() if isinstance(v, dict) and "curve" in v]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"sparkscore": "tab:blue", "unbatched": "tab:orange", "fastapi_per_request": "tab:red"}
-    for name, color in colors.items():
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cmap = plt.get_cmap("tab10")
+    for i, name in enumerate(swept(results)):
         curve = results[name]["curve"]
         rates = [c[0] for c in curve]
         p99 = [c[2] if c[2] is not None else 5000 for c in curve]
         p50 = [c[1] if c[1] is not None else 5000 for c in curve]
-        ax.plot(rates, p99, "-o", color=color, label=f"{name} p99")
-        ax.plot(rates, p50, "--", color=color, alpha=0.6, label=f"{name} p50")
+        best = results[name]["max_rps_p99_under_50ms"]
+        ax.plot(rates, p99, "-o", color=cmap(i), markersize=3, label=f"{name} p99 (max {best:,})")
+        ax.plot(rates, p50, "--", color=cmap(i), alpha=0.5)
     ax.axhline(P99_LIMIT_MS, color="gray", linestyle=":", label="50 ms")
     ax.set_yscale("log")
+    ax.set_xscale("log")
     ax.set_xlabel("offered load (requests/s, open loop)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("Real-time scorer, demo CTR model, server on 1 core (2-core machine)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_ylabel("latency (ms): p99 solid, p50 dashed")
+    load = results["summary"]["loadavg_1m_start_end"]
+    ax.set_title(
+        f"Real-time, demo CTR model, each server pinned to 1 core (2-core machine, load {load[0]}-{load[1]})",
+        fontsize=10,
+    )
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def workers_scaling(work: Path) -> dict[str, Any]:
+    """Closed-loop throughput (64 connections, distinct features, cache off) with 1 and 2 workers, unpinned."""
+    out: dict[str, Any] = {}
+    for n in (1, 2):
+        server = scorer(work, f"workers{n}", DEMO_MODEL, max_batch_size=64, cache=False, workers=n, pin=None)
+        try:
+            res = closed_loop_cpu(server, 1_000_000, work)
+        finally:
+            server.stop()
+        out[f"workers_{n}"] = res
+        print(f"  --workers {n}: {res['rps']:,.0f} req/s ({res['server_cpu_share']} cores busy)", flush=True)
+    out["speedup"] = round(out["workers_2"]["rps"] / out["workers_1"]["rps"], 2)
+    out["setup"] = (
+        f"closed loop, 64 connections ({out['workers_1']['client']}), every request distinct features, cache off; "
+        f"servers not pinned, so on {os.cpu_count()} cores the load generator competes with the workers"
+    )
+    return out
+
+
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
-    """The single-model part: open-loop sweeps, cache hits, ASGI floor and server overhead."""
+    """The single-model part: open-loop sweeps of every variant, cache hits, ASGI floor, overhead, workers."""
     if not DEMO_MODEL.exists():
         subprocess.run(
             [sys.executable, "-m", "udfs.demo", "--out", str(DEMO_MODEL.parent)], cwd=ROOT, check=True
@@ -564,19 +822,29 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = time.monotonic()
     load_start = _loadavg()
+    wanted = set(args.variants.split(",")) if args.variants else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("latency under open-loop load (cache off, distinct features):", flush=True)
-        for name, make in (
-            ("sparkscore", lambda: scorer(work, "sparkscore", DEMO_MODEL, max_batch_size=64, cache=False)),
-            ("unbatched", lambda: scorer(work, "unbatched", DEMO_MODEL, max_batch_size=1, cache=False)),
-            ("fastapi_per_request", lambda: fastapi_server(DEMO_MODEL)),
-        ):
-            server = make()
+        for variant in variants(work):
+            if wanted is not None and variant.name not in wanted:
+                continue
             try:
-                results[name] = sweep(server, rates, args.duration)
+                server = variant.start(DEMO_MODEL)
+            except (PeerUnavailable, RuntimeError) as exc:
+                results[variant.name] = {"available": False, "reason": str(exc), "what": variant.what}
+                print(f"  {variant.name}: cannot run here: {exc}", flush=True)
+                continue
+            try:
+                results[variant.name] = {
+                    "what": variant.what,
+                    **sweep(server, rates, args.duration, variant.body),
+                }
             finally:
                 server.stop()
+        if wanted is not None:
+            results["summary"] = summarize(results, args, started, load_start)
+            return results
 
         print(
             "cache-hit throughput (closed loop, 64 connections, 256 distinct requests, cache on):", flush=True
@@ -593,27 +861,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
 
         print("floor: the cheapest ASGI app on the same uvicorn (closed loop, 64 connections):", flush=True)
         port = _free_port()
-        floor_cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.asgi_floor:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--no-proxy-headers",
-            "--no-server-header",
-            "--no-date-header",
-            "--log-level",
-            "warning",
-        ]
-        server = Server("asgi_floor", floor_cmd, port, "/health")
+        server = Server("asgi_floor", uvicorn_cmd("bench.asgi_floor:app", port), port, "/health")
         try:
             floor = closed_loop_cpu(server, 256, work)
         finally:
@@ -646,23 +894,45 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         }
         print(f"  {per_req} us of server CPU per request ({res['rps']:,.0f} req/s)", flush=True)
 
-    fastest = results["fastapi_per_request"]["max_rps_p99_under_50ms"]
-    ours = results["sparkscore"]["max_rps_p99_under_50ms"]
-    results["summary"] = {
-        "sparkscore_over_fastapi": round(ours / fastest, 2) if fastest else None,
+        print("workers: closed-loop throughput with 1 and 2 server processes:", flush=True)
+        results["workers_scaling"] = workers_scaling(work)
+    results["summary"] = summarize(results, args, started, load_start)
+    return results
+
+
+def summarize(
+    results: dict[str, Any], args: argparse.Namespace, started: float, load_start: float
+) -> dict[str, Any]:
+    ours = results.get("sparkscore", {}).get("max_rps_p99_under_50ms", 0)
+    fastapi = results.get("fastapi_per_request", {}).get("max_rps_p99_under_50ms", 0)
+    peers = {p: results[p]["max_rps_p99_under_50ms"] for p in PEERS if results.get(p, {}).get("curve")}
+    best_peer = max(peers, key=lambda p: peers[p]) if peers else None
+    best = peers[best_peer] if best_peer else 0
+    return {
+        "sparkscore_over_fastapi": round(ours / fastapi, 2) if fastapi else None,
         "target_ratio": 3.0,
-        "met": bool(fastest) and ours >= 3 * fastest,
+        "met": bool(fastapi) and ours >= 3 * fastapi,
+        "peers_max_rps_p99_under_50ms": peers,
+        "peers_unavailable": {
+            p: results[p]["reason"] for p in PEERS if p in results and not results[p].get("curve")
+        },
+        "best_peer": best_peer,
+        "sparkscore_over_best_peer": round(ours / best, 2) if best else None,
+        "target_over_best_peer": 2.0,
+        "met_over_best_peer": bool(best) and ours >= 2 * best,
         "setup": (
-            f"server pinned to CPU {SERVER_CPU}, load generator (open loop, Poisson arrivals, own process) on CPU "
-            f"{CLIENT_CPU}; {args.duration:g} s per rate; demo CTR model (TorchScript 4->32->1); cache off for the "
-            "latency curves; non-200 or missing answers count as infinitely slow"
+            f"server pinned to CPU {SERVER_CPU} (with every process it starts), load generator (open loop, "
+            f"Poisson arrivals, own process) on CPU {CLIENT_CPU}; {args.duration:g} s per rate; demo CTR model "
+            "(TorchScript 4->32->1); cache off for the latency curves; non-200 or missing answers count as "
+            "infinitely slow; a rate whose p99 fails is run twice (better p99 kept), then the last gap is "
+            "bisected twice"
         ),
         "machine": f"{os.cpu_count()} cores, shared with other work (timings are noisy)",
         "bench_seconds": round(time.monotonic() - started, 1),
         # The bench itself keeps about 2 runnable; more means other work shared the 2 cores.
         "loadavg_1m_start_end": [load_start, _loadavg()],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return results
 
 
 # -- the ensemble part: parallel vs sequential members ---------------------------------
@@ -974,44 +1244,50 @@ def plot_ensemble(ens: dict[str, Any], path: Path) -> None:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    names = ["sparkscore", "unbatched", "fastapi_per_request"]
-    rates = sorted({c[0] for n in names for c in results[n]["curve"]})
+    names = swept(results)
+    rows = []
+    for name in names:
+        r = results[name]
+        top = r["curve"][-1]
+        rows.append(
+            [
+                name,
+                r["max_rps_p99_under_50ms"],
+                r.get("first_rate_over_50ms") or "-",
+                f"{_short(top[1])} / {_short(top[2])}",
+            ]
+        )
     print()
-    print(f"{'offered rps':>11} | " + " | ".join(f"{n:>24}" for n in names))
-    print(f"{'':>11} | " + " | ".join(f"{'p50 / p99 ms':>24}" for _ in names))
-    for r in rates:
-        cells = []
-        for n in names:
-            point = next((c for c in results[n]["curve"] if c[0] == r), None)
-            if point is None:
-                cells.append(f"{'-':>24}")
-            else:
-                p50 = "fail" if point[1] is None else f"{point[1]:.2f}"
-                p99 = "fail" if point[2] is None else f"{point[2]:.2f}"
-                cells.append(f"{p50 + ' / ' + p99:>24}")
-        print(f"{r:>11} | " + " | ".join(cells))
     print(
-        "max rps with p99 < 50 ms: " + ", ".join(f"{n} {results[n]['max_rps_p99_under_50ms']}" for n in names)
+        common.table(
+            ["variant", "max req/s, p99 < 50 ms", "first rate over", "p50 / p99 ms at the top"], rows
+        )
     )
     s = results["summary"]
-    print(
-        f"sparkscore / fastapi_per_request: {s['sparkscore_over_fastapi']}x (target >= 3x: "
-        f"{'met' if s['met'] else 'NOT met'})"
-    )
-    c = results["cache_hits"]
-    print(
-        f"cache hits: {c['rps']:,.0f} req/s (target >= 10,000: {'met' if c['met'] else 'NOT met'}), "
-        f"server CPU {c['server_cpu_us_per_request']} us/request"
-    )
-    f = results["asgi_floor"]
-    print(
-        f"uvicorn floor (hello-world ASGI): {f['rps']:,.0f} req/s, {f['server_cpu_us_per_request']} us CPU/request"
-    )
-    o = results["server_overhead"]
-    print(
-        f"server overhead: {o['server_cpu_us_per_request']} us CPU/request (target <= 100: "
-        f"{'met' if o['met'] else 'NOT met'})"
-    )
+    for peer, why in s["peers_unavailable"].items():
+        print(f"{peer}: could not run: {why}")
+    if s.get("sparkscore_over_best_peer") is not None:
+        print(
+            f"sparkscore / best peer ({s['best_peer']}): {s['sparkscore_over_best_peer']}x (target >= 2x: "
+            f"{'met' if s['met_over_best_peer'] else 'NOT met'})"
+        )
+    if "cache_hits" in results:
+        c = results["cache_hits"]
+        print(f"cache hits: {c['rps']:,.0f} req/s, server CPU {c['server_cpu_us_per_request']} us/request")
+        f = results["asgi_floor"]
+        print(f"uvicorn floor: {f['rps']:,.0f} req/s, {f['server_cpu_us_per_request']} us CPU/request")
+        o = results["server_overhead"]
+        print(f"server overhead: {o['server_cpu_us_per_request']} us CPU/request")
+        w = results["workers_scaling"]
+        print(
+            f"workers: 1 -> {w['workers_1']['rps']:,.0f} req/s, 2 -> {w['workers_2']['rps']:,.0f} req/s "
+            f"({w['speedup']}x)"
+        )
+    print(f"load average (1 min) start / end: {s['loadavg_1m_start_end']}")
+
+
+def _short(v: float | None) -> str:
+    return "fail" if v is None else f"{v:.1f}"
 
 
 def main() -> None:
@@ -1026,6 +1302,8 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--body", default="predict", help=argparse.SUPPRESS)
+    p.add_argument("--variants", help="comma-separated variants to sweep (default: all); for short dev runs")
     common.add_ensemble_args(p, "realtime.json")
     p.add_argument(
         "--ensemble-repeats",
@@ -1039,10 +1317,16 @@ def main() -> None:
         return
     common.check_ensemble_args(p, args)
     out = RESULTS / "realtime.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
     if args.only == "ensemble":
-        results = json.loads(out.read_text()) if out.exists() else {}
+        results = previous
     else:
         results = orchestrate(args)
+        if args.variants:  # a short development run: print, do not overwrite the results
+            print_table(results)
+            return
+        if not args.ensemble and "ensemble" in previous:
+            results["ensemble"] = previous["ensemble"]  # kept from its own run
     if args.ensemble:
         results["ensemble"] = ensemble_part(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

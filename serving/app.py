@@ -4,14 +4,19 @@ Routes:
 
 * ``POST /predict``: one instance ``{"user_id", "item_id", "features"?, "context"?,
   "timeout_ms"?}``, a JSON list of instances, or ``{"instances": [...], "timeout_ms"?}``.
-* KServe v2: ``POST /v2/models/{name}[/versions/{v}]/infer``, ``GET /v2/models/{name}``,
-  ``GET /v2/models/{name}/ready``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``.
-* ``GET /metrics``: Prometheus text.
+* KServe v2: ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON, or the binary tensor data
+  extension: ``Inference-Header-Content-Length``, as ``tritonclient.http`` sends by default),
+  ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``GET /v2/health/live``,
+  ``GET /v2/health/ready``, ``GET /v2``.
+* Model repository extension: ``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load``
+  (load the model file again, or ``{"parameters": {"path": ...}}``, and swap it in without downtime).
+* ``GET /metrics``: Prometheus text (with several workers: every worker's, in one scrape).
 
-Status codes: 400 malformed JSON, 401 bad token, 404 unknown entity/model,
-413 body too large, 422 wrong types/lengths/bad feature values (the message
-names the field, or is the scoring core's reason), 429 queue full (with
-Retry-After), 500 model failure, 503 not ready / feature store down, 504 deadline.
+Status codes: 400 malformed JSON (or too deeply nested), 401 bad token, 404 unknown
+entity/model, 408 body not received in time, 413 body too large, 422 wrong
+types/lengths/datatypes/bad feature values (the message names the field, or is the
+scoring core's reason), 429 queue full (with Retry-After), 500 model failure,
+503 not ready / feature store down, 504 deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from serving.config import ServeConfig
 from serving.errors import (
@@ -32,11 +38,13 @@ from serving.errors import (
     BodyTooLarge,
     NotFound,
     RequestError,
+    RequestTimeout,
     Unauthorized,
 )
-from serving.metrics import Metrics
+from serving.metrics import Metrics, merge_exposition
 from serving.model import ModelRunner, Row
 from serving.service import Instance, Service
+from serving.versions import ModelVersion
 from udfs.core import ERROR, MODEL_VERSION, PREDICTION, output_schema, short_reason
 from udfs.spec import ResolvedModel
 
@@ -46,7 +54,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-SHED = frozenset({"queue_full", "deadline", "not_ready"})
+SHED = frozenset({"queue_full", "deadline", "not_ready", "canceled"})
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -64,7 +72,12 @@ class V2Tensor(msgspec.Struct):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None  # absent when the values come as binary data
+    parameters: dict[str, Any] | None = None
+
+
+class V2Output(msgspec.Struct):
+    name: str
     parameters: dict[str, Any] | None = None
 
 
@@ -72,27 +85,27 @@ class V2Request(msgspec.Struct):
     inputs: list[V2Tensor]
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    outputs: list[Any] | None = None
+    outputs: list[V2Output] | None = None
+
+
+class LoadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v2/repository/models/{name}/load``: optional ``parameters.path`` / ``parameters.version``."""
+
+    parameters: dict[str, str] | None = None
 
 
 PredictBody = Body | list[Instance]
 _predict_decoder = msgspec.json.Decoder(PredictBody)
 _v2_decoder = msgspec.json.Decoder(V2Request)
+_load_decoder = msgspec.json.Decoder(LoadRequest)
 _encode = msgspec.json.Encoder().encode
 
-V2_NUMERIC = {
-    "FP16",
-    "FP32",
-    "FP64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-}
+# The model reads floats: these are the datatypes an input accepts (the metadata says so);
+# an integer or boolean tensor is refused rather than silently converted.
+V2_FLOAT = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+V2_BINARY_OUT = {"FP64": "<f8", "FP32": "<f4", "INT32": "<i4", "INT64": "<i8", "BOOL": "?"}
+MAX_RANK = 8  # tensor dimensions (this model reads [N] or [N, width])
+MAX_JSON_DEPTH = 64  # deeper non-strict JSON is refused before Python's json module recurses into it
 ARROW_TO_V2 = {
     "double": "FP64",
     "float": "FP32",
@@ -113,10 +126,18 @@ def decode(body: bytes, decoder: msgspec.json.Decoder, tp: Any) -> Any:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})", status=400) from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", status=400) from None
     except msgspec.DecodeError as exc:
+        if _depth(body) > MAX_JSON_DEPTH:
+            raise BadRequest(
+                f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400
+            ) from None
         try:
             obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             raise BadRequest(f"malformed JSON: {exc}", status=400) from None
         try:
             return msgspec.convert(obj, tp)
@@ -124,15 +145,32 @@ def decode(body: bytes, decoder: msgspec.json.Decoder, tp: Any) -> Any:
             raise BadRequest(f"invalid request: {exc2}") from None
 
 
+def _depth(body: bytes) -> int:
+    """The deepest bracket nesting in ``body`` (brackets inside strings count too: an upper bound)."""
+    depth = deepest = 0
+    for b in body.translate(None, delete=bytes(set(range(256)) - set(b"[]{}"))):
+        if b in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 class App:
     """The ASGI application; ``service`` does the work, this class speaks HTTP."""
 
-    def __init__(self, cfg: ServeConfig, service: Service, *, token: str | None = None) -> None:
+    def __init__(
+        self, cfg: ServeConfig, service: Service, *, token: str | None = None, peers: Any = None
+    ) -> None:
         self.cfg = cfg
         self.service = service
         self.metrics: Metrics = service.metrics
         self.max_body = cfg.server.max_body_bytes
+        self.body_timeout = cfg.server.body_timeout_s
         self.token = token.encode() if token else None
+        # The other worker processes (serving.workers.Peers), when there are several.
+        self.peers = peers
         self.name = service.name
         schema = output_schema(service.runner.model)
         self.v2_outputs = [
@@ -153,12 +191,17 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.service.start()
+                    # A worker of several loads before it accepts connections: no 503 while it warms up.
+                    await self.service.start(wait=self.peers is not None)
+                    if self.peers is not None:
+                        await self.peers.start(self)
                 except Exception as exc:  # noqa: BLE001 - reported to uvicorn, which exits
                     await send({"type": "lifespan.startup.failed", "message": short_reason(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.peers is not None:
+                    await self.peers.stop()
                 await self.service.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -181,11 +224,19 @@ class App:
                 status, body = await self.predict(scope, receive, started)
             elif path.startswith("/v2"):
                 timed = path.endswith("/infer")
-                status, body = await self.v2(scope, receive, method, path, started)
+                answer = await self.v2(scope, receive, method, path, started)
+                status, body = answer[0], answer[1]
+                if len(answer) == 3:
+                    # Binary tensor data: its own content type and the JSON header's length.
+                    if timed:
+                        self.metrics.request_duration.observe((time.monotonic() - started) * 1e6)
+                    await _send(send, status, body, answer[2])  # type: ignore[misc]
+                    return
             elif path == "/metrics" and method == "GET":
-                await _send(
-                    send, 200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4")]
-                )
+                text = self.metrics.render()
+                if self.peers is not None:
+                    text = merge_exposition([text, *await self.peers.gather_metrics()])
+                await _send(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
                 return
             else:
                 raise NotFound(f"no route {method} {path}; see /predict, /v2/... and /metrics")
@@ -193,6 +244,8 @@ class App:
             if timed:
                 self.metrics.fail(exc.reason, shed=exc.reason in SHED)
             status, body = exc.status, _encode({"error": exc.message})
+            if exc.status == 408:
+                headers.append((b"connection", b"close"))  # the rest of the body is not coming
             if exc.retry_after is not None:
                 headers.append((b"retry-after", str(exc.retry_after).encode()))
             if exc.status == 401:
@@ -219,7 +272,19 @@ class App:
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The request body, refused with 413 as soon as it passes the configured size."""
         self.check_length(scope)
-        message = await receive()
+        # uvicorn's request cycle says whether the whole body is in; only then is no timer needed.
+        if getattr(getattr(receive, "__self__", None), "more_body", True) is False:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    message = await receive()
+                    if message.get("more_body", False):
+                        return await self.read_rest(receive, message)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout:g} s"
+                ) from None
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False) and len(body) <= self.max_body:
             return body
@@ -269,21 +334,22 @@ class App:
         if not svc.ready:
             svc.check_ready()
         parsed = decode(await self.read_body(scope, receive), _predict_decoder, PredictBody)
+        gone = _connection(receive)
         if isinstance(parsed, list):
-            return await self.predict_many(parsed, self.deadline(started, None), started)
+            return await self.predict_many(parsed, self.deadline(started, None), started, gone)
         if parsed.instances is not None:
             if any(getattr(parsed, f) is not None for f in ("user_id", "item_id", "features", "context")):
                 raise BadRequest("instances: give one instance or a list under instances, not both")
             return await self.predict_many(
-                parsed.instances, self.deadline(started, parsed.timeout_ms), started
+                parsed.instances, self.deadline(started, parsed.timeout_ms), started, gone
             )
-        out = await svc.predict(parsed, self.deadline(started, parsed.timeout_ms))
+        out = await svc.predict(parsed, self.deadline(started, parsed.timeout_ms), gone)
         self.metrics.request_success.inc()
         out["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
         return 200, _encode(out)
 
     async def predict_many(
-        self, instances: list[Instance], deadline: float, started: float
+        self, instances: list[Instance], deadline: float, started: float, gone: Any = None
     ) -> tuple[int, bytes]:
         """Each instance succeeds or fails on its own; a status shared by every instance is the response's."""
         if not instances:
@@ -291,7 +357,7 @@ class App:
         limit = self.cfg.server.max_instances
         if len(instances) > limit:
             raise BadRequest(f"instances: at most {limit} per request, got {len(instances)}")
-        outcomes = await asyncio.gather(*(self._one(inst, deadline) for inst in instances))
+        outcomes = await asyncio.gather(*(self._one(inst, deadline, gone) for inst in instances))
         statuses = {s for s, _ in outcomes}
         status = statuses.pop() if len(statuses) == 1 else 200
         body = {
@@ -300,9 +366,9 @@ class App:
         }
         return status, _encode(body)
 
-    async def _one(self, inst: Instance, deadline: float) -> tuple[int, dict[str, Any]]:
+    async def _one(self, inst: Instance, deadline: float, gone: Any) -> tuple[int, dict[str, Any]]:
         try:
-            out = await self.service.predict(inst, deadline)
+            out = await self.service.predict(inst, deadline, gone)
         except RequestError as exc:
             self.metrics.fail(exc.reason, shed=exc.reason in SHED)
             return exc.status, {"error": exc.message, "status": exc.status}
@@ -313,24 +379,34 @@ class App:
 
     async def v2(
         self, scope: Scope, receive: Receive, method: str, path: str, started: float
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes] | tuple[int, bytes, list[tuple[bytes, bytes]]]:
         parts = path.strip("/").split("/")
         svc = self.service
         if parts == ["v2"] and method == "GET":
-            return 200, _encode({"name": "sparkscore", "version": "0.1.0", "extensions": []})
+            return 200, _encode(
+                {
+                    "name": "sparkscore",
+                    "version": "0.1.0",
+                    "extensions": ["binary_tensor_data", "model_repository"],
+                }
+            )
         if parts[:2] == ["v2", "health"] and len(parts) == 3 and method == "GET":
             if parts[2] == "live":
                 return 200, _encode({"live": True})
             if parts[2] == "ready":
                 return self._ready()
+        if parts[:2] == ["v2", "repository"] and method == "POST":
+            return await self.repository(scope, receive, parts[2:])
         if len(parts) >= 3 and parts[1] == "models":
             name, rest = parts[2], parts[3:]
             if name != self.name:
                 raise NotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+            mv: ModelVersion | None = None
             if rest[:1] == ["versions"]:
-                if len(rest) < 2 or rest[1] != svc.version:
+                mv = svc.version_named(rest[1]) if len(rest) >= 2 else None
+                if mv is None:
                     raise NotFound(
-                        f"model {name!r} has no version {'/'.join(rest[1:2])!r}; it is {svc.version!r}"
+                        f"model {name!r} has no version {'/'.join(rest[1:2])!r}; it serves {svc.versions()}"
                     )
                 rest = rest[2:]
             if rest == [] and method == "GET":
@@ -338,8 +414,39 @@ class App:
             if rest == ["ready"] and method == "GET":
                 return self._ready()
             if rest == ["infer"] and method == "POST":
-                return await self.v2_infer(scope, receive, started)
+                return await self.v2_infer(scope, receive, started, mv)
         raise NotFound(f"no route {method} {path} in the KServe v2 protocol")
+
+    async def repository(self, scope: Scope, receive: Receive, rest: list[str]) -> tuple[int, bytes]:
+        """The model repository extension: index, and load (a zero-downtime swap; unload is refused)."""
+        svc = self.service
+        if rest == ["index"]:
+            await self.read_body(scope, receive)
+            state = "READY" if svc.ready else ("UNAVAILABLE" if svc.load_error else "LOADING")
+            entry = {"name": self.name, "version": svc.version, "state": state}
+            reason = svc.load_error or svc.last_reload.get("reason")
+            if reason:
+                entry["reason"] = reason
+            return 200, _encode([entry])
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            if rest[1] != self.name:
+                raise NotFound(f"model {rest[1]!r} is not served here; this server serves {self.name!r}")
+            if rest[2] == "unload":
+                raise BadRequest(
+                    f"unload is not supported: this server always serves {self.name!r}", status=400
+                )
+            svc.check_ready()
+            body = await self.read_body(scope, receive)
+            req = decode(body, _load_decoder, LoadRequest) if body.strip() else LoadRequest()
+            params = req.parameters or {}
+            unknown = sorted(set(params) - {"path", "version"})
+            if unknown:
+                raise BadRequest(f"parameters: unknown {unknown}; give path and/or version")
+            result = await svc.reload(path=params.get("path"), version=params.get("version"))
+            if self.peers is not None:
+                result["workers"] = await self.peers.broadcast_load(params, result)
+            return 200, _encode(result)
+        raise NotFound(f"no route POST /v2/repository/{'/'.join(rest)}")
 
     def _ready(self) -> tuple[int, bytes]:
         svc = self.service
@@ -350,10 +457,20 @@ class App:
     def v2_metadata(self) -> dict[str, Any]:
         runner = self.service.runner
         model: ResolvedModel = runner.model
+        accepted = {"accepted_datatypes": sorted(V2_FLOAT)}
         if runner.array_layout:
-            inputs = [{"name": runner.columns[0], "datatype": "FP32", "shape": [-1, runner.width]}]
+            inputs = [
+                {
+                    "name": runner.columns[0],
+                    "datatype": "FP32",
+                    "shape": [-1, runner.width],
+                    "parameters": accepted,
+                }
+            ]
         else:
-            inputs = [{"name": c, "datatype": "FP64", "shape": [-1]} for c in runner.columns]
+            inputs = [
+                {"name": c, "datatype": "FP64", "shape": [-1], "parameters": accepted} for c in runner.columns
+            ]
         outputs = []
         for name, t in self.v2_outputs:
             if hasattr(t, "value_type"):
@@ -362,32 +479,67 @@ class App:
                 outputs.append({"name": name, "datatype": ARROW_TO_V2.get(str(t), "BYTES"), "shape": [-1]})
         return {
             "name": self.name,
-            "versions": [self.service.version],
+            "versions": self.service.versions(),
             "platform": f"pytorch_{model.format}",
             "inputs": inputs,
             "outputs": outputs,
         }
 
-    def v2_rows(self, req: V2Request) -> list[Row]:
-        """Rows in input-column order from named tensors (or one [N, width] tensor)."""
+    def v2_rows(self, req: V2Request, binary: memoryview | None = None) -> list[Row]:
+        """Rows in input-column order from named tensors (or one [N, width] tensor).
+
+        Values come from ``data`` (flat or nested to the tensor's rank) or, with the binary
+        tensor data extension, from ``binary`` in input order (``parameters.binary_data_size``).
+        """
         runner = self.service.runner
         cols = runner.columns
         tensors: dict[str, tuple[list[int], list[Any]]] = {}
+        offset = 0
         for t in req.inputs:
-            if t.datatype not in V2_NUMERIC:
+            if t.datatype not in V2_FLOAT:
                 raise BadRequest(
-                    f"inputs[{t.name}].datatype: {t.datatype!r} is not numeric; use FP32 or FP64"
+                    f"inputs[{t.name}].datatype: {t.datatype!r} is not accepted; "
+                    f"this model reads floats: {', '.join(sorted(V2_FLOAT))}"
                 )
-            flat = _flatten(t.data)
-            size = 1
-            for d in t.shape:
-                size *= d
-            if any(d < 0 for d in t.shape) or size != len(flat):
-                raise BadRequest(f"inputs[{t.name}]: shape {t.shape} needs {size} values, got {len(flat)}")
-            for v in flat:
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise BadRequest(f"inputs[{t.name}].data: expected numbers, got {v!r}")
+            if any(d < 0 for d in t.shape) or len(t.shape) > MAX_RANK:
+                raise BadRequest(
+                    f"inputs[{t.name}].shape: {t.shape} has a negative dimension or more than {MAX_RANK}"
+                )
+            size = int(np.prod(t.shape)) if t.shape else 1
+            nbytes = (t.parameters or {}).get("binary_data_size")
+            if nbytes is not None:
+                if binary is None or t.data is not None:
+                    raise BadRequest(
+                        f"inputs[{t.name}]: binary_data_size needs the Inference-Header-Content-Length "
+                        "header and no data field"
+                    )
+                itemsize = np.dtype(V2_FLOAT[t.datatype]).itemsize
+                if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes != size * itemsize:
+                    raise BadRequest(
+                        f"inputs[{t.name}]: shape {t.shape} of {t.datatype} needs {size * itemsize} bytes, "
+                        f"binary_data_size says {nbytes!r}"
+                    )
+                chunk = binary[offset : offset + nbytes]
+                if len(chunk) != nbytes:
+                    raise BadRequest(
+                        f"inputs[{t.name}]: the body ends before its {nbytes} bytes of binary data"
+                    )
+                offset += nbytes
+                flat = np.frombuffer(chunk, dtype=V2_FLOAT[t.datatype]).astype(np.float64).tolist()
+            else:
+                if t.data is None:
+                    raise BadRequest(f"inputs[{t.name}]: no data (and no parameters.binary_data_size)")
+                flat = _flatten(t.data, max(1, len(t.shape)), t.name)
+                if size != len(flat):
+                    raise BadRequest(
+                        f"inputs[{t.name}]: shape {t.shape} needs {size} values, got {len(flat)}"
+                    )
+                for v in flat:
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                        raise BadRequest(f"inputs[{t.name}].data: expected numbers, got {v!r}")
             tensors[t.name] = (t.shape, flat)
+        if binary is not None and offset != len(binary):
+            raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
         if runner.array_layout or (len(tensors) == 1 and set(tensors) - set(cols)):
             if len(tensors) != 1:
                 raise BadRequest(f"inputs: expected one tensor {cols[0]!r} of shape [N, {runner.width}]")
@@ -411,11 +563,27 @@ class App:
         columns = [tensors[c][1] for c in cols]
         return list(zip(*columns, strict=True))
 
-    async def v2_infer(self, scope: Scope, receive: Receive, started: float) -> tuple[int, bytes]:
+    async def v2_infer(
+        self, scope: Scope, receive: Receive, started: float, mv: ModelVersion | None
+    ) -> tuple[int, bytes] | tuple[int, bytes, list[tuple[bytes, bytes]]]:
         svc = self.service
         svc.check_ready()
-        req = decode(await self.read_body(scope, receive), _v2_decoder, V2Request)
-        rows = self.v2_rows(req)
+        raw = await self.read_body(scope, receive)
+        header_len = _header(scope, b"inference-header-content-length")
+        binary: memoryview | None = None
+        if header_len is not None:
+            try:
+                n = int(header_len)
+            except ValueError:
+                raise BadRequest("Inference-Header-Content-Length is not a number", status=400) from None
+            if not 0 < n <= len(raw):
+                raise BadRequest(
+                    f"Inference-Header-Content-Length {n} is outside the body of {len(raw)} bytes", status=400
+                )
+            binary = memoryview(raw)[n:]
+            raw = raw[:n]
+        req = decode(raw, _v2_decoder, V2Request)
+        rows = self.v2_rows(req, binary)
         if not rows:
             raise BadRequest("inputs: no rows")
         if len(rows) > self.cfg.server.max_instances:
@@ -427,7 +595,13 @@ class App:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
             raise BadRequest("parameters.timeout_ms: expected a number")
         deadline = self.deadline(started, timeout)
-        outcomes = await asyncio.gather(*(svc.predict_row(r, deadline) for r in rows), return_exceptions=True)
+        if mv is None:
+            # A canary takes a whole request: sticky by parameters.user_id when given.
+            mv = svc.route(params.get("user_id"))
+        gone = _connection(receive)
+        outcomes = await asyncio.gather(
+            *(svc.predict_row(r, deadline, mv, gone) for r in rows), return_exceptions=True
+        )
         for o in outcomes:
             if isinstance(o, BaseException) and not isinstance(o, RequestError):
                 raise o
@@ -439,46 +613,99 @@ class App:
                 raise BadRequest(f"bad input rows: {detail}")
             raise worst
         results: list[dict[str, Any]] = outcomes  # type: ignore[assignment]
+        self.metrics.request_success.inc()
+        return self.v2_response(req, results, mv.version, started)
+
+    def v2_response(
+        self, req: V2Request, results: list[dict[str, Any]], version: str, started: float
+    ) -> tuple[int, bytes] | tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The outputs asked for (all by default), as JSON data or binary tensor data."""
         n = len(results)
-        outputs = []
+        params = req.parameters or {}
+        wanted: dict[str, bool] | None = None
+        if req.outputs:
+            wanted = {o.name: bool((o.parameters or {}).get("binary_data", False)) for o in req.outputs}
+            unknown = sorted(set(wanted) - {name for name, _ in self.v2_outputs})
+            if unknown:
+                raise BadRequest(
+                    f"outputs: unknown {unknown}; this model has {[n for n, _ in self.v2_outputs]}"
+                )
+        all_binary = bool(params.get("binary_data_output", False))
+        outputs: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
         for name, t in self.v2_outputs:
+            if wanted is not None and name not in wanted:
+                continue
             values = [r.get(name) for r in results]
             if hasattr(t, "value_type"):
                 k = len(values[0]) if values and values[0] is not None else 0
-                outputs.append(
-                    {
-                        "name": name,
-                        "datatype": ARROW_TO_V2[str(t.value_type)],
-                        "shape": [n, k],
-                        "data": _flatten(values),
-                    }
-                )
+                dtype, shape, flat = ARROW_TO_V2[str(t.value_type)], [n, k], _flatten(values, 2, name)
             else:
-                dtype = ARROW_TO_V2.get(str(t), "BYTES")
+                dtype, shape, flat = ARROW_TO_V2.get(str(t), "BYTES"), [n], values
                 if dtype == "BYTES":
-                    values = ["" if v is None else str(v) for v in values]
-                outputs.append({"name": name, "datatype": dtype, "shape": [n], "data": values})
-        self.metrics.request_success.inc()
-        body: dict[str, Any] = {"model_name": self.name, "model_version": svc.version, "outputs": outputs}
+                    flat = ["" if v is None else str(v) for v in flat]
+            out: dict[str, Any] = {"name": name, "datatype": dtype, "shape": shape}
+            if wanted[name] if wanted is not None else all_binary:
+                data = _to_binary(flat, dtype)
+                out["parameters"] = {"binary_data_size": len(data)}
+                chunks.append(data)
+            else:
+                out["data"] = flat
+            outputs.append(out)
+        body: dict[str, Any] = {"model_name": self.name, "model_version": version, "outputs": outputs}
         if req.id is not None:
             body["id"] = req.id
         body["parameters"] = {
             "cache_hits": sum(1 for r in results if r.get("cache_hit")),
             "latency_ms": round((time.monotonic() - started) * 1000, 3),
         }
-        return 200, _encode(body)
+        header = _encode(body)
+        if not chunks:
+            return 200, header
+        extra = [
+            (b"inference-header-content-length", b"%d" % len(header)),
+            (b"content-type", b"application/octet-stream"),
+        ]
+        return 200, header + b"".join(chunks), extra
 
 
-def _flatten(data: list[Any]) -> list[Any]:
+def _connection(receive: Receive) -> Any:
+    """uvicorn's request cycle behind ``receive`` (its ``disconnected`` turns true when the client goes)."""
+    cycle = getattr(receive, "__self__", None)
+    return cycle if hasattr(cycle, "disconnected") else None
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return bytes(v)
+    return None
+
+
+def _flatten(data: list[Any], rank: int, name: str) -> list[Any]:
+    """Row-major values of a tensor given flat or nested up to ``rank`` levels (deeper is a 422)."""
     if not any(isinstance(v, list) for v in data):
         return data
+    if rank <= 1:
+        raise BadRequest(f"{name}: data is nested deeper than the tensor's {rank} dimension(s)")
     out: list[Any] = []
     for v in data:
         if isinstance(v, list):
-            out.extend(_flatten(v))
+            out.extend(_flatten(v, rank - 1, name))
         else:
             out.append(v)
     return out
+
+
+def _to_binary(values: list[Any], dtype: str) -> bytes:
+    """Tensor values in the binary tensor data encoding (little-endian; BYTES length-prefixed)."""
+    if dtype == "BYTES":
+        parts = []
+        for v in values:
+            b = str(v).encode()
+            parts.append(len(b).to_bytes(4, "little") + b)
+        return b"".join(parts)
+    return np.asarray([0 if v is None else v for v in values], dtype=V2_BINARY_OUT[dtype]).tobytes()
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -498,9 +725,12 @@ def create_app(
     model: ResolvedModel | None = None,
     runner: ModelRunner | None = None,
     token: str | None = None,
+    peers: Any = None,
+    service_options: dict[str, Any] | None = None,
 ) -> App:
-    """The ASGI app for ``cfg``; ``runner`` replaces the model runner (tests, ensembles)."""
+    """The ASGI app for ``cfg``; ``runner`` replaces the model runner (tests, ensembles);
+    ``service_options`` go to :class:`Service` (candidate runner, runner factory, worker index)."""
     if runner is None:
         # from_config: warm-up sizes and [batcher] parallel_members, as the config says.
         runner = ModelRunner.from_config(cfg, model)
-    return App(cfg, Service(cfg, runner), token=token)
+    return App(cfg, Service(cfg, runner, **(service_options or {})), token=token, peers=peers)

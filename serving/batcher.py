@@ -11,7 +11,9 @@ There is no per-request timer that can fire while a batch runs and be lost (the
 classic stuck-request bug): after every batch the loop re-examines the queue
 itself. Each caller has a deadline; a request whose deadline passes is answered
 504 at that deadline and dropped before it reaches the model. Identical
-requests (same ``key``) that are in flight are computed once.
+requests (same ``key``) that are in flight are computed once. A request whose
+client has disconnected (``gone``, uvicorn's request cycle) is dropped when its
+batch is formed, before the model.
 
 Deadlines mostly arrive in order (same timeout, later arrival), so callers in
 deadline order share one timer armed for the earliest of them (a uvloop timer
@@ -36,8 +38,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from serving.config import BatcherConfig
-from serving.errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull
-from serving.metrics import Metrics
+from serving.errors import BatchFailed, ClientGone, DeadlineExceeded, NotReady, QueueFull
+from serving.metrics import VersionMetrics
 from udfs.core import short_reason
 
 log = logging.getLogger("serving.batcher")
@@ -48,7 +50,7 @@ ScoreFn = Callable[[list[Any]], list[Any]]
 class _Pending:
     """One queued computation and everyone waiting for it."""
 
-    __slots__ = ("arrival", "deadline", "key", "row", "timers", "waiters")
+    __slots__ = ("arrival", "deadline", "gone", "key", "row", "timers", "waiters")
 
     def __init__(self, row: Any, key: Hashable | None, arrival: float, deadline: float) -> None:
         self.row = row
@@ -57,6 +59,15 @@ class _Pending:
         self.deadline = deadline
         self.waiters: list[asyncio.Future[Any]] = []
         self.timers: list[asyncio.TimerHandle] = []
+        # Per waiter: an object whose ``disconnected`` turns true when its client goes (or None).
+        self.gone: list[Any] = []
+
+    def abandoned(self) -> bool:
+        """Every caller has gone (disconnected, or answered already): nobody wants the result."""
+        return all(
+            w.done() or (g is not None and g.disconnected)
+            for w, g in zip(self.waiters, self.gone, strict=True)
+        )
 
 
 def _expire(fut: asyncio.Future[Any], timeout_ms: float) -> None:
@@ -71,11 +82,14 @@ class Batcher:
         self,
         score: ScoreFn,
         cfg: BatcherConfig,
-        metrics: Metrics,
+        metrics: VersionMetrics,
         *,
         executor: Executor | None = None,
+        on_batch: Callable[[list[Any], list[Any]], None] | None = None,
     ) -> None:
         self.score = score
+        # Called on the event loop with (rows, results) after each scored micro-batch (shadow scoring).
+        self.on_batch = on_batch
         self.cfg = cfg
         self.metrics = metrics
         self._executor = executor or ThreadPoolExecutor(cfg.workers, thread_name_prefix="score")
@@ -101,6 +115,10 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    def idle(self) -> bool:
+        """Nothing queued and nothing computing: a retired version can be stopped."""
+        return not self._queue and self.batches_running == 0
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.cfg.workers)
@@ -117,11 +135,13 @@ class Batcher:
             self._watch_timer.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, row: Any, timeout_ms: float, key: Hashable | None = None) -> asyncio.Future[Any]:
+    def submit(
+        self, row: Any, timeout_ms: float, key: Hashable | None = None, gone: Any = None
+    ) -> asyncio.Future[Any]:
         """Queue ``row``; the returned future resolves to its result or raises a RequestError.
 
         A request identical (same ``key``) to one in flight joins it instead of queueing.
-        Raises :class:`QueueFull` at once when the queue is full.
+        Raises :class:`QueueFull` at once when the queue is full. ``gone``: see :class:`_Pending`.
         """
         loop = self._loop
         if loop is None:
@@ -144,6 +164,7 @@ class Batcher:
                 self._wake.set_result(None)
         fut: asyncio.Future[Any] = loop.create_future()
         pending.waiters.append(fut)
+        pending.gone.append(gone)
         watch = self._watch
         if watch and deadline < watch[-1][0]:
             pending.timers.append(loop.call_later(timeout_ms / 1000, _expire, fut, timeout_ms))
@@ -238,17 +259,20 @@ class Batcher:
             p = q.popleft()
             if p.deadline <= now:
                 self._drop(p)
+            elif p.abandoned():
+                self._drop(p, ClientGone("the client disconnected before its request reached the model"))
+                self.metrics.canceled.inc()
             else:
                 batch.append(p)
         if not batch:
             return await self._collect()
         return batch
 
-    def _drop(self, p: _Pending) -> None:
-        """An expired request leaves without reaching the model, answered 504."""
+    def _drop(self, p: _Pending, error: Exception | None = None) -> None:
+        """An expired (504) or abandoned request leaves without reaching the model."""
         if self._inflight.get(p.key) is p:
             del self._inflight[p.key]
-        self._deliver_error(p, DeadlineExceeded("the deadline passed while the request was queued"))
+        self._deliver_error(p, error or DeadlineExceeded("the deadline passed while the request was queued"))
         self._trim_watch()
 
     def _launch(self, batch: list[_Pending]) -> None:
@@ -293,6 +317,11 @@ class Batcher:
             for t in p.timers:
                 t.cancel()
         self._trim_watch()
+        if self.on_batch is not None:
+            try:
+                self.on_batch([p.row for p in batch], results)
+            except Exception:  # the hook (shadow scoring) must never fail the primary's batch
+                log.exception("on_batch hook failed")
 
     def _finish_all(self, batch: list[_Pending], error: Exception) -> None:
         for p in batch:

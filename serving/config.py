@@ -1,14 +1,16 @@
 """The scorer's TOML config (``conf/serve.toml``) as frozen dataclasses.
 
 Unknown keys and wrong types are :class:`~udfs.errors.ConfigError`; command-line
-flags (``--host``, ``--port``, ``--redis-url``, ``--model``) override the file.
+flags (``--host``, ``--port``, ``--redis-url``, ``--model``, ``--workers``) override the file.
+An optional ``[candidate]`` table is a second model spec (its keys override
+``[model]``'s) plus ``traffic`` (canary share) or ``shadow = true``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
 from udfs.config import from_dict, load_toml
 from udfs.errors import ConfigError
@@ -24,8 +26,18 @@ class ServerConfig:
     # Name of an environment variable that holds a bearer token; empty: no auth.
     auth_token_env: str = ""
     log_level: str = "info"
+    # Server processes on the one port, each with its own model and batcher; "auto": one per core.
+    workers: int | Literal["auto"] = 1
+    # A request body that has not fully arrived after this long: 408 and the connection is closed.
+    body_timeout_s: float = 10.0
+    # On SIGTERM: in-flight requests get this long to finish before they are cancelled.
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.workers, int) and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 or 'auto', got {self.workers}")
+        if self.body_timeout_s <= 0 or self.drain_timeout_s <= 0:
+            raise ValueError("body_timeout_s and drain_timeout_s must be positive")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if self.max_body_bytes < 64:
@@ -97,12 +109,50 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class ReloadConfig:
+    """Zero-downtime model updates: ``POST /v2/repository/models/{name}/load`` always; a file watch opt-in."""
+
+    watch: bool = False  # poll the model file(s) and load a changed file in the background
+    poll_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s must be positive, got {self.poll_s}")
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """A second model version on live traffic: a canary share (sticky by user_id) or a shadow."""
+
+    model: ModelSpec
+    traffic: float = 0.0  # share of requests the candidate answers (sticky by user_id)
+    shadow: bool = False  # score a copy of every micro-batch off the response path; answer from the primary
+    # Shadow: micro-batches waiting for the candidate beyond this are skipped (never slows the primary).
+    max_pending_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.traffic <= 1:
+            raise ValueError(f"traffic must be between 0 and 1, got {self.traffic}")
+        if self.shadow == (self.traffic > 0):
+            raise ValueError("set either traffic = <share> (canary) or shadow = true, not both or neither")
+        if self.max_pending_batches < 1:
+            raise ValueError(f"max_pending_batches must be >= 1, got {self.max_pending_batches}")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: ModelSpec
     server: ServerConfig = ServerConfig()
     batcher: BatcherConfig = BatcherConfig()
     cache: CacheConfig = CacheConfig()
     redis: RedisConfig = RedisConfig()
+    reload: ReloadConfig = ReloadConfig()
+    candidate: CandidateConfig | None = None
+
+    def worker_count(self) -> int:
+        """``[server] workers`` with ``auto`` resolved to the cores this process may run on."""
+        w = self.server.workers
+        return len(os.sched_getaffinity(0)) if w == "auto" else int(w)
 
     def auth_token(self) -> str | None:
         """The bearer token from the environment variable the config names, if any."""
@@ -117,8 +167,54 @@ class ServeConfig:
         return token
 
 
+CANDIDATE_KEYS = {f.name for f in fields(CandidateConfig)} - {"model"}
+# What the candidate must share with the primary: it answers the same requests with the same fields.
+SAME_AS_PRIMARY = ("input_columns", "num_features", "output")
+
+
 def from_mapping(data: dict[str, Any]) -> ServeConfig:
-    return from_dict(ServeConfig, data, where="serve config")
+    data = dict(data)
+    candidate = data.pop("candidate", None)
+    cfg = from_dict(ServeConfig, data, where="serve config")
+    if candidate is None:
+        return cfg
+    if not isinstance(candidate, dict):
+        raise ConfigError("[serve config.candidate] must be a table")
+    options = {k: v for k, v in candidate.items() if k in CANDIDATE_KEYS}
+    spec = dict(data.get("model", {}))
+    given = {k: v for k, v in candidate.items() if k not in CANDIDATE_KEYS}
+    # The candidate's own file or members replace the primary's; everything else is inherited.
+    if "path" in given or "members" in given:
+        for key in ("path", "members", "version"):
+            spec.pop(key, None)
+    spec.update(given)
+    spec.setdefault("name", cfg.model.name)
+    model = from_dict(ModelSpec, spec, where="serve config.candidate")
+    for key in SAME_AS_PRIMARY:
+        if getattr(model, key) != getattr(cfg.model, key):
+            raise ConfigError(
+                f"[candidate] {key} = {getattr(model, key)!r} differs from [model]'s "
+                f"{getattr(cfg.model, key)!r}; a candidate answers the same requests, so they must match"
+            )
+    if model.name != cfg.model.name:
+        raise ConfigError(f"[candidate] name must be the served model's, {cfg.model.name!r} (or left out)")
+    try:
+        parsed = CandidateConfig(model=model, **_candidate_options(options))
+    except ValueError as exc:
+        raise ConfigError(f"[serve config.candidate]: {exc}") from None
+    return replace(cfg, candidate=parsed)
+
+
+def _candidate_options(options: dict[str, Any]) -> dict[str, Any]:
+    """traffic / shadow / max_pending_batches, type-checked like any config key."""
+    out: dict[str, Any] = {}
+    types = {"traffic": (int, float), "shadow": (bool,), "max_pending_batches": (int,)}
+    for key, value in options.items():
+        ok = isinstance(value, types[key]) and (key == "shadow" or not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"serve config.candidate.{key} has the wrong type: {value!r}")
+        out[key] = float(value) if key == "traffic" else value
+    return out
 
 
 def load_config(
@@ -128,12 +224,16 @@ def load_config(
     port: int | None = None,
     redis_url: str | None = None,
     model_path: str | None = None,
+    workers: int | Literal["auto"] | None = None,
 ) -> ServeConfig:
     """The config file with command-line overrides applied."""
     cfg = from_mapping(load_toml(path))
     try:
         server = replace(
-            cfg.server, host=host or cfg.server.host, port=cfg.server.port if port is None else port
+            cfg.server,
+            host=host or cfg.server.host,
+            port=cfg.server.port if port is None else port,
+            workers=cfg.server.workers if workers is None else workers,
         )
         redis = replace(cfg.redis, url=cfg.redis.url if redis_url is None else redis_url)
     except ValueError as exc:

@@ -72,3 +72,24 @@ class BatchFailed(RequestError):
 
     status = 500
     reason = "backend"
+
+
+class ClientGone(RequestError):
+    """The client disconnected while its request was queued (nginx's 499; nobody reads it)."""
+
+    status = 499
+    reason = "canceled"
+
+
+class RequestTimeout(RequestError):
+    """The body did not arrive within ``[server] body_timeout_s``."""
+
+    status = 408
+    reason = "body_timeout"
+
+
+class LoadFailed(RequestError):
+    """A new model version could not be loaded; the old one keeps serving."""
+
+    status = 400
+    reason = "load_failed"

@@ -113,14 +113,34 @@ class Histogram:
         return out
 
 
-class Metrics:
-    """Every metric the scorer exports; ``model`` and ``version`` label them all."""
+class MetricSet:
+    """Metrics that share base labels; :meth:`render` is Prometheus text."""
 
-    def __init__(self, model: str, version: str) -> None:
-        self.base = {"model": model, "version": version}
-        self.request_duration = Histogram(
-            "nv_inference_request_duration_us", "End-to-end time of an inference request, us", US_BUCKETS
-        )
+    def __init__(self, base: dict[str, str]) -> None:
+        self.base = base
+        self.gauges: list[Gauge] = []
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.gauges.append(Gauge(name, help, read))
+
+    def metrics(self) -> list[Counter | Histogram | Gauge]:
+        return [*self.gauges]
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for metric in self.metrics():
+            lines.extend(metric.render(self.base))
+        return ("\n".join(lines) + "\n").encode()
+
+
+class VersionMetrics(MetricSet):
+    """What one model version does: its batcher queue, micro-batches and compute.
+
+    ``role`` says how the version serves: ``primary``, ``canary`` or ``shadow``.
+    """
+
+    def __init__(self, model: str, version: str, role: str = "primary", worker: str | None = None) -> None:
+        super().__init__(_base(model, version=version, role=role, worker=worker))
         self.queue_duration = Histogram(
             "nv_inference_queue_duration_us", "Time a request waited in the batcher queue, us", US_BUCKETS
         )
@@ -132,6 +152,43 @@ class Metrics:
         self.batch_size = Histogram(
             "nv_inference_batch_size", "Requests per executed micro-batch", BATCH_BUCKETS
         )
+        self.inference_count = Counter("nv_inference_count", "Instances scored by the model")
+        self.exec_count = Counter("nv_inference_exec_count", "Micro-batches executed")
+        self.predictions = Counter(
+            "sparkscore_predictions_total", "Predictions this version answered (cache hits excluded)"
+        )
+        self.cache_coalesced = Counter(
+            "sparkscore_cache_coalesced_total", "Requests that joined an identical request already in flight"
+        )
+        self.canceled = Counter(
+            "sparkscore_canceled_requests_total",
+            "Queued requests dropped before the model because their client disconnected",
+        )
+
+    def metrics(self) -> list[Counter | Histogram | Gauge]:
+        return [
+            self.predictions,
+            self.inference_count,
+            self.exec_count,
+            self.queue_duration,
+            self.compute_duration,
+            self.batch_size,
+            self.cache_coalesced,
+            self.canceled,
+            *self.gauges,
+        ]
+
+
+class Metrics(MetricSet):
+    """The server's metrics (labelled by model) plus every model version's (:class:`VersionMetrics`)."""
+
+    def __init__(self, model: str, version: str = "", worker: str | None = None) -> None:
+        super().__init__(_base(model, worker=worker))
+        self.model = model
+        self.worker = worker
+        self.request_duration = Histogram(
+            "nv_inference_request_duration_us", "End-to-end time of an inference request, us", US_BUCKETS
+        )
         self.request_success = Counter("nv_inference_request_success", "Successful inference requests")
         self.request_failure = Counter(
             "nv_inference_request_failure", "Failed inference requests, by reason", label="reason"
@@ -141,48 +198,88 @@ class Metrics:
             "Requests answered without reaching the model (queue_full, deadline, not_ready)",
             label="reason",
         )
-        self.inference_count = Counter("nv_inference_count", "Instances scored by the model")
-        self.exec_count = Counter("nv_inference_exec_count", "Micro-batches executed")
         self.cache_hits = Counter("nv_cache_num_hits_per_model", "Prediction cache hits")
         self.cache_misses = Counter("nv_cache_num_misses_per_model", "Prediction cache misses")
-        self.cache_coalesced = Counter(
-            "sparkscore_cache_coalesced_total", "Requests that joined an identical request already in flight"
-        )
         self.cache_unavailable = Counter(
             "sparkscore_cache_unavailable_total", "Requests served without the cache because Redis failed"
         )
         self.redis_errors = Counter(
             "sparkscore_redis_errors_total", "Redis errors and timeouts, by use", label="op"
         )
-        self.gauges: list[Gauge] = []
+        self.redis_pool_busy = Counter(
+            "sparkscore_redis_pool_exhausted_total",
+            "Redis calls skipped because every pooled connection was in use (not a Redis failure)",
+        )
+        self.model_loads = Counter(
+            "sparkscore_model_loads_total",
+            "Model version loads (start-up, reloads), by result",
+            label="result",
+        )
+        self.version_sets: list[VersionMetrics] = []
+        self.extra: list[MetricSet] = []  # shadow comparison and the like
 
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges.append(Gauge(name, help, read))
+    def for_version(self, version: str, role: str = "primary") -> VersionMetrics:
+        """A version's metric set, kept (the last few) so its counters outlive a model swap."""
+        vm = VersionMetrics(self.model, version, role, self.worker)
+        self.version_sets.append(vm)
+        del self.version_sets[:-6]
+        return vm
 
     def fail(self, reason: str, *, shed: bool = False) -> None:
         self.request_failure.inc(reason)
         if shed:
             self.shed.inc(reason)
 
-    def render(self) -> bytes:
-        lines: list[str] = []
-        metrics: tuple[Counter | Histogram | Gauge, ...] = (
+    def metrics(self) -> list[Counter | Histogram | Gauge]:
+        return [
             self.request_success,
             self.request_failure,
             self.shed,
-            self.inference_count,
-            self.exec_count,
             self.request_duration,
-            self.queue_duration,
-            self.compute_duration,
-            self.batch_size,
             self.cache_hits,
             self.cache_misses,
-            self.cache_coalesced,
             self.cache_unavailable,
             self.redis_errors,
+            self.redis_pool_busy,
+            self.model_loads,
             *self.gauges,
-        )
-        for metric in metrics:
-            lines.extend(metric.render(self.base))
-        return ("\n".join(lines) + "\n").encode()
+        ]
+
+    def render(self) -> bytes:
+        parts = [MetricSet.render(self)] + [s.render() for s in (*self.version_sets, *self.extra)]
+        return merge_exposition(parts)
+
+
+def _base(model: str, **labels: str | None) -> dict[str, str]:
+    return {"model": model, **{k: v for k, v in labels.items() if v is not None}}
+
+
+def merge_exposition(texts: Iterable[bytes]) -> bytes:
+    """Prometheus texts merged into one: each family's HELP/TYPE once, then every text's samples.
+
+    Several model versions, or several worker processes, export the same families with
+    different labels; a scrape must see each family once.
+    """
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for text in texts:
+        current: list[str] | None = None
+        for line in text.decode().splitlines():
+            if not line:
+                continue
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                header, current = families.setdefault(name, ([], []))
+                if not header:
+                    header.append(line)
+            elif line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                header, current = families.setdefault(name, ([], []))
+                if len(header) < 2:
+                    header.append(line)
+            elif current is not None:
+                current.append(line)
+    out: list[str] = []
+    for header, samples in families.values():
+        out.extend(header)
+        out.extend(samples)
+    return ("\n".join(out) + "\n").encode()

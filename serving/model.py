@@ -8,8 +8,10 @@ row gets the same prediction and a bad row the same error reason on every path.
 Results are generic: every column that :func:`udfs.core.output_schema` lists
 (an ensemble adds ``degraded`` and ``missing_members``) comes back by name.
 
-An ensemble's members run in parallel on a small thread pool of the runner's
-own (one thread per member) unless ``[batcher] parallel_members = false``: then
+An ensemble's members run in parallel on a thread pool of the runner's own,
+one thread per member for each micro-batch that may compute at once (``[batcher]
+workers`` x members, so a batch's members never queue behind another batch's and
+``member_timeout_ms`` measures the member, not the queue) unless ``[batcher] parallel_members = false``: then
 there is no pool and the members run one after another on the inference thread.
 """
 
@@ -39,6 +41,7 @@ class ModelRunner:
         *,
         warmup_sizes: tuple[int, ...] = (1, 8),
         parallel_members: bool = True,
+        concurrent_batches: int = 2,
     ) -> None:
         spec = model.spec
         self.model = model
@@ -50,6 +53,7 @@ class ModelRunner:
         self.output_names = output_schema(model).names
         self.warmup_sizes = warmup_sizes
         self.parallel_members = parallel_members
+        self.concurrent_batches = concurrent_batches
         self.scorer: Scorer | None = None
         self._member_pool: ThreadPoolExecutor | None = None
 
@@ -60,6 +64,7 @@ class ModelRunner:
             model or resolve(cfg.model),
             warmup_sizes=(1, cfg.batcher.max_batch_size),
             parallel_members=cfg.batcher.parallel_members,
+            concurrent_batches=cfg.batcher.workers,
         )
 
     @property
@@ -74,8 +79,11 @@ class ModelRunner:
         """Load (per-process cached) and warm up: the first real request pays no first-call cost."""
         self.scorer = load_scorer(self.model)
         if self.model.is_ensemble and self.parallel_members and self._member_pool is None:
-            # Members of one micro-batch run in parallel (torch releases the GIL).
-            self._member_pool = ThreadPoolExecutor(len(self.model.members), thread_name_prefix="member")
+            # Members of one micro-batch run in parallel (torch releases the GIL); every batch
+            # computing at once gets a thread per member.
+            self._member_pool = ThreadPoolExecutor(
+                len(self.model.members) * self.concurrent_batches, thread_name_prefix="member"
+            )
         zero: Row = ([0.0] * self.width,) if self.array_layout else (0.0,) * self.width
         # TorchScript's profiling executor specialises a graph over its first few calls: make them here.
         for _ in range(3):

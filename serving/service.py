@@ -6,22 +6,33 @@ feature store; the prediction cache is checked first (keyed by model version
 plus entity ids or feature values); a miss goes through the dynamic batcher to
 the model. Every failure is a :class:`~serving.errors.RequestError` carrying its
 HTTP status.
+
+Model versions (:mod:`serving.versions`): a new version loads and warms up in the
+background and then replaces the primary in one assignment (:meth:`Service.reload`,
+from ``POST /v2/repository/models/{name}/load`` or the opt-in file watch); cache
+keys start with the version, so no answer of the old version is served after the
+swap. A ``[candidate]`` answers a sticky share of users (canary) or shadows every
+micro-batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import random
 import time
-from collections.abc import Hashable
+import zlib
+from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import Any
 
 import msgspec
 
-from serving.batcher import Batcher
 from serving.config import ServeConfig
-from serving.errors import BadRequest, DeadlineExceeded, NotFound, NotReady
+from serving.errors import BadRequest, DeadlineExceeded, LoadFailed, NotFound, NotReady
 from serving.metrics import Metrics
 from serving.model import ModelRunner, Row
 from serving.store import (
@@ -38,7 +49,9 @@ from serving.store import (
     RedisConnection,
     RedisFeatureStore,
 )
-from udfs.core import ERROR, PREDICTION, short_reason
+from serving.versions import CANARY, PRIMARY, SHADOW, ModelVersion, Shadow, ShadowMetrics
+from udfs.core import DEGRADED, ERROR, PREDICTION, check_model, short_reason
+from udfs.spec import ModelSpec, ResolvedModel, resolve, with_overrides
 
 log = logging.getLogger("serving")
 
@@ -61,62 +74,142 @@ class Instance(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Service:
-    """The scorer behind the HTTP layer; ``runner.score`` is what micro-batches are sent to."""
+    """The scorer behind the HTTP layer: the primary model version, an optional candidate, cache, store."""
 
-    def __init__(self, cfg: ServeConfig, runner: ModelRunner, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        runner: ModelRunner,
+        metrics: Metrics | None = None,
+        *,
+        candidate_runner: ModelRunner | None = None,
+        runner_factory: Callable[[ResolvedModel], ModelRunner] | None = None,
+        worker: str | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.runner = runner
-        self.version = runner.version
         self.name = runner.model.name
-        self.metrics = metrics or Metrics(self.name, self.version)
-        self.batcher = Batcher(runner.score, cfg.batcher, self.metrics)
+        self.worker = worker
+        self.metrics = metrics or Metrics(self.name, worker=worker)
+        self.runner_factory = runner_factory or (lambda model: ModelRunner.from_config(cfg, model))
+        self.primary = self._version(runner, PRIMARY)
+        self.spec: ModelSpec = runner.model.spec
         self.columns = runner.columns
+        self.array_layout = runner.array_layout
+        self.candidate: ModelVersion | None = None
+        self.traffic = 0.0  # canary share, once the candidate is loaded
+        self.shadow: Shadow | None = None
+        if cfg.candidate is not None:
+            cand = candidate_runner or self.runner_factory(resolve(cfg.candidate.model))
+            role = SHADOW if cfg.candidate.shadow else CANARY
+            self.candidate = self._version(cand, role)
         self.cache: PredictionCache = NoCache()
         self.store: FeatureStore = NoFeatureStore()
         self.redis: RedisConnection | None = None
         self.ready = False
         self.load_error: str | None = None
+        self.last_reload: dict[str, Any] = {}
+        self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._load_task: asyncio.Task[None] | None = None
-        # Cache-key prefixes: by feature values, or by entity ids (plus context).
-        self._fkey = f"{self.version}|f|"
-        self._ekey = f"{self.version}|e|"
         self.metrics.gauge(
             "sparkscore_ready", "1 once the model is loaded and warmed up", lambda: float(self.ready)
         )
 
+    def _version(self, runner: ModelRunner, role: str) -> ModelVersion:
+        return ModelVersion(runner, self.cfg.batcher, self.metrics.for_version(runner.version, role), role)
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.primary.runner
+
+    @property
+    def version(self) -> str:
+        return self.primary.version
+
+    def versions(self) -> list[str]:
+        """Versions that answer requests: the primary, and a canary candidate."""
+        cand = self.candidate
+        return [self.version] + ([cand.version] if cand is not None and cand.role == CANARY else [])
+
+    def version_named(self, version: str) -> ModelVersion | None:
+        if version == self.primary.version:
+            return self.primary
+        cand = self.candidate
+        if cand is not None and cand.role == CANARY and version == cand.version:
+            return cand
+        return None
+
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the batcher and load the model in the background (readiness stays false until done)."""
+    async def start(self, *, wait: bool = False) -> None:
+        """Start the batcher and load the model in the background (readiness stays false until done).
+
+        ``wait``: return only once loaded (a worker process then accepts no connection before it can answer).
+        """
         if self.cfg.redis.url:
             self.redis = RedisConnection(self.cfg.redis, self.metrics)
             self.store = RedisFeatureStore(self.redis)
         if self.cfg.cache.enabled:
             self.cache = RedisCache(self.redis, self.cfg.cache) if self.redis else LocalCache(self.cfg.cache)
-        await self.batcher.start()
+        await self.primary.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="model-load")
+        if wait:
+            await self._load_task
+            if self.load_error:
+                raise RuntimeError(self.load_error)
 
     async def _load(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.runner.load)
+            await self.primary.load()
         except Exception as exc:  # reported by readiness and the log, not a crash
             self.load_error = f"the model failed to load: {short_reason(exc)}"
+            self.metrics.model_loads.inc("failure")
             log.error(self.load_error, exc_info=exc)
             return
+        self.metrics.model_loads.inc("success")
+        if self.candidate is not None:
+            await self._start_candidate(self.candidate)
         # Move the model, torch and everything loaded so far out of the collector's sight:
         # otherwise each full collection rescans ~10^5 long-lived objects on the request path.
         gc.freeze()
         if self.redis is not None and not await self.redis.ping():
             log.warning("Redis at %s does not answer; serving without it until it does", self.cfg.redis.url)
         self.ready = True
+        if self.cfg.reload.watch:
+            self._spawn(self._watch(), "model-watch")
         log.info("ready: model %s version %s", self.name, self.version)
+
+    async def _start_candidate(self, cand: ModelVersion) -> None:
+        """Load the candidate; a candidate that fails to load is dropped, never the primary."""
+        assert self.cfg.candidate is not None
+        try:
+            await cand.load()
+        except Exception as exc:  # noqa: BLE001 - the primary serves on
+            self.candidate = None
+            self.metrics.model_loads.inc("failure")
+            log.error(
+                "candidate version %s failed to load, serving without it: %s", cand.version, short_reason(exc)
+            )
+            return
+        self.metrics.model_loads.inc("success")
+        if cand.role == SHADOW:
+            metrics = ShadowMetrics(self.name, cand.version, self.worker)
+            self.metrics.extra.append(metrics)
+            self.shadow = Shadow(cand, metrics, self.cfg.candidate.max_pending_batches)
+            self.primary.batcher.on_batch = self.shadow.offer
+        else:
+            await cand.start()
+            self.traffic = self.cfg.candidate.traffic
+        log.info("candidate %s version %s is live (%s)", self.name, cand.version, cand.role)
 
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        await self.batcher.stop()
-        self.runner.close()
+        await self.primary.stop()
+        if self.candidate is not None:
+            await self.candidate.stop()
+        if self.shadow is not None:
+            self.shadow.close()
         for task in list(self._background):
             task.cancel()
         await self.cache.close()
@@ -127,12 +220,102 @@ class Service:
         if not self.ready:
             raise NotReady(self.load_error or "the model is still loading; retry shortly")
 
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- model updates --------------------------------------------------------------
+
+    async def reload(self, *, path: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Load the model file(s) again (or ``path``), warm the new version up, then swap it in.
+
+        Requests keep being answered by the old version until the swap, and those it already
+        holds finish on it. A file that fails to load leaves the old version serving: the
+        reason is logged, counted (``sparkscore_model_loads_total{result="failure"}``) and
+        raised as :class:`LoadFailed`. Loads are one at a time.
+        """
+        async with self._reload_lock:
+            old = self.primary
+            try:
+                spec = with_overrides(self.spec, path=path) if path else self.spec
+                # A pinned version names the file it was pinned for: a changed file gets its content hash.
+                spec = replace(spec, version=version) if version else _unpinned(spec)
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, resolve, spec)
+                if model.content_hash == old.model.content_hash and version in (None, old.version):
+                    return self._reloaded(old.version, old.version, changed=False)
+                if model.version == old.version:
+                    raise LoadFailed(f"version {old.version!r} is already serving different model content")
+                # Load the files on the CPU and score a row of zeros before building anything.
+                await loop.run_in_executor(None, check_model, model)
+                new = self._version(self.runner_factory(model), PRIMARY)
+                await new.load()
+            except Exception as exc:  # noqa: BLE001 - every load failure keeps the old version
+                reason = exc.message if isinstance(exc, LoadFailed) else short_reason(exc)
+                self.metrics.model_loads.inc("failure")
+                self.last_reload = {"state": "FAILED", "reason": reason, "serving": old.version}
+                log.error(
+                    "model %s: the new version failed to load, %s keeps serving: %s",
+                    self.name,
+                    old.version,
+                    reason,
+                )
+                raise LoadFailed(
+                    f"the new model version failed to load, {old.version} keeps serving: {reason}"
+                ) from None
+            await new.start()
+            new.batcher.on_batch = old.batcher.on_batch  # a shadow keeps following the primary
+            self.primary = new  # the swap: requests from here on go to the new version
+            self.spec = model.spec
+            self.metrics.model_loads.inc("success")
+            self._spawn(old.retire(self.cfg.batcher.max_timeout_ms / 1000), "retire-" + old.version)
+            log.info("model %s: version %s replaced %s", self.name, new.version, old.version)
+            return self._reloaded(new.version, old.version, changed=True)
+
+    def _reloaded(self, version: str, previous: str, *, changed: bool) -> dict[str, Any]:
+        self.last_reload = {"state": "READY", "reason": "", "serving": version}
+        return {
+            "model_name": self.name,
+            "model_version": version,
+            "previous_version": previous,
+            "changed": changed,
+        }
+
+    async def _watch(self) -> None:
+        """Poll the model files; a changed file (stable for one poll) is loaded like a POST .../load."""
+        poll = self.cfg.reload.poll_s
+        seen = _stats(self.spec.paths)
+        while True:
+            await asyncio.sleep(poll)
+            now = _stats(self.spec.paths)
+            if now == seen:
+                continue
+            await asyncio.sleep(poll)  # a file still being written changes again: wait for it to settle
+            if _stats(self.spec.paths) != now:
+                continue
+            seen = now
+            # A failure is logged and counted; the next change of the file is tried again.
+            with contextlib.suppress(LoadFailed):
+                await self.reload()
+
+    # -- routing --------------------------------------------------------------------
+
+    def route(self, user_id: str | int | None) -> ModelVersion:
+        """The version that answers: the canary for a sticky share of users, else the primary."""
+        cand = self.candidate
+        if self.traffic <= 0 or cand is None:
+            return self.primary
+        # crc32, not hash(): the same user goes to the same version in every worker and restart.
+        share = random.random() if user_id is None else zlib.crc32(str(user_id).encode()) / 4294967296.0
+        return cand if share < self.traffic else self.primary
+
     # -- features -------------------------------------------------------------------
 
     def row_from_features(self, features: list[float | None] | dict[str, FeatureValue]) -> Row:
         """The request's feature values in input-column order (shape problems are 422s)."""
         cols = self.columns
-        if self.runner.array_layout:
+        if self.array_layout:
             if isinstance(features, list):
                 return (features,)
             vec = features.get(cols[0], _ABSENT)
@@ -192,7 +375,7 @@ class Service:
 
     def _parse_stored(self, col: str, where: str, raw: bytes) -> Any:
         text = raw.decode(errors="replace").strip()
-        if self.runner.array_layout:
+        if self.array_layout:
             try:
                 return msgspec.json.decode(raw, type=list[float | None])
             except msgspec.DecodeError:
@@ -206,49 +389,59 @@ class Service:
 
     # -- prediction -----------------------------------------------------------------
 
-    async def predict(self, inst: Instance, deadline: float) -> dict[str, Any]:
-        """Score one instance before ``deadline`` (time.monotonic()); the response fields, or a RequestError."""
+    async def predict(self, inst: Instance, deadline: float, gone: Any = None) -> dict[str, Any]:
+        """Score one instance before ``deadline`` (time.monotonic()); the response fields, or a RequestError.
+
+        ``gone``: the request's connection state (see :class:`serving.batcher.Batcher`).
+        """
         if not self.ready:
             self.check_ready()
-        key, row = self.key_of(inst)
+        mv = self.primary if self.traffic <= 0 else self.route(inst.user_id)
+        key, row = self.key_of(inst, mv.version)
         out, status = self.lookup(key)
         if out is not None:
             return out
-        return await self.compute(key, deadline, row, inst, status)
+        return await self.compute(mv, key, deadline, row, inst, status, gone)
 
-    async def predict_row(self, row: Row, deadline: float) -> dict[str, Any]:
-        """Score one row of feature values (the KServe v2 path)."""
+    async def predict_row(
+        self, row: Row, deadline: float, mv: ModelVersion | None = None, gone: Any = None
+    ) -> dict[str, Any]:
+        """Score one row of feature values (the KServe v2 path) with ``mv`` (default: the primary)."""
         self.check_ready()
-        key = self._row_key(row)
+        mv = mv or self.primary
+        key = self._row_key(row, mv.version)
         out, status = self.lookup(key)
         if out is not None:
             return out
-        return await self.compute(key, deadline, row, None, status)
+        return await self.compute(mv, key, deadline, row, None, status, gone)
 
-    def key_of(self, inst: Instance) -> tuple[Hashable, Row | None]:
-        """The instance's cache key, and its row when it carries its features (else None: the store has them)."""
+    def key_of(self, inst: Instance, version: str) -> tuple[Hashable, Row | None]:
+        """The instance's cache key, and its row when it carries its features (else None: the store has them).
+
+        Every key starts with the model version that answers, so a swap never serves an old answer.
+        """
         features = inst.features
         if features is not None:
             row = self.row_from_features(features)
-            return self._row_key(row), row
+            return self._row_key(row, version), row
         for name in ("user_id", "item_id"):
             if getattr(inst, name) is None:
                 raise BadRequest(f"{name}: required when features is absent")
         ctx = tuple(sorted(inst.context.items())) if inst.context else ()
         ids = (str(inst.user_id), str(inst.item_id), ctx)
-        return (self._ekey + repr(ids) if self._string_keys() else ("e", *ids)), None
+        return (f"{version}|e|{ids!r}" if self._string_keys() else (version, "e", *ids)), None
 
     def _string_keys(self) -> bool:
         """Whether cache keys must be strings (Redis); in-process keys are tuples, hashed without repr()."""
         cache = type(self.cache)
         return cache is not LocalCache and cache is not NoCache
 
-    def _row_key(self, row: Row) -> Hashable:
+    def _row_key(self, row: Row, version: str) -> Hashable:
         """The cache (and in-flight coalescing) key of a row of feature values."""
         if self._string_keys():
-            return self._fkey + repr(row)
+            return f"{version}|f|{row!r}"
         # repr() of the floats was ~1 us of a cache hit; a tuple of them hashes in a tenth of that.
-        return ("f", tuple(row[0])) if self.runner.array_layout else ("f", row)
+        return (version, "f", tuple(row[0])) if self.array_layout else (version, "f", row)
 
     def lookup(self, key: Hashable) -> tuple[dict[str, Any] | None, str | None]:
         """The cache without awaiting: ``(fields, HIT)`` on an in-process hit, ``(None, status)`` when the
@@ -266,7 +459,14 @@ class Service:
         return None, status
 
     async def compute(
-        self, key: Hashable, deadline: float, row: Row | None, inst: Instance | None, status: str | None
+        self,
+        mv: ModelVersion,
+        key: Hashable,
+        deadline: float,
+        row: Row | None,
+        inst: Instance | None,
+        status: str | None,
+        gone: Any = None,
     ) -> dict[str, Any]:
         """Everything after a :meth:`lookup` that did not answer: the awaited cache, the store, the model."""
         metrics = self.metrics
@@ -286,7 +486,7 @@ class Service:
         remaining_ms = (deadline - time.monotonic()) * 1000
         if remaining_ms <= 0:
             raise DeadlineExceeded("the deadline passed before the request reached the model")
-        result = await self.batcher.submit(row, remaining_ms, key)
+        result = await mv.batcher.submit(row, remaining_ms, key, gone)
         error = result.get(ERROR)
         if error is not None:
             raise BadRequest(error)
@@ -294,7 +494,8 @@ class Service:
         if status == OFF:
             public["cache_hit"] = False
             return public
-        if status == MISS:
+        # A degraded ensemble answer (a member missing) is served but never cached.
+        if status == MISS and not result.get(DEGRADED):
             self._cache_set(key, public)
         out = {**public, "cache_hit": False}
         if status == UNAVAILABLE:
@@ -313,3 +514,21 @@ class Service:
 
 
 _ABSENT: Any = object()
+
+
+def _unpinned(spec: ModelSpec) -> ModelSpec:
+    """The spec with a pinned version dropped (an ensemble derives its own)."""
+    return spec if spec.is_ensemble or spec.version is None else replace(spec, version=None)
+
+
+def _stats(paths: tuple[str, ...]) -> list[tuple[int, int] | None]:
+    """(mtime_ns, size) of each file; None for a file that is missing right now."""
+    out: list[tuple[int, int] | None] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_mtime_ns, st.st_size))
+    return out

@@ -7,9 +7,13 @@
 * Feature store: Redis hashes ``user:{id}`` and ``item:{id}``; a request
   without ``features`` is assembled from them in the model spec's column order.
 
-Redis calls go through one pooled client with short socket timeouts. After an
+Redis calls go through one pooled client with short socket timeouts. A call
+that fails on a broken connection (a pooled connection left stale by a Redis
+restart) is retried once on a fresh one; only then is it an error. After an
 error, Redis is skipped for ``retry_after_s`` so a dead server costs one
-timeout, not one per request.
+timeout, not one per request. Every pooled connection in use is local
+back-pressure, not a Redis failure: that call goes without Redis and the
+breaker stays closed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from serving.metrics import Metrics
 log = logging.getLogger("serving.store")
 
 HIT, MISS, UNAVAILABLE, OFF = "hit", "miss", "unavailable", "off"
+
+
+class PoolExhausted(Exception):
+    """Every pooled Redis connection stayed in use for the pool's wait: local load, not a Redis failure."""
 
 
 class PredictionCache(Protocol):
@@ -93,20 +101,33 @@ class RedisConnection:
         from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        class Pool(BlockingConnectionPool):
+            async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await super().get_connection(*args, **kwargs)
+                except RedisConnectionError as exc:
+                    if isinstance(exc.__cause__, asyncio.TimeoutError):
+                        raise PoolExhausted(
+                            f"all {cfg.max_connections} Redis connections are in use"
+                        ) from None
+                    raise
 
         self.cfg = cfg
         self.metrics = metrics
         self.timeout = cfg.socket_timeout_ms / 1000
-        no_retry = Retry(NoBackoff(), 0)
-        pool = BlockingConnectionPool.from_url(
+        # Once, on a broken connection only (reconnects it): a slow Redis (a timeout) is not retried.
+        retry_once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        pool = Pool.from_url(
             cfg.url,
             max_connections=cfg.max_connections,
             timeout=self.timeout,
             socket_timeout=self.timeout,
             socket_connect_timeout=cfg.connect_timeout_ms / 1000,
-            retry=no_retry,
+            retry=retry_once,
         )
-        self.client = Redis(connection_pool=pool, retry=no_retry)
+        self.client = Redis(connection_pool=pool, retry=retry_once)
         self._down_until = 0.0
         self.last_error = ""
 
@@ -114,6 +135,9 @@ class RedisConnection:
         return time.monotonic() >= self._down_until
 
     def failed(self, op: str, exc: BaseException) -> str:
+        if isinstance(exc, PoolExhausted):
+            self.metrics.redis_pool_busy.inc()
+            return str(exc)
         self.metrics.redis_errors.inc(op)
         reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":") if str(exc) else type(exc).__name__
         if self.available():
@@ -123,8 +147,9 @@ class RedisConnection:
         return reason
 
     async def call(self, op: str, coro_fn: Any, *args: Any) -> Any:
-        """Run one Redis call with a hard deadline (socket timeouts do not cover every wait)."""
-        async with asyncio.timeout(self.timeout * 2 + self.cfg.connect_timeout_ms / 1000):
+        """Run one Redis call with a hard deadline (socket timeouts do not cover every wait; the
+        pool wait, one retry and its reconnect are inside it)."""
+        async with asyncio.timeout(self.timeout * 4 + self.cfg.connect_timeout_ms / 1000):
             return await coro_fn(*args)
 
     async def ping(self) -> bool:

@@ -8,7 +8,7 @@ the same prediction, and a bad row the same error reason, on every path.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,12 +180,23 @@ class Scorer:
                     failures[m.name] = short_reason(exc)
         else:
             timeout_ms = self.model.spec.member_timeout_ms
-            deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-            futures = {m.name: pool.submit(self.run_member, i, x) for i, m in enumerate(members)}
-            for name, fut in futures.items():
+            # Each member's clock starts when it starts running, not while it waits for a pool thread.
+            started: list[float | None] = [None] * len(members)
+
+            def run(i: int) -> np.ndarray:
+                started[i] = time.monotonic()
+                return self.run_member(i, x)
+
+            futures = {m.name: pool.submit(run, i) for i, m in enumerate(members)}
+            for i, (name, fut) in enumerate(futures.items()):
                 try:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    outputs[name] = fut.result(timeout=left)
+                    while timeout_ms is not None and started[i] is None and not fut.done():
+                        wait([fut], timeout=timeout_ms / 1000)
+                    begun = started[i]
+                    left = None if timeout_ms is None or begun is None else begun + timeout_ms / 1000
+                    outputs[name] = fut.result(
+                        timeout=None if left is None else max(0.0, left - time.monotonic())
+                    )
                 except FutureTimeout:
                     failures[name] = f"timed out after {timeout_ms:g} ms"
                 except Exception as exc:  # noqa: BLE001

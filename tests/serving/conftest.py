@@ -22,7 +22,15 @@ import httpx
 import pytest
 
 from serving.app import App, create_app
-from serving.config import BatcherConfig, CacheConfig, RedisConfig, ServeConfig, ServerConfig
+from serving.config import (
+    BatcherConfig,
+    CacheConfig,
+    CandidateConfig,
+    RedisConfig,
+    ReloadConfig,
+    ServeConfig,
+    ServerConfig,
+)
 from serving.model import ModelRunner, Row
 from udfs.demo import CTR_FEATURES
 from udfs.spec import ModelSpec, ResolvedModel, resolve
@@ -182,14 +190,27 @@ def uvicorn_thread(app: App) -> Iterator[str]:
         sock.close()
 
 
-def make_config(model: ResolvedModel, **sections: dict[str, Any]) -> ServeConfig:
-    kinds = {"server": ServerConfig, "batcher": BatcherConfig, "cache": CacheConfig, "redis": RedisConfig}
-    return ServeConfig(model=model.spec, **{k: kinds[k](**v) for k, v in sections.items()})
+def make_config(
+    model: ResolvedModel, candidate: CandidateConfig | None = None, **sections: dict[str, Any]
+) -> ServeConfig:
+    kinds = {
+        "server": ServerConfig,
+        "batcher": BatcherConfig,
+        "cache": CacheConfig,
+        "redis": RedisConfig,
+        "reload": ReloadConfig,
+    }
+    return ServeConfig(
+        model=model.spec, candidate=candidate, **{k: kinds[k](**v) for k, v in sections.items()}
+    )
 
 
 @pytest.fixture
 def serve(ctr_model) -> Iterator[Callable[..., Server]]:
-    """``serve(runner=..., token=..., model=..., batcher={...}, ...)`` -> a running :class:`Server`."""
+    """``serve(runner=..., token=..., model=..., candidate=..., batcher={...}, ...)`` -> a running :class:`Server`.
+
+    ``service_options`` go to :class:`serving.service.Service` (a candidate runner, a runner factory).
+    """
     stack = contextlib.ExitStack()
 
     def start(
@@ -198,12 +219,14 @@ def serve(ctr_model) -> Iterator[Callable[..., Server]]:
         runner: ModelRunner | None = None,
         token: str | None = None,
         ready: bool = True,
+        candidate: CandidateConfig | None = None,
+        service_options: dict[str, Any] | None = None,
         **sections: dict[str, Any],
     ) -> Server:
         model = model or ctr_model
-        cfg = make_config(model, **sections)
+        cfg = make_config(model, candidate, **sections)
         runner = runner or ModelRunner(model)
-        app = create_app(cfg, model=model, runner=runner, token=token)
+        app = create_app(cfg, model=model, runner=runner, token=token, service_options=service_options)
         url = stack.enter_context(uvicorn_thread(app))
         client = stack.enter_context(httpx.Client(timeout=20.0))
         server = Server(url, app, client, runner)
@@ -242,14 +265,15 @@ class RedisProcess:
                 self.proc.wait(10)
 
 
-def start_redis() -> RedisProcess:
+def start_redis(port: int | None = None) -> RedisProcess:
+    """A fresh redis-server on a free port (or on ``port``: the same server coming back after a restart)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
             "redis-server is not installed; the serving tests need it: run `make setup` as root "
             "or `sudo apt-get install redis-server`"
         )
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             binary,

@@ -3,8 +3,11 @@ load shedding (429), deadlines (504), model failures (500) and identical request
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -132,7 +135,11 @@ def test_a_model_exception_fails_its_batch_with_500_and_the_batcher_keeps_runnin
 
 def test_identical_requests_in_flight_are_computed_once(serve, ctr_model, pool):
     runner = GatedRunner(ctr_model, hold=holds)
-    srv = serve(runner=runner, batcher={"max_batch_size": 8, "max_wait_ms": 1.0, "workers": 1})
+    # A deadline far beyond the test's own waits: on a loaded machine 1 s can pass before the gate opens.
+    srv = serve(
+        runner=runner,
+        batcher={"max_batch_size": 8, "max_wait_ms": 1.0, "workers": 1, "default_timeout_ms": 30_000.0},
+    )
     held = send(pool, srv.url, {"features": row(HELD_AGE)})
     assert runner.entered.wait(10)
     twins = [send(pool, srv.url, {"user_id": i, "features": row(55.0)}) for i in range(3)]
@@ -144,3 +151,29 @@ def test_identical_requests_in_flight_are_computed_once(serve, ctr_model, pool):
     assert held.result(timeout=10).status_code == 200
     assert len(scores) == 1
     assert [r[0] for r in runner.rows_seen()].count(55.0) == 1
+
+
+def test_a_queued_request_whose_client_disconnected_never_reaches_the_model(serve, ctr_model, pool):
+    runner = GatedRunner(ctr_model, hold=holds)
+    srv = serve(
+        runner=runner,
+        batcher={"max_batch_size": 8, "max_wait_ms": 1.0, "workers": 1, "default_timeout_ms": 30_000.0},
+        cache={"enabled": False},
+    )
+    held = send(pool, srv.url, {"features": row(HELD_AGE)})
+    assert runner.entered.wait(10)
+    url = urlparse(srv.url)
+    body = json.dumps({"features": row(66.0)}).encode()
+    gone = socket.create_connection((url.hostname, url.port), timeout=10)
+    gone.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: srv.metric("nv_inference_pending_request_count") == 1, "the request to queue")
+    gone.close()
+    # A request sent after the hang-up is queued after the server has read the hang-up.
+    later = send(pool, srv.url, {"features": row(67.0)})
+    wait_until(lambda: srv.metric("nv_inference_pending_request_count") == 2, "the next request to queue")
+    runner.gate.set()
+    assert held.result(timeout=10).status_code == 200
+    assert later.result(timeout=10).status_code == 200
+    ages = [r[0] for r in runner.rows_seen()]
+    assert 67.0 in ages and 66.0 not in ages
+    assert srv.metric("sparkscore_canceled_requests_total") == 1

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from serving.model import ModelRunner
 from udfs.demo import CTR_FEATURES
 from udfs.spec import MemberSpec, ModelSpec, ResolvedModel, resolve
 
@@ -95,3 +96,26 @@ def test_below_the_quorum_the_request_fails_naming_the_failing_member(serve, fil
     assert "broken" in resp.text and "member exploded" in resp.text
     # The batcher keeps running: the next request gets the same clear failure, not a hang.
     assert srv.post("/predict", {"features": [1.0, 2.0, 3.0, 4.0]}).status_code == 500
+
+
+def test_a_degraded_answer_is_served_but_not_cached(serve, files):
+    model = ensemble(files, ["reg0", "reg1"], quorum=1)
+    runner = ModelRunner(model)
+    srv = serve(model=model, runner=runner)  # cache on
+    assert runner.scorer is not None
+    real = runner.scorer.run_member
+    failed: list[int] = []
+
+    def hiccup_once(index, x):
+        if index == 1 and not failed:
+            failed.append(index)
+            raise RuntimeError("member hiccup")
+        return real(index, x)
+
+    runner.scorer.run_member = hiccup_once  # type: ignore[method-assign]
+    first = srv.post("/predict", {"features": ROW}).json()
+    assert (first["degraded"], first["missing_members"]) == (True, "reg1")
+    second = srv.post("/predict", {"features": ROW}).json()
+    assert (second["degraded"], second["cache_hit"]) == (False, False)
+    third = srv.post("/predict", {"features": ROW}).json()
+    assert (third["degraded"], third["cache_hit"]) == (False, True)

@@ -14,7 +14,7 @@ import pytest
 from serving.batcher import Batcher
 from serving.config import BatcherConfig
 from serving.errors import DeadlineExceeded
-from serving.metrics import US_BUCKETS, Histogram, Metrics
+from serving.metrics import US_BUCKETS, Histogram, VersionMetrics
 from tests.serving.conftest import GatedRunner
 from udfs.demo import CTR_FEATURES
 
@@ -80,7 +80,9 @@ async def _deadline_cases() -> list[str]:
         gate.wait(30)
         return [{"prediction": r[0]} for r in rows]
 
-    batcher = Batcher(score, BatcherConfig(max_batch_size=1, max_wait_ms=0.0, workers=1), Metrics("m", "v"))
+    batcher = Batcher(
+        score, BatcherConfig(max_batch_size=1, max_wait_ms=0.0, workers=1), VersionMetrics("m", "v")
+    )
     await batcher.start()
     seen: list[str] = []
 

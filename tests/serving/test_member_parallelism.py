@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,9 @@ import torch
 
 from serving.config import BatcherConfig, ServeConfig, from_mapping, load_config
 from serving.model import ModelRunner
+from udfs.core import load_scorer
 from udfs.errors import ConfigError
+from udfs.spec import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 4
@@ -98,3 +102,37 @@ def test_both_modes_give_the_same_predictions(member_paths) -> None:
     _, sequential = threads_seen(ModelRunner.from_config(config(member_paths, parallel_members=False)))
     assert [r["prediction"] for r in parallel] == [r["prediction"] for r in sequential]
     assert len({r["prediction"] for r in parallel}) == 5  # distinct rows, distinct scores: not all zeros
+
+
+def test_every_concurrent_batch_gets_a_thread_per_member(member_paths) -> None:
+    # Two batcher workers x three members: six member calls at once must all be running together
+    # (a barrier of six), or a batch's members would queue behind the other batch's.
+    runner = ModelRunner.from_config(config(member_paths, parallel_members=True, workers=2))
+    runner.load()
+    assert runner.scorer is not None
+    real = runner.scorer.run_member
+    together = threading.Barrier(6)
+
+    def meet(index: int, x: np.ndarray) -> np.ndarray:
+        together.wait(timeout=20)
+        return real(index, x)
+
+    runner.scorer.run_member = meet  # type: ignore[method-assign]
+    rows = [([1.0, 2.0, 3.0, 4.0],)]
+    try:
+        with ThreadPoolExecutor(2) as batches:
+            outs = list(batches.map(lambda _: runner.score(rows), range(2)))
+    finally:
+        runner.close()
+    assert [o[0]["degraded"] for o in outs] == [False, False]
+
+
+def test_member_timeout_counts_from_when_the_member_starts(member_paths) -> None:
+    spec = config(member_paths).model
+    model = resolve(type(spec)(**{**spec.__dict__, "member_timeout_ms": 1000.0}))
+    scorer = load_scorer(model)
+    x = np.ones((2, WIDTH), dtype=np.float32)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(time.sleep, 2.0)  # the pool's only thread is busy for twice the member timeout
+        pred = scorer.predict(x, pool=pool)
+    assert pred.missing == ()

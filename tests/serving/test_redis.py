@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pytest
 
+from serving.config import CacheConfig, RedisConfig
+from serving.metrics import Metrics
+from serving.store import MISS, UNAVAILABLE, RedisCache, RedisConnection
 from tests.serving.conftest import start_redis, wait_until
 from udfs.core import load_scorer, score_batch
 from udfs.demo import CTR_FEATURES
@@ -115,3 +120,51 @@ def test_slow_redis_is_skipped_within_the_socket_timeout(serve, redis_db, ctr_mo
     assert resp.status_code == 200, resp.text
     assert resp.json()["cache"] == "unavailable"
     assert resp.json()["score"] == core_score(ctr_model, [30.0, 2.0, 10.0, 1.0])
+
+
+def test_after_a_redis_restart_stale_pooled_connections_are_retried_not_failures(serve):
+    redis = start_redis()
+    try:
+        seed(redis.client())
+        # Generous socket timeouts: this test is about broken connections, not a slow machine.
+        srv = serve(redis={"url": redis.url, "retry_after_s": 60.0, "socket_timeout_ms": 2000.0})
+
+        def ask(i: int) -> int:
+            body = {"user_id": "u1", "item_id": "i1", "context": {"price": float(i)}}
+            return srv.post("/predict", body).status_code
+
+        with ThreadPoolExecutor(8) as ex:  # several requests at once: several pooled connections
+            assert set(ex.map(ask, range(16))) == {200}
+        redis.stop()
+        redis = start_redis(port=redis.port)
+        seed(redis.client())
+        for i in range(16):
+            resp = srv.post("/predict", {"user_id": "u1", "item_id": "i1", "context": {"price": 100.0 + i}})
+            assert resp.status_code == 200, resp.text
+            assert "cache" not in resp.json()
+        assert srv.metric("sparkscore_redis_errors_total") == 0
+    finally:
+        redis.stop()
+
+
+def test_a_full_connection_pool_is_local_back_pressure_not_a_redis_failure(redis_db):
+    async def scenario():
+        metrics = Metrics("m")
+        conn = RedisConnection(RedisConfig(url=redis_db.url, max_connections=1), metrics)
+        cache = RedisCache(conn, CacheConfig())
+        pool = conn.client.connection_pool
+        held = await pool.get_connection()
+        try:
+            busy = await cache.get("k")
+        finally:
+            await pool.release(held)
+        after = await cache.get("k")
+        await conn.close()
+        return busy, after, conn.available(), metrics
+
+    busy, after, available, metrics = asyncio.run(scenario())
+    assert busy == (None, UNAVAILABLE)
+    assert available, "a full local pool opened the Redis breaker"
+    assert metrics.redis_errors.values == {}
+    assert metrics.redis_pool_busy.value() == 1
+    assert after == (None, MISS)

@@ -1,0 +1,297 @@
+"""Every core: a supervisor, N worker processes on one listening socket, and their control channel.
+
+``python -m serving --workers N`` (or ``[server] workers``; ``auto`` = the cores this
+process may use) binds the port once in a small supervisor process, which starts
+N workers (``python -m serving`` again, handed the socket's file descriptor). Each
+worker has its own model, batcher and in-process cache (or shares Redis); the
+kernel hands each new connection to whichever worker accepts it first, and a busy
+worker accepts less. A worker that dies is started again (with a growing pause
+if it keeps dying at start-up).
+
+Workers reach each other over Unix sockets in a private run directory:
+
+* ``GET /metrics`` on any worker returns every worker's metrics in one scrape
+  (each sample labelled ``worker``), plus the supervisor's (workers alive,
+  restarts);
+* ``POST /v2/repository/models/{name}/load`` on any worker loads the new version
+  in every worker.
+
+SIGTERM (to the supervisor, or to a single-process server): readiness turns false,
+the listening socket closes, in-flight requests finish (up to
+``[server] drain_timeout_s``), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from serving.config import ServeConfig
+from serving.errors import LoadFailed, RequestError
+
+if TYPE_CHECKING:
+    from serving.app import App
+
+log = logging.getLogger("serving.workers")
+
+PEER_TIMEOUT_S = 5.0  # a worker that does not answer a metrics request in this long is left out
+SUPERVISOR_METRICS = "supervisor.prom"
+
+
+# -- one server process ----------------------------------------------------------------
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with readiness turned false the moment a shutdown signal arrives, and exit 0 after it."""
+
+    def __init__(self, config: uvicorn.Config, app: App) -> None:
+        super().__init__(config)
+        self.scorer = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Readiness first (a probe that still gets through sees 503), then uvicorn's graceful shutdown:
+        # stop accepting, let in-flight requests finish, then the lifespan shutdown. The signal is not
+        # re-raised afterwards (uvicorn would), so a drained server exits 0.
+        self.scorer.service.ready = False
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def run_server(app: App, cfg: ServeConfig, *, fd: int | None = None) -> None:
+    """Serve ``app`` until a signal: on ``cfg``'s host and port, or on the inherited socket ``fd``."""
+    server = cfg.server
+    config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        # Loopback by default: no proxy to trust, and the Server/Date headers are per-request work nobody reads.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=int(server.drain_timeout_s),
+    )
+    sockets = None if fd is None else [socket.socket(fileno=fd)]
+    DrainingServer(config, app).run(sockets=sockets)
+
+
+# -- the control channel between workers -----------------------------------------------
+
+
+class Peers:
+    """This worker's view of the others: answers their requests and asks them for theirs."""
+
+    def __init__(self, rundir: str, index: int) -> None:
+        self.rundir = rundir
+        self.index = index
+        self.path = os.path.join(rundir, f"worker-{index}.sock")
+        self._server: asyncio.AbstractServer | None = None
+        self._app: App | None = None
+
+    async def start(self, app: App) -> None:
+        self._app = app
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by this worker's predecessor
+        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def others(self) -> list[str]:
+        return sorted(p for p in glob.glob(os.path.join(self.rundir, "worker-*.sock")) if p != self.path)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._app is not None
+        try:
+            request = json.loads(await reader.readline())
+            if request["op"] == "metrics":
+                writer.write(self._app.metrics.render())
+            elif request["op"] == "load":
+                try:
+                    result = await self._app.service.reload(**request["params"])
+                    writer.write(json.dumps({"ok": result}).encode())
+                except RequestError as exc:
+                    writer.write(json.dumps({"error": exc.message}).encode())
+            await writer.drain()
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            writer.close()
+
+    async def _ask(self, path: str, request: dict[str, Any], timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                return await reader.read()
+            finally:
+                writer.close()
+
+    async def gather_metrics(self) -> list[bytes]:
+        """Every other worker's metrics (a worker that is restarting is left out) and the supervisor's."""
+        answers = await asyncio.gather(
+            *(self._ask(p, {"op": "metrics"}, PEER_TIMEOUT_S) for p in self.others()), return_exceptions=True
+        )
+        texts = [a for a in answers if isinstance(a, bytes)]
+        with contextlib.suppress(OSError), open(os.path.join(self.rundir, SUPERVISOR_METRICS), "rb") as fh:
+            texts.append(fh.read())
+        return texts
+
+    async def broadcast_load(self, params: dict[str, str], own: dict[str, Any]) -> dict[str, Any]:
+        """Load the same version in every other worker; each worker's outcome, or LoadFailed naming them."""
+        others = self.others()
+        # A load waits for the model to load and warm up in that worker: give it time.
+        answers = await asyncio.gather(
+            *(self._ask(p, {"op": "load", "params": params}, 600.0) for p in others), return_exceptions=True
+        )
+        outcome: dict[str, Any] = {str(self.index): own["model_version"]}
+        failed = []
+        for path, answer in zip(others, answers, strict=True):
+            worker = os.path.basename(path)[len("worker-") : -len(".sock")]
+            if isinstance(answer, BaseException):
+                failed.append(f"worker {worker}: {type(answer).__name__}")
+                continue
+            reply = json.loads(answer or b"{}")
+            if "ok" in reply:
+                outcome[worker] = reply["ok"]["model_version"]
+            else:
+                failed.append(f"worker {worker}: {reply.get('error', 'no answer')}")
+        if failed:
+            raise LoadFailed(
+                f"version {own['model_version']} is serving in worker {self.index}, but not in: {'; '.join(failed)}",
+                status=500,
+            )
+        return outcome
+
+
+# -- the supervisor --------------------------------------------------------------------
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    """Starts the workers on one socket, restarts one that dies, and drains them all on SIGTERM."""
+
+    def __init__(self, cfg: ServeConfig, argv: list[str], count: int) -> None:
+        self.cfg = cfg
+        self.argv = argv
+        self.count = count
+        self.sock = listen(cfg.server.host, cfg.server.port)
+        self.port = self.sock.getsockname()[1]
+        self.rundir = tempfile.mkdtemp(prefix="sparkscore-")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.started: dict[int, float] = {}
+        self.quick_deaths: dict[int, int] = {}
+        self.restarts = 0
+        self.stopping = False
+
+    def spawn(self, index: int) -> None:
+        fd = self.sock.fileno()
+        cmd = [sys.executable, "-m", "serving", *self.argv]
+        cmd += ["--worker-fd", str(fd), "--worker-index", str(index), "--worker-dir", self.rundir]
+        self.procs[index] = subprocess.Popen(cmd, pass_fds=(fd,))
+        self.started[index] = time.monotonic()
+
+    def write_metrics(self) -> None:
+        alive = sum(1 for p in self.procs.values() if p.poll() is None)
+        base = f'{{model="{self.cfg.model.name}"}}'
+        text = (
+            "# HELP sparkscore_workers Worker processes running\n# TYPE sparkscore_workers gauge\n"
+            f"sparkscore_workers{base} {alive}\n"
+            "# HELP sparkscore_worker_restarts_total Workers restarted after they died\n"
+            "# TYPE sparkscore_worker_restarts_total counter\n"
+            f"sparkscore_worker_restarts_total{base} {self.restarts}\n"
+        )
+        tmp = os.path.join(self.rundir, SUPERVISOR_METRICS + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, os.path.join(self.rundir, SUPERVISOR_METRICS))
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            for i in range(self.count):
+                self.spawn(i)
+            self.write_metrics()
+            while not self.stopping:
+                time.sleep(0.2)
+                self.check()
+            return self.drain()
+        finally:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def check(self) -> None:
+        """Restart a worker that exited; one that keeps dying at start-up waits longer each time."""
+        now = time.monotonic()
+        for index, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None or self.stopping:
+                continue
+            quick = now - self.started[index] < 10
+            self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if quick else 0
+            pause = min(30.0, 0.5 * 2 ** (self.quick_deaths[index] - 1)) if quick else 0.0
+            if now - self.started[index] < pause:
+                continue
+            print(
+                f"[sparkscore] worker {index} exited with {code}; starting it again",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.restarts += 1
+            self.spawn(index)
+            self.write_metrics()
+
+    def drain(self) -> int:
+        """Close the port here, SIGTERM every worker (each finishes its in-flight requests), wait for them."""
+        self.sock.close()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.server.drain_timeout_s + 15
+        code = 0
+        for proc in self.procs.values():
+            try:
+                rc = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+            if rc not in (0, -signal.SIGTERM):
+                code = 1
+        return code

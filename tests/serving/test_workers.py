@@ -1,0 +1,147 @@
+"""Every core: ``--workers 2`` runs two server processes on one port under a supervisor; one scrape of
+/metrics covers both, a load reaches both, a worker that dies comes back, and SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from serving.app import create_app
+from serving.workers import DrainingServer
+from tests.serving.conftest import GatedRunner, free_port, make_config, wait_until
+from tests.serving.test_model_swap import ROW, version_of, versions  # noqa: F401 - versions: a fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def samples(url: str, name: str) -> dict[str, float]:
+    """``name``'s value per worker label, from one scrape."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=20).text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+            worker = next(
+                (p.split("=")[1].strip('"') for p in labels.split(",") if p.startswith("worker=")), ""
+            )
+            out[worker] = out.get(worker, 0.0) + float(value)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_two_workers_one_port_one_scrape_restart_load_everywhere_and_drain(versions, tmp_path):  # noqa: F811
+    port = free_port()
+    model = tmp_path / "model.pt"
+    model.write_bytes(Path(versions["a"]).read_bytes())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--config",
+            "conf/serve.toml",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--model",
+            str(model),
+        ],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def both_ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"the supervisor exited with {proc.returncode}")
+        try:
+            return samples(url, "sparkscore_ready") == {"0": 1.0, "1": 1.0}
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(both_ready, "both workers to be ready", timeout=120)
+        assert len(children(proc.pid)) == 2
+        for i in range(20):  # a new connection each: either worker may take it
+            resp = httpx.post(url + "/predict", json={"features": [20.0 + i, 1.0, 2.0, 3.0]}, timeout=20)
+            assert resp.status_code == 200
+        assert sum(samples(url, "nv_inference_request_success").values()) == 20
+
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: samples(url, "sparkscore_worker_restarts_total") == {"": 1.0}, "a restart", timeout=60
+        )
+        wait_until(both_ready, "the restarted worker to be ready", timeout=120)
+        assert victim not in children(proc.pid)
+
+        loaded = httpx.post(
+            url + "/v2/repository/models/demo_ctr/load",
+            json={"parameters": {"path": versions["b"]}},
+            timeout=120,
+        )
+        assert loaded.status_code == 200, loaded.text
+        new = version_of(versions["b"])
+        assert loaded.json()["workers"] == {"0": new, "1": new}
+        for _ in range(10):
+            resp = httpx.post(url + "/predict", json={"features": ROW}, timeout=20)
+            assert resp.json()["model_version"] == new
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
+
+
+def test_sigterm_turns_readiness_false_stops_listening_and_lets_in_flight_requests_finish(ctr_model):
+    runner = GatedRunner(ctr_model, hold=lambda rows: rows[0][0] == 999.0)
+    cfg = make_config(ctr_model, cache={"enabled": False})
+    app = create_app(cfg, model=ctr_model, runner=runner)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning"
+    )
+    server = DrainingServer(config, app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, "the server to be ready")
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            httpx.post, url + "/predict", json={"features": [999.0, 1.0, 2.0, 3.0]}, timeout=30
+        )
+        assert runner.entered.wait(10)
+        server.handle_exit(signal.SIGTERM, None)
+        assert app.service.ready is False
+
+        def refused() -> bool:
+            try:
+                httpx.get(url + "/v2/health/live", timeout=5)
+                return False
+            except httpx.ConnectError:
+                return True
+
+        wait_until(refused, "the server to stop listening")
+        assert not in_flight.done()
+        runner.gate.set()
+        assert in_flight.result(timeout=20).status_code == 200
+    thread.join(30)
+    assert not thread.is_alive()
