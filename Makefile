@@ -29,10 +29,10 @@ setup: $(STAMP) ## create .venv with the pinned dependencies (and redis-server w
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; fi; }
 
-$(DEMO)/ctr.pt: $(STAMP) udfs/demo.py
+$(DEMO)/ctr.pt $(DEMO)/ctr.onnx &: $(STAMP) udfs/demo.py
 	$(PY) -m udfs.demo --out $(DEMO)
 
-demo: $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
+demo: $(STAMP) $(DEMO)/ctr.pt $(DEMO)/ctr.onnx ## build the demo model (.pt, .pt2, .onnx) and table, then run the batch job on local Spark
 	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
 
 test: setup ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
