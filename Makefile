@@ -91,3 +91,11 @@ bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-
 
 .PHONY: broker stream-demo bench-stream
 # --- end streaming ---
+
+# --- onnx ---
+# Full run (about 15-25 minutes): flock /tmp/sparkscore-bench.lock make bench-onnx
+bench-onnx: $(STAMP) ## ONNX Runtime vs PyTorch, batch and real-time (onnx key of bench/results/batch.json and realtime.json, onnx.png; ARGS="--rows N ...")
+	$(PY) bench/onnx_bench.py $(ARGS)
+
+.PHONY: bench-onnx
+# --- end onnx ---
