@@ -20,7 +20,8 @@ The models are the batch bench's ``tiny`` (4 CTR columns -> 32 -> 1, sigmoid) an
 * ``realtime``: ``python -m serving`` with the TorchScript model, then with its ONNX export, pinned
   to CPU 0; bench/realtime_bench.py's open-loop load generator (Poisson arrivals, latency from the
   scheduled send time, distinct features, cache off) on CPU 1. The offered rate grows by 25 % while
-  p99 < 50 ms, then three bisection steps; the highest rate with p99 < 50 ms counts, best of
+  p99 < 50 ms, then three bisection steps (a rate that fails is run once more, so one burst from a
+  neighbour does not end the search); the highest rate with p99 < 50 ms counts, best of
   ``--rt-repeats`` searches, engines taking turns. Target: ONNX >= 1.2 x torch.
 
 Writes the ``onnx`` key of bench/results/batch.json (calls and batch) and realtime.json (realtime),
@@ -280,7 +281,10 @@ def batch_part(
                     if got != args.rows:
                         raise RuntimeError(f"{name}/{v} wrote {got:,} rows, expected {args.rows:,}")
                     seconds[name][v].append(elapsed)
-                    cpu_us[name][v].append(cpu / args.rows * 1e6)
+                    # A reading can come out negative when a worker exits between the two (its time
+                    # leaves the tree): such a run has no CPU figure.
+                    if cpu > 0:
+                        cpu_us[name][v].append(cpu / args.rows * 1e6)
                     print(
                         f"[bench] batch {name:6} {v:16} run {r + 1}: {elapsed:7.2f} s  "
                         f"{args.rows / elapsed:>12,.0f} rows/s  {cpu / args.rows * 1e6:7.2f} CPU us/row  "
@@ -300,11 +304,12 @@ def batch_part(
         shutil.rmtree(out_root, ignore_errors=True)
 
     rates = {m: {v: args.rows / min(ts) for v, ts in seconds[m].items()} for m in models}
+    cpu_best = {m: {v: min(ts, default=float("nan")) for v, ts in cpu_us[m].items()} for m in models}
     targets = []
     for m, v, base, need in BATCH_TARGETS:
         if m in rates:
             ratio = rates[m][v] / rates[m][base]
-            cpu_ratio = min(cpu_us[m][base]) / min(cpu_us[m][v])
+            cpu_ratio = cpu_best[m][base] / cpu_best[m][v]
             targets.append(
                 {
                     "model": m,
@@ -320,7 +325,7 @@ def batch_part(
         "rows_per_s": {m: {v: round(r, 1) for v, r in rates[m].items()} for m in models},
         "targets": targets,
         "seconds": {m: {v: [round(t, 3) for t in ts] for v, ts in seconds[m].items()} for m in models},
-        "cpu_us_per_row": {m: {v: round(min(ts), 3) for v, ts in cpu_us[m].items()} for m in models},
+        "cpu_us_per_row": {m: {v: round(c, 3) for v, c in cpu_best[m].items()} for m in models},
         "max_abs_diff_vs_plain_torch": diffs,
         "rows": args.rows,
         "repeats": args.repeats,
@@ -378,6 +383,11 @@ def search_max_rate(server: rb.Server, case: ModelCase, duration: float, max_rat
     seed = 0
 
     def p99_at(rate: int) -> float:
+        """p99 at ``rate``; a failing rate is run once more and the better p99 counts."""
+        first = p99_once(rate)
+        return first if first < P99_LIMIT_MS else min(first, p99_once(rate))
+
+    def p99_once(rate: int) -> float:
         nonlocal seed
         seed += 1
         res, _ = rb.run_client(
@@ -458,7 +468,8 @@ def realtime_part(
     out["setup"] = (
         f"python -m serving pinned to CPU {rb.SERVER_CPU} (max_batch_size 64, max_wait_ms 2, workers 2, cache "
         f"off), realtime_bench's open-loop Poisson load generator on CPU {rb.CLIENT_CPU}; {args.duration:g} s per "
-        f"rate; rate x1.25 from 1,000 req/s while p99 < {P99_LIMIT_MS:g} ms, then 3 bisections; best of "
+        f"rate; rate x1.25 from 1,000 req/s while p99 < {P99_LIMIT_MS:g} ms, then 3 bisections, a failing rate "
+        f"retried once; best of "
         f"{args.rt_repeats} searches per engine, engines taking turns"
     )
     out["loadavg_1m_start_end"] = [load_start, rb._loadavg()]
