@@ -38,10 +38,10 @@ setup: $(STAMP) need-java ## create .venv with the pinned dependencies (and redi
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; fi; }
 
-$(DEMO)/ctr.pt: $(STAMP) udfs/demo.py
+$(DEMO)/ctr.pt $(DEMO)/ctr.onnx &: $(STAMP) udfs/demo.py
 	$(PY) -m udfs.demo --out $(DEMO)
 
-demo: need-java $(STAMP) $(DEMO)/ctr.pt ## build the demo model and table, then run the batch job on local Spark
+demo: need-java $(STAMP) $(DEMO)/ctr.pt $(DEMO)/ctr.onnx ## build the demo model (.pt, .pt2, .onnx) and table, then run the batch job on local Spark
 	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
 
 $(JARS): jvm/pom.xml
@@ -129,3 +129,11 @@ bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-
 
 .PHONY: broker kafka stream-demo bench-stream
 # --- end streaming ---
+
+# --- onnx ---
+# Full run (about 15-25 minutes): flock /tmp/sparkscore-bench.lock make bench-onnx
+bench-onnx: $(STAMP) ## ONNX Runtime vs PyTorch, batch and real-time (onnx key of bench/results/batch.json and realtime.json, onnx.png; ARGS="--rows N ...")
+	$(PY) bench/onnx_bench.py $(ARGS)
+
+.PHONY: bench-onnx
+# --- end onnx ---

@@ -53,3 +53,42 @@ def models(tmp_path_factory):
         "classifier_module": clf,
         "classifier": str(demo.save_torchscript(clf, out / "clf.pt")),
     }
+
+
+@pytest.fixture(scope="session")
+def onnx_models(models, tmp_path_factory):
+    """ONNX models and what they were made from.
+
+    ``ctr``: the demo CTR model exported from torch. ``gbc`` / ``gbc_tensor``: a scikit-learn
+    gradient-boosted classifier (3 classes) converted with skl2onnx, with the converter's default
+    sequence-of-maps probabilities and with ``zipmap=False``. ``lgbm``: a LightGBM binary
+    classifier converted with onnxmltools (default outputs). ``X``: the generated data they were
+    fitted on (5 features); the fitted estimators are under ``*_estimator``.
+    """
+    import lightgbm
+    import numpy as np
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType as MlFloat
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from udfs import demo
+
+    out = tmp_path_factory.mktemp("onnx-models")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    y3 = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int) + (x[:, 3] > 0.8).astype(int)
+    gbc = GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0).fit(x, y3)
+    lgbm = lightgbm.LGBMClassifier(n_estimators=25, num_leaves=8, min_child_samples=5, verbose=-1)
+    lgbm.fit(x, (y3 > 0).astype(int))
+    paths = {"ctr": str(demo.save_onnx(models["module"], out / "ctr.onnx", 4))}
+    features = [("features", FloatTensorType([None, 5]))]
+    for name, zipmap in (("gbc", True), ("gbc_tensor", False)):
+        onx = to_onnx(gbc, initial_types=features, options={"zipmap": zipmap})
+        (out / f"{name}.onnx").write_bytes(onx.SerializeToString())
+        paths[name] = str(out / f"{name}.onnx")
+    onx = onnxmltools.convert_lightgbm(lgbm, initial_types=[("features", MlFloat([None, 5]))])
+    (out / "lgbm.onnx").write_bytes(onx.SerializeToString())
+    paths["lgbm"] = str(out / "lgbm.onnx")
+    return {**paths, "X": x, "gbc_estimator": gbc, "lgbm_estimator": lgbm}

@@ -6,8 +6,9 @@ entry points a user runs: ``jobs/batch_score.py`` (Parquet in and out),
 real-time scorer (``python -m serving``, over HTTP). Predictions must agree to
 1e-6, bad rows must get the same reason, and an ensemble's version, member
 outputs and degraded flag must be the same everywhere. Specs: a single model, a
-weighted ensemble of three, and that ensemble with one member that always
-fails (quorum 2), so every row is scored degraded.
+weighted ensemble of four of both engines (TorchScript, torch.export and ONNX Runtime
+members), and an ensemble with one member that always fails (quorum 2), so every row is
+scored degraded.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _save(module: torch.nn.Module, path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_toml(models, tmp_path_factory) -> dict[str, str]:
+def model_toml(models, onnx_models, tmp_path_factory) -> dict[str, str]:
     """The ``[model]`` section of each spec, shared by the three paths' configs."""
     d = tmp_path_factory.mktemp("parity-models")
     extra = []
@@ -98,10 +99,15 @@ def model_toml(models, tmp_path_factory) -> dict[str, str]:
             f'\n[[model.members]]\npath = "{p}"\nname = "{n}"\nweight = {w}\n' for p, n, w in paths
         )
 
-    trio = [(models["torchscript"], "ctr", 2.0), (models["export"], "ctr_export", 1.0), (extra[0], "m7", 1.0)]
+    mixed = [
+        (models["torchscript"], "ctr", 2.0),
+        (models["export"], "ctr_export", 1.0),
+        (onnx_models["ctr"], "ctr_onnx", 1.0),
+        (extra[0], "m7", 1.0),
+    ]
     return {
         "single": f'[model]\npath = "{models["torchscript"]}"\n{head}',
-        "ensemble": f"[model]\n{head}member_outputs = true\n" + members(trio),
+        "ensemble": f"[model]\n{head}member_outputs = true\n" + members(mixed),
         "degraded": f'[model]\n{head}member_outputs = true\nquorum = 2\ncombiner = "weighted_mean"\n'
         + members([(extra[1], "m8", 1.0), (extra[0], "m7", 3.0), (broken, "broken", 1.0)]),
     }
@@ -299,6 +305,10 @@ def test_batch_stream_and_http_give_every_row_the_same_prediction_or_reason(
         degraded = spec_name == "degraded"
         assert all(s.extra["degraded"] is degraded for s in good)
         assert all(s.extra["missing_members"] == ("broken" if degraded else None) for s in good)
+        if spec_name == "ensemble":
+            # The ONNX export of the CTR model agrees with its TorchScript original on every path.
+            for s in good:
+                assert math.isclose(s.extra["member_ctr_onnx"], s.extra["member_ctr"], abs_tol=TOLERANCE)
         if degraded:
             # Weights renormalised over the two that answered: (1 * m8 + 3 * m7) / 4.
             for s in good:

@@ -20,6 +20,7 @@ from udfs import model_cache
 from udfs.device import resolve_device, set_threads, task_threads
 from udfs.errors import ModelLoadError
 from udfs.features import Features, extract_features
+from udfs.onnx_engine import OnnxModel
 from udfs.spec import ResolvedModel
 
 PREDICTION = "prediction"
@@ -106,6 +107,23 @@ def combine(model: ResolvedModel, outputs: dict[str, np.ndarray]) -> Prediction:
     return Prediction(weight_share.astype(np.float32), winner, missing, member_labels)
 
 
+def member_output(y: np.ndarray, name: str, output: str) -> np.ndarray:
+    """One member's outputs checked against ``output``: (rows,) for a score, (rows, classes) else."""
+    if output == "score":
+        if y.ndim == 2 and y.shape[1] != 1:
+            raise ValueError(
+                f"model {name!r} returns {y.shape[1]} values per row; "
+                "set output = 'probabilities' for a classifier"
+            )
+        return y.reshape(-1)
+    if y.ndim != 2:
+        raise ValueError(
+            f"model {name!r} returns shape {tuple(y.shape)}; output = 'probabilities' "
+            "needs one row of class scores per input row"
+        )
+    return y
+
+
 @dataclass
 class Scorer:
     """Loaded model(s) bound to a device: what executors and the server hold."""
@@ -123,10 +141,16 @@ class Scorer:
 
         Returns shape (rows,) for ``score`` and (rows, classes) for ``probabilities``.
         """
-        import torch
-
         spec = self.model.spec
         module = self.modules[index]
+        name = self.model.members[index].name
+        if isinstance(module, OnnxModel):
+            scores = module.run(
+                x, columns=spec.input_columns, batch_size=spec.batch_size, activation=spec.activation
+            )
+            return member_output(scores, name, spec.output)
+        import torch
+
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), spec.batch_size):
@@ -141,20 +165,7 @@ class Scorer:
                     y = torch.softmax(y, dim=-1)
                 outs.append(y.detach().to("cpu", torch.float32).numpy())
         y_np = np.concatenate(outs) if outs else np.empty((0, 1), dtype=np.float32)
-        name = self.model.members[index].name
-        if spec.output == "score":
-            if y_np.ndim == 2 and y_np.shape[1] != 1:
-                raise ValueError(
-                    f"model {name!r} returns {y_np.shape[1]} values per row; "
-                    "set output = 'probabilities' for a classifier"
-                )
-            return y_np.reshape(-1)
-        if y_np.ndim != 2:
-            raise ValueError(
-                f"model {name!r} returns shape {tuple(y_np.shape)}; output = 'probabilities' "
-                "needs one row of class scores per input row"
-            )
-        return y_np
+        return member_output(y_np, name, spec.output)
 
     def predict(self, x: np.ndarray, *, pool: Executor | None = None) -> Prediction:
         """Score a float32 matrix with the model, or with every ensemble member and combine.

@@ -1,7 +1,8 @@
 """The embedded demo: a small CTR model and a synthetic table of feature rows.
 
 ``python -m udfs.demo --out build/demo`` writes ``ctr.pt`` (TorchScript),
-``ctr.pt2`` (torch.export) and ``events.parquet``. The model is a 4->32->1 MLP
+``ctr.pt2`` (torch.export), ``ctr.onnx`` (ONNX, scored with ONNX Runtime) and
+``events.parquet``. The model is a 4->32->1 MLP
 with its own input normalisation, fitted for a few hundred steps on a known
 click rule so that its scores mean something in the demo.
 """
@@ -95,16 +96,43 @@ def save_export(module, path: str | Path, num_features: int) -> Path:  # type: i
     return Path(path)
 
 
+def save_onnx(module, path: str | Path, num_features: int, *, input_name: str = "features") -> Path:  # type: ignore[no-untyped-def]
+    """Save an ONNX model with a dynamic batch dimension: input ``[batch, num_features]``, output
+    ``[batch, outputs]``.
+
+    This uses torch's TorchScript-based exporter (``dynamo=False``): for a small MLP it writes
+    the same graph (Gemm, Relu, ...) as the torch.export-based default in milliseconds instead of
+    seconds, and needs no onnxscript.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": deliberate, see above
+        torch.onnx.export(
+            module,
+            (torch.zeros(2, num_features),),
+            str(path),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=["output"],
+            dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}},
+        )
+    return Path(path)
+
+
 def build(
     out: str | Path, rows: int = 100_000, bad_fraction: float = 0.001, files: int = 4
 ) -> dict[str, Path]:
-    """Write the demo model in both formats and a synthetic Parquet table under ``out``."""
+    """Write the demo model in its three formats and a synthetic Parquet table under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module = ctr_module()
     paths = {
         "torchscript": save_torchscript(module, out / "ctr.pt"),
         "export": save_export(module, out / "ctr.pt2", len(CTR_FEATURES)),
+        "onnx": save_onnx(module, out / "ctr.onnx", len(CTR_FEATURES)),
         "table": out / "events.parquet",
     }
     # A few files, so local Spark reads them in parallel.

@@ -66,7 +66,12 @@ def locate(path: str) -> str:
 
 
 def load_module(path: str, fmt: str, device: str) -> Any:
-    """Load a TorchScript or torch.export program onto ``device`` in eval mode."""
+    """Load a TorchScript or torch.export program onto ``device`` in eval mode (an ONNX model as an
+    ONNX Runtime session)."""
+    if fmt == "onnx":
+        from udfs import onnx_engine
+
+        return onnx_engine.load(path, device)
     import torch
 
     def _jit() -> Any:

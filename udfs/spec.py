@@ -21,8 +21,10 @@ from udfs.errors import ConfigError, ModelLoadError
 OutputKind = Literal["score", "probabilities"]
 Activation = Literal["none", "sigmoid", "softmax"]
 Combiner = Literal["weighted_mean", "majority_vote"]
+# "auto": from the file suffix (MODEL_SUFFIXES), else TorchScript then torch.export.
+ModelFormat = Literal["auto", "torchscript", "export", "onnx"]
 
-MODEL_SUFFIXES = {".pt": "torchscript", ".jit": "torchscript", ".pt2": "export"}
+MODEL_SUFFIXES = {".pt": "torchscript", ".jit": "torchscript", ".pt2": "export", ".onnx": "onnx"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class MemberSpec:
     name: str = ""  # default: the file's stem
     version: str | None = None
     weight: float = 1.0
+    format: ModelFormat = "auto"  # default: the ensemble's format, else from the suffix
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -53,6 +56,7 @@ class ModelSpec:
     path: str | None = None
     name: str = "model"
     version: str | None = None
+    format: ModelFormat = "auto"  # from the suffix; "onnx" scores with ONNX Runtime
     output: OutputKind = "score"
     activation: Activation = "none"
     num_features: int | None = None
@@ -125,8 +129,15 @@ class ModelSpec:
     def member_specs(self) -> tuple[MemberSpec, ...]:
         """The members with names filled in; a single model is an ensemble of one."""
         if not self.members:
-            return (MemberSpec(path=self.path or "", name=self.name, version=self.version),)
-        return tuple(replace(m, name=m.name or Path(m.path).stem) for m in self.members)
+            return (
+                MemberSpec(path=self.path or "", name=self.name, version=self.version, format=self.format),
+            )
+        return tuple(
+            replace(
+                m, name=m.name or Path(m.path).stem, format=m.format if m.format != "auto" else self.format
+            )
+            for m in self.members
+        )
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -187,8 +198,11 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_format(path: str | Path) -> str:
-    """'torchscript' or 'export' from the file suffix; 'auto' lets the loader try both."""
+def model_format(path: str | Path, configured: str = "auto") -> str:
+    """The configured format, else 'torchscript', 'export' or 'onnx' from the file suffix; 'auto'
+    lets the loader try TorchScript then torch.export."""
+    if configured != "auto":
+        return configured
     return MODEL_SUFFIXES.get(Path(path).suffix.lower(), "auto")
 
 
@@ -225,7 +239,7 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
                 path=m.path,
                 content_hash=digest,
                 version=m.version or digest[:12],
-                format=model_format(m.path),
+                format=model_format(m.path, m.format),
                 weight=m.weight / total,
             )
         )
@@ -250,4 +264,8 @@ def with_overrides(
         raise ConfigError(
             "--model replaces a single model; this config is an ensemble, edit [[model.members]]"
         )
-    return replace(spec, path=path, version=None if spec.path != path else spec.version)
+    if spec.path == path:
+        return spec
+    # A new file drops the pinned version; a known suffix decides its format again.
+    fmt = spec.format if model_format(path) == "auto" else "auto"
+    return replace(spec, path=path, version=None, format=fmt)
