@@ -289,7 +289,8 @@ def run_row_udf(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> N
 
 def run_job(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
     """The whole job entry point, jobs.batch_score.run: adds its input count and output check."""
-    from jobs.batch_score import BatchConfig, InputConfig, OutputConfig, run
+    from jobs.batch_score import run
+    from udfs.batch import BatchConfig, InputConfig, OutputConfig
 
     data = b.sample[case.name] if sample else b.data[case.name]
     run(
