@@ -190,7 +190,11 @@ def _score_series(
     model: ResolvedModel,
     tracker: Accumulator | None,  # type: ignore[type-arg]
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    """The same body for an iterator pandas UDF (PySpark without ``arrow_udf``)."""
+    """The same body for an iterator pandas UDF (PySpark without ``arrow_udf``).
+
+    Spark hands a pandas UDF a null double as NaN, so on this path a null float feature is
+    reported as null and a NaN one too; the Arrow UDF keeps them apart.
+    """
     arrow_body = _score_arrays(model, tracker)
 
     def score(batches: Iterator[Any]) -> Iterator[Any]:
@@ -268,19 +272,27 @@ def predict_udf(
         check_model(resolved)
     return_type = StructType(from_arrow_schema(output_schema(resolved)).fields)
     arrow_udf = _arrow_udf()
+    width = len(resolved.spec.input_columns)
     if arrow_udf is not None:
-        from pyspark.sql.functions import ArrowUDFType
-
         fn = _score_arrays(resolved, tracker)
-        fn.__name__ = f"predict_{resolved.name}"
-        udf = arrow_udf(fn, return_type, ArrowUDFType.SCALAR_ITER)
+        _iterator_hints(fn, pa.Array, pa.Array, width)
+        udf = arrow_udf(fn, return_type)
     else:
-        from pyspark.sql.functions import PandasUDFType, pandas_udf
+        import pandas as pd
+        from pyspark.sql.functions import pandas_udf
 
         fn = _score_series(resolved, tracker)
-        fn.__name__ = f"predict_{resolved.name}"
-        udf = pandas_udf(fn, return_type, PandasUDFType.SCALAR_ITER)  # type: ignore[call-overload]
+        _iterator_hints(fn, pd.Series, pd.DataFrame, width)
+        udf = pandas_udf(fn, return_type)  # type: ignore[call-overload]
+    fn.__name__ = f"predict_{resolved.name}"
     return ScoringUDF(udf, resolved)
+
+
+def _iterator_hints(fn: Callable[..., Any], column: type, result: type, width: int) -> None:
+    """PySpark picks a UDF's kind from its type hints: an iterator of one column or of a tuple of
+    ``width`` columns, to an iterator of results. The width is only known here, so they are set here."""
+    columns = column if width == 1 else tuple.__class_getitem__((column,) * width)
+    fn.__annotations__ = {"batches": Iterator[columns], "return": Iterator[result]}  # type: ignore[valid-type]
 
 
 def check_device(spark: SparkSession, model: ResolvedModel) -> str:
