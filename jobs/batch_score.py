@@ -15,6 +15,7 @@ The pieces it composes live in ``udfs.batch``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -102,11 +103,11 @@ def run(cfg: BatchConfig) -> Summary:
     # Everything a run can be refused for is checked before a row of data is read.
     df = read_input(spark, cfg.input)
     check_columns(to_arrow_schema(df.schema), model.spec.input_columns, model.spec.num_features)
-    check_model(model)
-    device = check_device(spark, model)
     keep = list(cfg.output.keep_columns) or list(df.columns)
     predictions = output_schema(model).names
     check_output_target(spark, cfg.output, [*keep, *predictions])
+    check_model(model)
+    device = check_device(spark, model)
     what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
     print(
         f"[sparkscore] model {model.name} version {model.version} ({what}: {', '.join(model.spec.paths)}) "
@@ -149,8 +150,18 @@ def report_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def quiet_query_context_logs() -> None:
+    """PySpark logs every analysis error it raises as a JSON line on stderr; the job reports it as one
+    sentence instead."""
+    from pyspark.logger import PySparkLogger
+
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_query_context_logs()
     try:
         cfg = load_config(args)
         summary = run(cfg)

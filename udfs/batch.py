@@ -219,6 +219,17 @@ def _message(exc: Exception) -> str:
     return whole_sentences(get() if get else str(exc))
 
 
+def _format_missing(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and "DATA_SOURCE_NOT_FOUND" in f"{_condition(exc)} {exc}"
+
+
+def _format_error(side: str, fmt: str) -> ConfigError:
+    return ConfigError(
+        f"{side} format {fmt!r} is not available in this Spark session; use one of "
+        f"{list(BUILTIN_FORMATS)} or add the format's package (spark-submit --packages)"
+    )
+
+
 def read_input(spark: SparkSession, inp: InputConfig) -> DataFrame:
     """The input as a DataFrame (lazy: only the schema is read), filtered by ``where``."""
     from pyspark.errors import AnalysisException
@@ -241,15 +252,14 @@ def read_input(spark: SparkSession, inp: InputConfig) -> DataFrame:
                 ) from None
         try:
             df = reader.load(inp.path)
-        except AnalysisException as exc:
-            if "DATA_SOURCE_NOT_FOUND" in _condition(exc):
-                raise ConfigError(
-                    f"input format {fmt!r} is not available in this Spark session; use one of "
-                    f"{list(BUILTIN_FORMATS)} or add the format's package (spark-submit --packages)"
+        except Exception as exc:  # a missing format comes back as a raw Py4JJavaError
+            if _format_missing(exc):
+                raise _format_error("input", fmt) from None
+            if isinstance(exc, AnalysisException):
+                raise InputPathError(
+                    f"input path {inp.path!r} cannot be read as {fmt}: {_message(exc)}"
                 ) from None
-            raise InputPathError(
-                f"input path {inp.path!r} cannot be read as {fmt}: {_message(exc)}"
-            ) from None
+            raise
     if inp.where:
         try:
             df = df.where(inp.where)
@@ -327,20 +337,15 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
         existed = _exists(spark, out.path)
         try:
             writer.save(out.path)
-        except AnalysisException as exc:
-            if "PATH_ALREADY_EXISTS" in _condition(exc):
+        except BaseException as exc:
+            if not existed and _exists(spark, out.path):
+                _delete(spark, out.path)
+            if isinstance(exc, AnalysisException) and "PATH_ALREADY_EXISTS" in _condition(exc):
                 raise OutputExistsError(
                     f"output path {out.path!r} already exists; pass --mode overwrite or choose another path"
                 ) from None
-            if "DATA_SOURCE_NOT_FOUND" in _condition(exc):
-                raise ConfigError(
-                    f"output format {fmt!r} is not available in this Spark session; use one of "
-                    f"{list(BUILTIN_FORMATS)} or add the format's package (spark-submit --packages)"
-                ) from None
-            raise
-        except BaseException:
-            if not existed and _exists(spark, out.path):
-                _delete(spark, out.path)
+            if _format_missing(exc):
+                raise _format_error("output", fmt) from None
             raise
 
 
