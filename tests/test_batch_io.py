@@ -72,9 +72,7 @@ def expected(spark, table: pa.Table, model_path: str, version: str):
     out = pa.table(
         [table["user_id"], table["ds"], *preds.columns], names=["user_id", "ds", *preds.schema.names]
     )
-    return spark.createDataFrame(out).select(
-        "user_id", "prediction", "model_version", "error", "ds"
-    )
+    return spark.createDataFrame(out).select("user_id", "prediction", "model_version", "error", "ds")
 
 
 @pytest.mark.parametrize("target", ["table", "path"])

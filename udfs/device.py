@@ -74,11 +74,7 @@ def task_gpu(ctx: Any = None) -> int | None:
 def _no_cuda(requested: str) -> DeviceError:
     import torch
 
-    build = (
-        "a CPU-only torch build"
-        if torch.version.cuda is None
-        else f"torch built for CUDA {torch.version.cuda}"
-    )
+    build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU or CUDA driver found"
     return DeviceError(
         f"device {requested!r} was requested but CUDA is not available on this host ({build}); "
         "set device = 'auto' or 'cpu' in [model], or run where a GPU is"
