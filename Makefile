@@ -91,3 +91,10 @@ bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-
 
 .PHONY: broker stream-demo bench-stream
 # --- end streaming ---
+
+# --- batch: GPU ---
+gpu-check: $(STAMP) ## on a CUDA host: the batch job and batch bench on the GPU (bench/results/gpu.json); else says so
+	$(PY) bench/gpu_check.py $(ARGS)
+
+.PHONY: gpu-check
+# --- end batch: GPU ---
