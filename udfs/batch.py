@@ -76,12 +76,8 @@ class OutputConfig:
     keep_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.table is None and self.path is None:
-            raise ValueError("give either table or path (with format) for the output, not both or neither")
-        if self.table is not None and self.path is not None:
-            raise ValueError("give either table or path (with format) for the output, not both or neither")
-        if self.table is not None and self.options:
-            raise ValueError("options apply to a path output; a table knows its own")
+        # format stays allowed with a table: it is the provider of a table the run creates.
+        _check_source("output", self.table, self.path, None, self.options)
 
     @property
     def describe(self) -> str:
