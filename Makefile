@@ -137,3 +137,10 @@ bench-onnx: $(STAMP) ## ONNX Runtime vs PyTorch, batch and real-time (onnx key o
 
 .PHONY: bench-onnx
 # --- end onnx ---
+
+# --- batch: GPU ---
+gpu-check: $(STAMP) ## on a CUDA host: the batch job and batch bench on the GPU (bench/results/gpu.json); else says so
+	$(PY) bench/gpu_check.py $(ARGS)
+
+.PHONY: gpu-check
+# --- end batch: GPU ---

@@ -11,6 +11,8 @@ match) and times, end to end from ``spark.read`` to the committed write:
 
 * ``sparkscore``: ``df.transform(udfs.spark.with_predictions(...))``, the transform the batch
   job runs, in a session built by the job's own ``udfs.session.build_session``;
+* ``sparkscore_udf``: ``udfs.predict_udf`` (the Column UDF: a Spark Arrow UDF returning a struct),
+  ``df.select("id", score(*features).alias("p")).select("id", "p.*")``;
 * ``predict_batch_udf``: ``pyspark.ml.functions.predict_batch_udf``, same model and batch size;
 * ``row_udf``: a row-at-a-time UDF that loads the model per row (5,000-row sample, scaled);
 * ``plain_torch``: pyarrow + torch, one process per core, 1 torch thread each, no Spark;
@@ -26,8 +28,9 @@ as a steadier cost on a shared machine.
 Results: bench/results/batch.json (rows/s) and batch.png; a run over a subset of models or
 variants writes under build/bench/results instead, so it never replaces the full result.
 
-Ensemble part (issue 5; on by default, ``--no-ensemble`` skips it, ``--only ensemble`` runs it
-alone and merges it into the existing batch.json, keeping the ``tiny``/``medium`` results): three
+Ensemble part (issue 5; on by default, ``--no-ensemble`` skips it and keeps the last ensemble result,
+``--only ensemble`` runs it alone and merges it into the existing batch.json, keeping the
+``tiny``/``medium`` results): three
 ``medium`` models with seeds 1, 2, 3 (``m1``, ``m2``, ``m3``), each alone through ``sparkscore``,
 then the three as one ensemble (``weighted_mean``, equal weights; inside a Spark task the members
 run one after another, as each task already has its core), and ``spark_floor``, on the same
@@ -64,6 +67,11 @@ TARGETS = (
     ("tiny", "sparkscore", "spark_floor", 0.8),
     ("medium", "sparkscore", "predict_batch_udf", 1.3),
     ("tiny", "sparkscore", "predict_batch_udf", 1.3),
+    ("medium", "sparkscore_udf", "predict_batch_udf", 1.05),
+    ("tiny", "sparkscore_udf", "predict_batch_udf", 1.05),
+    # The Column UDF within 10% of the transform.
+    ("medium", "sparkscore_udf", "sparkscore", 0.9),
+    ("tiny", "sparkscore_udf", "sparkscore", 0.9),
 )
 
 
@@ -75,6 +83,7 @@ class Bench:
     cores: int
     batch_size: int
     model_paths: dict[str, Path]
+    device: str
     data: dict[str, Path]
     sample: dict[str, Path]
     resolved: dict[str, Any] = field(default_factory=dict)  # model name -> ResolvedModel
@@ -179,6 +188,17 @@ def run_sparkscore(b: Bench, case: ModelCase, out: Path, sample: bool = False) -
 
     scored = _read(b, case, sample).transform(with_predictions(b.resolved[case.name], keep=["id"]))
     scored.write.mode("overwrite").parquet(str(out))
+
+
+def run_sparkscore_udf(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
+    from udfs.spark import predict_udf
+
+    key = f"sparkscore_udf:{case.name}"
+    if key not in b.udfs:  # built once, like a user's UDF
+        b.udfs[key] = predict_udf(b.resolved[case.name])
+    score = b.udfs[key]
+    scored = _read(b, case, sample).select("id", score(*case.input_columns).alias("p"))
+    scored.select("id", "p.*").write.mode("overwrite").parquet(str(out))
 
 
 def _zeros_fn(version: str, out_schema: Any) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -289,7 +309,8 @@ def run_row_udf(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> N
 
 def run_job(b: Bench, case: ModelCase, out: Path, sample: bool = False) -> None:
     """The whole job entry point, jobs.batch_score.run: adds its input count and output check."""
-    from jobs.batch_score import BatchConfig, InputConfig, OutputConfig, run
+    from jobs.batch_score import run
+    from udfs.batch import BatchConfig, InputConfig, OutputConfig
 
     data = b.sample[case.name] if sample else b.data[case.name]
     run(
@@ -330,15 +351,15 @@ def _plain_init() -> None:
     torch.set_num_threads(1)
 
 
-def _plain_score_file(job: tuple[str, str, str, tuple[str, ...], int | None, int, str]) -> int:
+def _plain_score_file(job: tuple[str, str, str, tuple[str, ...], int | None, int, str, str]) -> int:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    src, dst, model_path, columns, num_features, batch_size, version = job
+    src, dst, model_path, columns, num_features, batch_size, version, device = job
     if model_path not in _plain_models:
-        _plain_models[model_path] = torch.jit.load(model_path).eval()
+        _plain_models[model_path] = torch.jit.load(model_path, map_location=device).eval()
     model = _plain_models[model_path]
     schema = pa.schema(
         [
@@ -357,7 +378,7 @@ def _plain_score_file(job: tuple[str, str, str, tuple[str, ...], int | None, int
             else:
                 x = batch.column(1).flatten().to_numpy().reshape(n, num_features)
             with torch.inference_mode():
-                y = model(torch.from_numpy(x)).reshape(-1).to(torch.float64).numpy()
+                y = model(torch.from_numpy(x).to(device)).reshape(-1).to("cpu", torch.float64).numpy()
             writer.write_batch(
                 pa.RecordBatch.from_arrays(
                     [
@@ -386,6 +407,7 @@ def run_plain_torch(b: Bench, case: ModelCase, out: Path, sample: bool = False) 
             case.num_features,
             b.batch_size,
             version,
+            b.device,
         )
         for f in sorted(data.glob("*.parquet"))
     ]
@@ -394,9 +416,10 @@ def run_plain_torch(b: Bench, case: ModelCase, out: Path, sample: bool = False) 
 
 # --- the registry -------------------------------------------------------------------------------
 
-# The five variants every full run reports in batch.json, in this order.
+# The six variants every full run reports in batch.json, in this order.
 VARIANTS: dict[str, Variant] = {
     "sparkscore": Variant(run_sparkscore, "udfs.spark.with_predictions (mapInArrow, per-worker model cache)"),
+    "sparkscore_udf": Variant(run_sparkscore_udf, "udfs.predict_udf: Arrow UDF returning a struct"),
     "predict_batch_udf": Variant(run_predict_batch_udf, "pyspark.ml.functions.predict_batch_udf"),
     "row_udf": Variant(run_row_udf, "row-at-a-time UDF, model loaded per row (sample, scaled)", sample=True),
     "plain_torch": Variant(run_plain_torch, "pyarrow + torch, one process per core, no Spark", spark=False),
@@ -635,6 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=8192, help="rows per Arrow batch and per model call")
     p.add_argument("--cores", type=int, default=2, help="local[N] and plain_torch processes (default 2)")
+    p.add_argument("--device", default="cpu", help="the models' device: cpu (default), cuda, cuda:N")
     p.add_argument("--models", default="tiny,medium", help="comma list of: " + ",".join(CASES))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ",".join(ALL))
     p.add_argument("--files", type=int, default=8, help="Parquet files per table (default 8)")
@@ -687,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     only_ensemble = args.only == "ensemble"
     models = [] if only_ensemble else args.models.split(",")
     variants = [] if only_ensemble else args.variants.split(",")
-    full = only_ensemble or (set(models) == set(CASES) and set(variants) >= set(VARIANTS))
+    full = args.device == "cpu" and (
+        only_ensemble or (set(models) == set(CASES) and set(variants) >= set(VARIANTS))
+    )
     out_json = args.out or (common.RESULTS if full else WORK / "results") / "batch.json"
     conf = dict(kv.split("=", 1) for kv in args.conf)
 
@@ -697,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         cores=args.cores,
         batch_size=args.batch_size,
         model_paths=model_paths,
+        device=args.device,
         data={},
         sample={},
     )
@@ -716,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                 name=name,
                 num_features=case.num_features,
                 batch_size=args.batch_size,
-                device="cpu",
+                device=args.device,
             )
         )
 
@@ -790,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(out_json.read_text()) if out_json.exists() else {}
     if ensemble is not None:
         result["ensemble"] = ensemble
+    elif out_json.exists() and "ensemble" in (kept := json.loads(out_json.read_text())):
+        result["ensemble"] = kept["ensemble"]  # --no-ensemble keeps the last ensemble run
     common.write_json(out_json, result)
     if models:
         png = out_json.with_suffix(".png")
@@ -855,6 +884,7 @@ def report(
         "sample_rows": SAMPLE_ROWS,
         "cores": args.cores,
         "batch_size": args.batch_size,
+        "device": args.device,
         "repeats": args.repeats,
         "layout": {
             "files": args.files,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,60 @@ def test_error_rate_above_limit_fails_and_writes_nothing(models, table, tmp_path
 
 
 @pytest.mark.spark
+def test_error_rate_above_limit_still_writes_the_quarantine_and_says_where(
+    spark, models, table, tmp_path, capsys
+):
+    cfg = write_config(tmp_path, models["torchscript"])
+    q = tmp_path / "q"
+    assert run_job("--config", str(cfg), "--max-error-rate", "0.001", "--quarantine", str(q)) == 2
+    err = capsys.readouterr().err
+    assert f"nothing was written to the output (the bad rows, with their reasons, are in {q})" in err
+    assert not (tmp_path / "out").exists()
+    bad = expected_frame(spark, table, models["torchscript"]).filter("error is not null")
+    assert_approx_df_equality(
+        spark.read.parquet(str(q)).select(*bad.columns), bad, 1e-6, ignore_row_order=True
+    )
+
+
+@pytest.mark.spark
+def test_cuda_on_a_host_without_cuda_is_one_sentence_before_any_data_and_leaves_nothing(
+    models, table, tmp_path, capsys
+):
+    import torch
+
+    assert not torch.cuda.is_available(), "this test needs a host without CUDA"
+    cfg = write_config(tmp_path, models["torchscript"], model_extra="device = 'cuda'")
+    assert run_job("--config", str(cfg)) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        r"\[sparkscore\] error: device 'cuda' was requested but CUDA is not available on this host "
+        r"\((a CPU-only torch build|no GPU or CUDA driver found)\); set device = 'auto' or 'cpu' in "
+        r"\[model\], or run where a GPU is",
+        err,
+    ), err
+    assert not (tmp_path / "out").exists()
+    # The rerun with the fix is not stopped by a leftover output folder.
+    fixed = write_config(tmp_path, models["torchscript"], model_extra="device = 'auto'")
+    assert run_job("--config", str(fixed)) == 0
+
+
+@pytest.mark.spark
+def test_array_column_without_num_features_asks_for_num_features(models, tmp_path, capsys):
+    pq.write_table(
+        pa.table({"user_id": [1], "features": pa.array([[1.0, 2.0, 3.0, 4.0]])}), tmp_path / "events.parquet"
+    )
+    cfg = tmp_path / "arr.toml"
+    cfg.write_text(
+        write_config(tmp_path, models["torchscript"])
+        .read_text()
+        .replace(str(CTR).replace("'", '"'), '["features"]')
+    )
+    assert run_job("--config", str(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "input column 'features' is an array: set num_features in [model] to its fixed length" in err
+
+
+@pytest.mark.spark
 def test_error_rate_under_limit_passes(models, table, tmp_path):
     cfg = write_config(tmp_path, models["torchscript"])
     assert run_job("--config", str(cfg), "--max-error-rate", "0.5") == 0
@@ -191,6 +246,32 @@ def test_spark_submit_runs_the_job_on_a_small_table(spark, models, table, tmp_pa
     assert_approx_df_equality(
         actual, expected_frame(spark, table, models["export"]), 1e-6, ignore_row_order=True
     )
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_under_spark_submit_the_error_sentence_goes_to_stderr_and_the_exit_code_is_2(models, table, tmp_path):
+    cfg = write_config(tmp_path, models["torchscript"], model_extra="device = 'cuda'")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "spark-submit"),
+            "--master",
+            "local[1]",
+            str(ROOT / "jobs" / "batch_score.py"),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[sparkscore] error: device 'cuda' was requested" in proc.stderr
+    assert "[sparkscore] error" not in proc.stdout
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.spark

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from udfs.device import resolve_device, set_threads, task_threads
+from udfs.device import resolve_device, set_threads, task_gpu, task_threads
+from udfs.errors import DeviceError
 
 
 @dataclass
@@ -29,14 +30,49 @@ class FakeTaskContext:
         return self._cpus
 
 
-def test_auto_uses_the_gpu_spark_assigned_to_the_task(monkeypatch):
+@pytest.fixture
+def cuda(monkeypatch):
+    """A host that has CUDA with 8 devices, as far as device placement can tell."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_auto_uses_the_gpu_spark_assigned_to_the_task(cuda):
     assert resolve_device("auto", FakeTaskContext(gpus=["3"])) == "cuda:3"
+    assert resolve_device("cuda", FakeTaskContext(gpus=["5"])) == "cuda:5"
 
 
-def test_auto_without_assigned_gpu_falls_back_to_cuda0_then_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_a_task_with_several_gpus_uses_one_the_first_spark_assigned(cuda):
+    assert resolve_device("auto", FakeTaskContext(gpus=["2", "0"])) == "cuda:2"
+
+
+def test_addresses_index_cuda_visible_devices_as_sparks_distributor_does(cuda, monkeypatch):
+    # Spark's addresses are positions in CUDA_VISIBLE_DEVICES (pyspark.ml.torch.distributor), which
+    # is also how torch numbers the devices this process sees.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert task_gpu(FakeTaskContext(gpus=["1"])) == 1
+    assert resolve_device("auto", FakeTaskContext(gpus=["1"])) == "cuda:1"
+    with pytest.raises(DeviceError, match=r"Spark assigned GPU 2, but CUDA_VISIBLE_DEVICES='4,6' lists 2"):
+        resolve_device("auto", FakeTaskContext(gpus=["2"]))
+
+
+@pytest.mark.parametrize("address", ["gpu0", "01", "", "-1", "1.0"])
+def test_gpu_addresses_cuda_cannot_use_are_refused_with_a_sentence(cuda, address):
+    with pytest.raises(DeviceError, match="CUDA needs integer ordinals without zero padding"):
+        resolve_device("auto", FakeTaskContext(gpus=[address]))
+
+
+def test_a_gpu_beyond_the_devices_this_process_sees_is_refused(cuda):
+    with pytest.raises(DeviceError, match=r"GPU 9 was asked for \('cuda:9'\) but this process sees 8"):
+        resolve_device("cuda:9", FakeTaskContext())
+    with pytest.raises(DeviceError, match="GPU 8 was asked for"):
+        resolve_device("auto", FakeTaskContext(gpus=["8"]))
+
+
+def test_auto_without_assigned_gpu_falls_back_to_cuda0_then_cpu(monkeypatch, cuda):
     assert resolve_device("auto", FakeTaskContext()) == "cuda:0"
+    assert resolve_device("auto", None) == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", FakeTaskContext(gpus=["1"])) == "cpu"
     assert resolve_device("auto", None) == "cpu"
@@ -44,9 +80,30 @@ def test_auto_without_assigned_gpu_falls_back_to_cuda0_then_cpu(monkeypatch):
 
 def test_explicit_cuda_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        resolve_device("cuda", FakeTaskContext())
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(DeviceError, match=f"device '{device}' was requested but CUDA is not available"):
+            resolve_device(device, FakeTaskContext())
     assert resolve_device("cpu", FakeTaskContext(gpus=["0"])) == "cpu"
+
+
+def test_a_reused_worker_keeps_models_on_one_gpu_only(monkeypatch, tmp_path):
+    """A later task can hand the same Python worker another GPU: the copies on the old one go."""
+    from udfs import model_cache
+    from udfs.spec import ResolvedMember
+
+    monkeypatch.setattr(model_cache, "load_module", lambda path, fmt, device: f"module on {device}")
+    monkeypatch.setattr(model_cache, "file_hash", lambda path: "h")
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"x")
+    member = ResolvedMember("m", str(path), "h", "v", "torchscript", 1.0)
+    model_cache.clear()
+    try:
+        model_cache.get_model(member, "cpu")
+        model_cache.get_model(member, "cuda:0")
+        assert model_cache.get_model(member, "cuda:1") == "module on cuda:1"
+        assert sorted(device for _, device in model_cache._cache) == ["cpu", "cuda:1"]
+    finally:
+        model_cache.clear()
 
 
 def test_threads_follow_spark_task_cpus():

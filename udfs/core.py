@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from udfs import model_cache
 from udfs.device import resolve_device, set_threads, task_threads
-from udfs.errors import ModelLoadError
+from udfs.errors import ModelLoadError, whole_sentences
 from udfs.features import Features, extract_features
 from udfs.onnx_engine import OnnxModel
 from udfs.spec import ResolvedModel
@@ -42,8 +42,8 @@ def short_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    line = lines[-1] if len(lines) > 1 and "Error" in lines[-1] else lines[0]
-    return (line if "Error" in line else f"{type(exc).__name__}: {line}")[:300]
+    line = whole_sentences(lines[-1] if len(lines) > 1 and "Error" in lines[-1] else lines[0], 300)
+    return line if "Error" in line else f"{type(exc).__name__}: {line}"
 
 
 def output_schema(model: ResolvedModel) -> pa.Schema:
@@ -225,7 +225,10 @@ def load_scorer(model: ResolvedModel, *, ctx: Any = None) -> Scorer:
     """The cached scorer for ``model`` on this task's device, with threads set for this task."""
     set_threads(task_threads(ctx))
     device = resolve_device(model.spec.device, ctx)
-    modules = tuple(model_cache.get_model(m, device, cache_size=model.spec.cache_size) for m in model.members)
+    # Every member of the model in use stays cached, whatever cache_size says: an ensemble larger
+    # than the cache would otherwise evict and reload its members on every task.
+    size = max(model.spec.cache_size, len(model.members))
+    modules = tuple(model_cache.get_model(m, device, cache_size=size) for m in model.members)
     return Scorer(model=model, device=device, modules=modules)
 
 
@@ -304,12 +307,39 @@ def check_model(model: ResolvedModel) -> None:
     )
     probe = Scorer(model=model, device="cpu", modules=modules)
     for i, m in enumerate(model.members):
+        fixed = fixed_batch_size(modules[i])
+        if fixed is not None:
+            raise ModelLoadError(
+                f"model {m.name!r} ({m.path}) was exported with a fixed batch size of {fixed}; export it "
+                "with a dynamic batch dimension: torch.export.export(model, (x,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},))"
+            )
         try:
             probe.run_member(i, np.zeros((1, width), dtype=np.float32))
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any torch error here is a spec/model mismatch
+            hint = "check input_columns / num_features against what the model expects"
+            if spec.num_features is None and len(spec.input_columns) == 1:
+                hint = (
+                    f"if {spec.input_columns[0]!r} is an array column, set num_features in [model] to its "
+                    f"length, else {hint}"
+                )
+            feature = "feature" if width == 1 else "features"
             raise ModelLoadError(
-                f"model {m.name!r} ({m.path}) fails on a row of {width} features: {short_reason(exc)}; "
-                "check input_columns / num_features against what the model expects"
+                f"model {m.name!r} ({m.path}) fails on a row of {width} {feature}: {short_reason(exc)}; {hint}"
             ) from None
+
+
+def fixed_batch_size(module: Any) -> int | None:
+    """The batch size a torch.export program was specialised to, or None when its batch is dynamic."""
+    from torch.fx import GraphModule
+
+    if not isinstance(module, GraphModule):  # TorchScript and other engines batch dynamically
+        return None
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            shape = getattr(node.meta.get("val"), "shape", None)
+            # A dynamic dimension is a SymInt; an int means the export fixed it.
+            return shape[0] if shape and type(shape[0]) is int else None
+    return None

@@ -8,6 +8,8 @@ sentence and exit non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class SparkscoreError(ValueError):
     """Base class for every error a user can fix by changing their call."""
@@ -44,3 +46,26 @@ class ErrorRateExceeded(SparkscoreError):
 
 class OutputExistsError(SparkscoreError):
     """The output path exists and the write mode forbids overwriting it."""
+
+
+class DeviceError(SparkscoreError):
+    """The configured device is not available where the model runs (no CUDA, bad GPU address)."""
+
+
+# Library boilerplate that follows the sentence that matters (torch's "(Could this error message be improved?").
+_BOILERPLATE = ("(Could this error message be improved",)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+
+
+def whole_sentences(text: str, limit: int = 240) -> str:
+    """The first line of ``text`` cut to whole sentences: as many as fit in ``limit`` characters,
+    at least one (never cut mid-word), without library boilerplate."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    kept: list[str] = []
+    for sentence in _SENTENCE_END.split(lines[0]):
+        if sentence.startswith(_BOILERPLATE) or (kept and len(" ".join([*kept, sentence])) > limit):
+            break
+        kept.append(sentence)
+    return " ".join(kept) or lines[0]

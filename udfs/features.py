@@ -15,6 +15,7 @@ real-time), which is what the parity tests compare.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -96,30 +97,73 @@ def _column(batch: pa.RecordBatch | pa.Table, name: str) -> pa.Array:
     return col
 
 
-def _to_float(values: pa.Array) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Numbers as float32, plus masks of null and non-numeric entries (None when there are none)."""
+@dataclass(frozen=True)
+class _Floats:
+    """One column's values as float32, and masks of the entries that cannot be used (None: none)."""
+
+    values: np.ndarray  # float32; bad entries hold anything
+    nulls: np.ndarray | None
+    non_numeric: np.ndarray | None
+    out_of_range: np.ndarray | None  # finite, but beyond float32 (it would turn into inf)
+    wide: np.ndarray | None = None  # the float64 values, kept only to describe out-of-range entries
+
+
+# A decimal float literal: pandas gives up on exponents beyond float64 ('1e400'), Python reads them
+# as +-inf, the same value as 'inf', so they get the same reason.
+_FLOAT_LITERAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*")
+
+
+def _parse_text(values: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    """Numeric strings as float64, plus the mask of entries that are not numbers."""
+    import pandas as pd
+
+    raw = values.to_numpy(zero_copy_only=False)
+    series = pd.Series(raw, dtype=object)
+    numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(numbers) & series.notna().to_numpy()
+    for i in np.flatnonzero(bad):
+        if _FLOAT_LITERAL.fullmatch(raw[i]):
+            numbers[i] = float(raw[i])
+            bad[i] = False
+    # A literal "nan" parses to NaN on purpose: it is reported as non-finite, not non-numeric.
+    bad &= ~series.str.strip().str.lower().isin(["nan", "+nan", "-nan"]).to_numpy(dtype=bool)
+    return numbers, bad if bad.any() else None
+
+
+def _to_float(values: pa.Array) -> _Floats:
+    """Numbers as float32, with masks of null, non-numeric and out-of-float32-range entries."""
     t = values.type
     nulls = np.asarray(values.is_null(), dtype=bool) if values.null_count else None
+    non_numeric = None
     if _is_text(t):
-        import pandas as pd
-
-        series = pd.Series(values.to_numpy(zero_copy_only=False), dtype=object)
-        numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.isnan(numbers) & series.notna().to_numpy()
-        # A literal "nan" parses to NaN on purpose: it is reported as non-finite, not non-numeric.
-        bad &= ~series.str.strip().str.lower().isin(["nan", "+nan", "-nan"]).to_numpy(dtype=bool)
-        return numbers.astype(np.float32), nulls, bad if bad.any() else None
-    if pa.types.is_decimal(t) or pa.types.is_boolean(t):
-        values = pc.cast(values, pa.float64())
-    # Zero-copy for a clean float32 buffer; nulls come back as NaN and are masked below.
-    arr = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        wide, non_numeric = _parse_text(values)
+    else:
+        if pa.types.is_decimal(t) or pa.types.is_boolean(t):
+            values = pc.cast(values, pa.float64())
+        # Zero-copy for a clean float32 buffer; nulls come back as NaN and are masked below.
+        wide = values.to_numpy(zero_copy_only=False)
+    # Overflow to inf is detected below and reported as out of range, so numpy's warning is noise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = wide.astype(np.float32, copy=False)
+    out_of_range = None
+    if wide.dtype != np.float32 and not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
+        overflow = np.isinf(arr)
+        if overflow.any():
+            overflow &= ~np.isinf(wide)
+            if nulls is not None:
+                overflow &= ~nulls
+            out_of_range = overflow if overflow.any() else None
     if nulls is not None:
         arr = np.where(nulls, np.float32(0), arr)
-    return arr, nulls, None
+    return _Floats(arr, nulls, non_numeric, out_of_range, wide if out_of_range is not None else None)
 
 
 def _describe(value: float) -> str:
     return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _out_of_range(where: str, value: float) -> str:
+    return f"out-of-range feature: {where} = {value:g} (beyond float32)"
 
 
 def _scalar_columns(batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...]) -> Features:
@@ -129,13 +173,19 @@ def _scalar_columns(batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...]) 
     bad_rows = np.zeros(n, dtype=bool)
     for name in columns:
         col = _column(batch, name)
-        arr, nulls, non_numeric = _to_float(col)
+        floats = _to_float(col)
+        arr, nulls, non_numeric, too_big = (
+            floats.values,
+            floats.nulls,
+            floats.non_numeric,
+            floats.out_of_range,
+        )
         nonfinite = ~np.isfinite(arr)
-        if nulls is not None:
-            nonfinite &= ~nulls
-        if non_numeric is not None:
-            nonfinite &= ~non_numeric
-        for mask, kind in ((nulls, "null"), (non_numeric, "non-numeric"), (nonfinite, "non-finite")):
+        for m in (nulls, non_numeric, too_big):
+            if m is not None:
+                nonfinite &= ~m
+        kinds = ((nulls, "null"), (non_numeric, "non-numeric"), (too_big, "range"), (nonfinite, "non-finite"))
+        for mask, kind in kinds:
             if mask is None or not mask.any():
                 continue
             new = mask & ~bad_rows
@@ -149,6 +199,8 @@ def _scalar_columns(batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...]) 
                     reasons[i] = f"null feature: {name!r}"
                 elif kind == "non-numeric":
                     reasons[i] = f"non-numeric feature: {name!r} = {raw[i]!r}"  # type: ignore[index]
+                elif kind == "range":
+                    reasons[i] = _out_of_range(repr(name), floats.wide[i])  # type: ignore[index]
                 else:
                     reasons[i] = f"non-finite feature: {name!r} = {_describe(arr[i])}"
             bad_rows |= new
@@ -173,10 +225,20 @@ def _array_column(batch: pa.RecordBatch | pa.Table, name: str, d: int) -> Featur
     rel = offsets - base
     lengths = np.diff(rel)
     list_null = np.asarray(col.is_null(), dtype=bool) if col.null_count else None
-    flat, elem_null, elem_non_numeric = _to_float(flat_values)
+    floats = _to_float(flat_values)
+    flat, elem_null, elem_non_numeric, elem_big = (
+        floats.values,
+        floats.nulls,
+        floats.non_numeric,
+        floats.out_of_range,
+    )
 
     clean = (
-        list_null is None and elem_null is None and elem_non_numeric is None and bool((lengths == d).all())
+        list_null is None
+        and elem_null is None
+        and elem_non_numeric is None
+        and elem_big is None
+        and bool((lengths == d).all())
     )
     if clean:
         matrix = flat.reshape(n, d)
@@ -191,15 +253,16 @@ def _array_column(batch: pa.RecordBatch | pa.Table, name: str, d: int) -> Featur
         return (cs[rel[1:]] - cs[rel[:-1]]) > 0
 
     nonfinite_elems = ~np.isfinite(flat)
-    for m in (elem_null, elem_non_numeric):
+    for m in (elem_null, elem_non_numeric, elem_big):
         if m is not None:
             nonfinite_elems &= ~m
     is_null_list = list_null if list_null is not None else np.zeros(n, dtype=bool)
     wrong_len = ~is_null_list & (lengths != d)
     has_null = ~is_null_list & ~wrong_len & per_row(elem_null)
     has_text = ~is_null_list & ~wrong_len & ~has_null & per_row(elem_non_numeric)
-    has_nonfinite = ~is_null_list & ~wrong_len & ~has_null & ~has_text & per_row(nonfinite_elems)
-    bad = is_null_list | wrong_len | has_null | has_text | has_nonfinite
+    has_big = ~is_null_list & ~wrong_len & ~has_null & ~has_text & per_row(elem_big)
+    has_nonfinite = ~is_null_list & ~wrong_len & ~has_null & ~has_text & ~has_big & per_row(nonfinite_elems)
+    bad = is_null_list | wrong_len | has_null | has_text | has_big | has_nonfinite
     valid = ~bad
 
     reasons: list[str | None] = [None] * n
@@ -217,6 +280,9 @@ def _array_column(batch: pa.RecordBatch | pa.Table, name: str, d: int) -> Featur
             j = int(np.flatnonzero(elem_non_numeric[start:stop])[0])  # type: ignore[index]
             raw = raw if raw is not None else flat_values.to_pylist()
             reasons[i] = f"non-numeric feature: {name}[{j}] = {raw[start + j]!r}"
+        elif has_big[i]:
+            j = int(np.flatnonzero(elem_big[start:stop])[0])  # type: ignore[index]
+            reasons[i] = _out_of_range(f"{name}[{j}]", floats.wide[start + j])  # type: ignore[index]
         else:
             j = int(np.flatnonzero(nonfinite_elems[start:stop])[0])
             reasons[i] = f"non-finite feature: {name}[{j}] = {_describe(flat[start + j])}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from udfs.errors import ModelLoadError
+from udfs.errors import ModelLoadError, whole_sentences
 from udfs.spec import ResolvedMember, file_hash
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,14 @@ def load_module(path: str, fmt: str, device: str) -> Any:
         return torch.jit.load(path, map_location=device)
 
     def _export() -> Any:
-        return torch.export.load(path).module().to(device)
+        # torch logs the whole deserialisation traceback before it falls back; the reason is kept below.
+        export_log = logging.getLogger("torch.export")
+        level = export_log.level
+        export_log.setLevel(logging.ERROR)
+        try:
+            return torch.export.load(path).module().to(device)
+        finally:
+            export_log.setLevel(level)
 
     loaders = {"torchscript": [_jit], "export": [_export], "auto": [_jit, _export]}[fmt]
     reasons = []
@@ -87,11 +94,11 @@ def load_module(path: str, fmt: str, device: str) -> Any:
             module = loader()
             break
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and friends
-            reasons.append(str(exc).splitlines()[0][:200])
+            reasons.append(whole_sentences(str(exc)) or type(exc).__name__)
     else:
+        kind = {"export": "torch.export", "auto": "TorchScript or torch.export"}
         raise ModelLoadError(
-            f"model file {path!r} could not be loaded as a "
-            f"{'TorchScript or torch.export' if fmt == 'auto' else fmt} program "
+            f"model file {path!r} could not be loaded as a {kind.get(fmt, fmt)} program "
             f"(is it corrupt or of another format?): {reasons[-1]}"
         )
     if hasattr(module, "eval") and fmt != "export":
@@ -114,6 +121,8 @@ def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> An
                 f"model file {path!r} on this host differs from the one the driver checked "
                 f"(version {member.version}); ship the same file to every node"
             )
+        if device.startswith("cuda"):
+            _drop_other_gpus(device)
         module = load_module(path, member.format, device)
         _cache[key] = module
         _load_counts[member.content_hash] = _load_counts.get(member.content_hash, 0) + 1
@@ -123,6 +132,18 @@ def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> An
         while len(_cache) > cache_size:
             _cache.popitem(last=False)
         return module
+
+
+def _drop_other_gpus(device: str) -> None:
+    """A reused worker can be handed another GPU by a later task: keep models on that one GPU only,
+    so no GPU holds copies for a task it no longer serves (call with the lock held)."""
+    stale = [key for key in _cache if key[1].startswith("cuda") and key[1] != device]
+    for key in stale:
+        del _cache[key]
+    if stale:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def total_loads() -> int:

@@ -6,6 +6,12 @@ small :class:`ResolvedModel` record; the model itself is loaded lazily on each
 executor's Python worker through the per-process cache, so it is loaded once
 per worker and reused across tasks and batches. It runs on ``mapInArrow``:
 Spark's Arrow batches reach the core without a pandas round trip.
+
+:func:`predict_udf` is the same core as a Column function: a Spark Arrow UDF
+(``pyspark.sql.functions.arrow_udf``; an iterator pandas UDF on a PySpark
+without it) that takes the feature columns and returns a struct of the
+prediction columns, for ``select`` / ``withColumn`` and, once registered with
+``spark.udf.register``, for SQL. It shares the per-worker model cache.
 """
 
 from __future__ import annotations
@@ -13,22 +19,33 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 from pyspark import Accumulator, AccumulatorParam
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructType
 
 from udfs import model_cache
-from udfs.core import load_scorer, output_schema, score_batch
-from udfs.errors import SparkscoreError
+from udfs.core import Scorer, check_model, load_scorer, output_schema, score_batch
+from udfs.device import resolve_device
+from udfs.errors import DeviceError, SparkscoreError
 from udfs.features import check_columns
-from udfs.spec import ResolvedModel
+from udfs.spec import ModelSpec, ResolvedModel, resolve
 
 
 class ColumnConflictError(SparkscoreError):
     """The input already has a column the scorer would add."""
+
+
+class ArgumentCountError(SparkscoreError):
+    """The scoring UDF was called with a different number of columns than input_columns lists."""
+
+
+class RowCountError(RuntimeError):
+    """A scoring task produced a different number of rows than it read (fails the task, so the
+    write is never committed)."""
 
 
 class _DictSum(AccumulatorParam):  # type: ignore[type-arg]
@@ -65,6 +82,24 @@ def rebatch(batches: Iterator[pa.RecordBatch], min_rows: int) -> Iterator[pa.Rec
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
+def _task_scorer(model: ResolvedModel, tracker: Accumulator | None) -> Scorer:  # type: ignore[type-arg]
+    """The cached scorer for this task; reports this worker's model loads to ``tracker``."""
+    loads_before = model_cache.total_loads()
+    scorer = load_scorer(model)
+    if tracker is not None:
+        tracker.add({f"{socket.gethostname()}:{os.getpid()}": model_cache.total_loads() - loads_before})
+    return scorer
+
+
+def check_row_count(batch: pa.RecordBatch, preds: pa.RecordBatch) -> None:
+    """Every input row comes out once; checked per batch inside the task, before anything is committed."""
+    if preds.num_rows != batch.num_rows:
+        raise RowCountError(
+            f"scoring returned {preds.num_rows} rows for a batch of {batch.num_rows}; the task fails "
+            "so that no incomplete output is committed"
+        )
+
+
 def _score_partitions(
     model: ResolvedModel,
     keep: list[str],
@@ -72,13 +107,10 @@ def _score_partitions(
     tracker: Accumulator | None,  # type: ignore[type-arg]
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        loads_before = model_cache.total_loads()
-        scorer = load_scorer(model)
-        loaded = model_cache.total_loads() - loads_before
-        if tracker is not None:
-            tracker.add({f"{socket.gethostname()}:{os.getpid()}": loaded})
+        scorer = _task_scorer(model, tracker)
         for batch in rebatch(batches, model.spec.batch_size):
             preds = score_batch(batch, scorer)
+            check_row_count(batch, preds)
             kept = [batch.column(name) for name in keep]
             yield pa.RecordBatch.from_arrays(kept + preds.columns, schema=out_schema)
 
@@ -123,3 +155,169 @@ def with_predictions(
         return df.select(*needed).mapInArrow(_score_partitions(model, kept, out_arrow, tracker), schema)
 
     return transform
+
+
+# --- the Column UDF -----------------------------------------------------------------------------
+
+
+def _score_arrays(
+    model: ResolvedModel,
+    tracker: Accumulator | None,  # type: ignore[type-arg]
+) -> Callable[[Iterator[Any]], Iterator[pa.Array]]:
+    """The UDF body: each Arrow batch of feature columns (one array, or a tuple) -> a struct array."""
+    names = list(model.spec.input_columns)
+    num_features = model.spec.num_features
+
+    def score(batches: Iterator[Any]) -> Iterator[pa.Array]:
+        scorer = _task_scorer(model, tracker)
+        checked = False
+        for args in batches:
+            arrays = list(args) if isinstance(args, tuple) else [args]
+            if len(arrays) != len(names):
+                raise ArgumentCountError(_arity_message(model, len(arrays)))
+            batch = pa.RecordBatch.from_arrays(arrays, names=names)
+            if not checked:
+                check_columns(batch.schema, tuple(names), num_features)
+                checked = True
+            preds = score_batch(batch, scorer)
+            check_row_count(batch, preds)
+            yield pa.StructArray.from_arrays(preds.columns, fields=list(preds.schema))
+
+    return score
+
+
+def _score_series(
+    model: ResolvedModel,
+    tracker: Accumulator | None,  # type: ignore[type-arg]
+) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The same body for an iterator pandas UDF (PySpark without ``arrow_udf``).
+
+    Spark hands a pandas UDF a null double as NaN, so on this path a null float feature is
+    reported as null and a NaN one too; the Arrow UDF keeps them apart.
+    """
+    arrow_body = _score_arrays(model, tracker)
+
+    def score(batches: Iterator[Any]) -> Iterator[Any]:
+        def as_arrow(args: Any) -> Any:
+            if isinstance(args, tuple):
+                return tuple(pa.Array.from_pandas(s) for s in args)
+            return pa.Array.from_pandas(args)
+
+        for struct in arrow_body(as_arrow(args) for args in batches):
+            yield pa.RecordBatch.from_struct_array(struct).to_pandas()
+
+    return score
+
+
+def _arity_message(model: ResolvedModel, given: int) -> str:
+    cols = list(model.spec.input_columns)
+    return (
+        f"the scoring UDF of model {model.name!r} takes {len(cols)} column(s), {cols} in that order "
+        f"(input_columns), but was called with {given}"
+    )
+
+
+def _arrow_udf() -> Any:
+    """``pyspark.sql.functions.arrow_udf`` where this PySpark has it (4.1+), else None."""
+    from pyspark.sql import functions
+
+    return getattr(functions, "arrow_udf", None)
+
+
+class ScoringUDF:
+    """What :func:`predict_udf` returns: call it on feature columns, or register it for SQL.
+
+    It carries the attributes ``spark.udf.register`` reads from a PySpark UDF, so
+    ``spark.udf.register("ctr_score", score)`` makes ``ctr_score(...)`` a SQL function.
+    """
+
+    def __init__(self, udf: Any, model: ResolvedModel) -> None:
+        self._udf = udf
+        self.model = model
+        self.func = udf.func
+        self.returnType = udf.returnType
+        self.evalType = udf.evalType
+        self.deterministic = udf.deterministic
+        self.__name__ = udf.__name__
+
+    def asNondeterministic(self) -> Any:
+        return self._udf.asNondeterministic()
+
+    def __call__(self, *cols: Column | str) -> Column:
+        """The prediction struct for these feature columns (default: the ones input_columns names)."""
+        if not cols:
+            cols = self.model.spec.input_columns
+        if len(cols) != len(self.model.spec.input_columns):
+            raise ArgumentCountError(_arity_message(self.model, len(cols)))
+        return self._udf(*cols)
+
+
+def predict_udf(
+    model: ModelSpec | ResolvedModel,
+    *,
+    check: bool = True,
+    tracker: Accumulator | None = None,  # type: ignore[type-arg]
+) -> ScoringUDF:
+    """A Spark UDF that scores feature columns and returns a struct of the prediction columns.
+
+    ``score(*columns)`` takes the columns ``input_columns`` names, in that order (or the one array
+    column; with no arguments, the columns of those names) and returns a struct of ``prediction``
+    (or ``probabilities`` + ``label``), ``model_version``, ``error`` and, for an ensemble,
+    ``degraded``, ``missing_members`` and the member columns. ``check`` loads the model on the
+    driver first and scores a row of zeros, so a wrong file or spec fails here with one sentence.
+    ``tracker`` (from :func:`model_load_tracker`) records model loads per worker.
+    """
+    resolved = resolve(model) if isinstance(model, ModelSpec) else model
+    if check:
+        check_model(resolved)
+    return_type = StructType(from_arrow_schema(output_schema(resolved)).fields)
+    arrow_udf = _arrow_udf()
+    width = len(resolved.spec.input_columns)
+    if arrow_udf is not None:
+        fn = _score_arrays(resolved, tracker)
+        _iterator_hints(fn, pa.Array, pa.Array, width)
+        udf = arrow_udf(fn, return_type)
+    else:
+        import pandas as pd
+        from pyspark.sql.functions import pandas_udf
+
+        fn = _score_series(resolved, tracker)
+        _iterator_hints(fn, pd.Series, pd.DataFrame, width)
+        udf = pandas_udf(fn, return_type)  # type: ignore[call-overload]
+    fn.__name__ = f"predict_{resolved.name}"
+    return ScoringUDF(udf, resolved)
+
+
+def _iterator_hints(fn: Callable[..., Any], column: type, result: type, width: int) -> None:
+    """PySpark picks a UDF's kind from its type hints: an iterator of one column or of a tuple of
+    ``width`` columns, to an iterator of results. The width is only known here, so they are set here."""
+    columns = column if width == 1 else tuple.__class_getitem__((column,) * width)
+    fn.__annotations__ = {"batches": Iterator[columns], "return": Iterator[result]}  # type: ignore[valid-type]
+
+
+def check_device(spark: SparkSession, model: ResolvedModel) -> str:
+    """The device a scoring task gets, found by one probe task before any data is read.
+
+    Raises DeviceError, with its one sentence, when the configured device is not available where
+    tasks run (``device = "cuda"`` on executors without CUDA, GPU addresses CUDA cannot use).
+    """
+    requested = model.spec.device
+    if requested == "cpu":
+        return "cpu"
+
+    def probe(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        try:
+            device, error = resolve_device(requested), None
+        except DeviceError as exc:
+            device, error = None, str(exc)
+        yield pa.record_batch(
+            {"device": pa.array([device], pa.string()), "error": pa.array([error], pa.string())}
+        )
+
+    row = spark.range(1, numPartitions=1).mapInArrow(probe, "device string, error string").first()
+    assert row is not None
+    if row["error"]:
+        raise DeviceError(row["error"])
+    return str(row["device"])

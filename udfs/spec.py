@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -90,7 +91,7 @@ class ModelSpec:
                 f"num_features={self.num_features} but {len(self.input_columns)} input "
                 "columns are listed; drop num_features for a list of numeric columns"
             )
-        if self.device != "auto" and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._check_ensemble()
 

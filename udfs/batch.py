@@ -1,0 +1,426 @@
+"""The batch job's building blocks: its config, where it reads and writes, and its checks.
+
+``jobs/batch_score.py`` is parse -> read -> transform -> write; everything it
+composes lives here, so a pipeline that already has a SparkSession can reuse
+the same pieces (``read_input``, ``write_output``, ``write_scored``).
+
+Inputs are a catalog table (``table = "db.events"``) or a path with a format
+(parquet, orc, json, csv, or any format the session has a package for), with
+reader options, an optional DDL schema and an optional ``where`` filter.
+Outputs are a table or a path, with ``partition_by`` and a ``mode``:
+``errorifexists`` (the default), ``append``, or ``overwrite``, which replaces
+only the partitions the run writes (Spark's dynamic partition overwrite).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from udfs.errors import ConfigError, ErrorRateExceeded, InputPathError, OutputExistsError, whole_sentences
+from udfs.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, Observation, SparkSession
+
+# Formats Spark ships with (and the tests cover); any other name is handed to Spark as is.
+BUILTIN_FORMATS = ("parquet", "orc", "json", "csv")
+Option = str | int | float | bool
+WriteMode = Literal["errorifexists", "overwrite", "append"]
+
+
+def _check_source(kind: str, table: str | None, path: str | None, fmt: str | None, options: dict) -> None:
+    if (table is None) == (path is None):
+        raise ValueError(f"give either table or path (with format) for the {kind}, not both or neither")
+    if table is not None and (fmt is not None or options):
+        raise ValueError(f"format and options apply to a path {kind}; a table knows its own format")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """``[input]``: a catalog table, or a path read with ``format`` and reader ``options``."""
+
+    table: str | None = None
+    path: str | None = None
+    format: str | None = None  # default parquet for a path
+    options: dict[str, Option] = field(default_factory=dict)
+    schema: str | None = None  # DDL, e.g. "age double, price double" (csv and json otherwise infer it)
+    where: str | None = None  # a SQL filter: score only the rows it keeps
+
+    def __post_init__(self) -> None:
+        _check_source("input", self.table, self.path, self.format, self.options)
+        if self.table is not None and self.schema is not None:
+            raise ValueError("schema applies to a path input; a table has its own schema")
+
+    @property
+    def describe(self) -> str:
+        where = f" where {self.where}" if self.where else ""
+        return (f"table {self.table}" if self.table else f"{self.path} ({self.format or 'parquet'})") + where
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: a catalog table, or a path written with ``format``; partitioning and mode."""
+
+    table: str | None = None
+    path: str | None = None
+    format: str | None = None  # path default parquet; a new table's default is spark.sql.sources.default
+    options: dict[str, Option] = field(default_factory=dict)
+    mode: WriteMode = "errorifexists"
+    partition_by: tuple[str, ...] = ()
+    # Input columns carried into the output; empty means all of them.
+    keep_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # format stays allowed with a table: it is the provider of a table the run creates.
+        _check_source("output", self.table, self.path, None, self.options)
+
+    @property
+    def describe(self) -> str:
+        return f"table {self.table}" if self.table else f"{self.path} ({self.format or 'parquet'})"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    max_error_rate: float | None = None
+    quarantine: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_error_rate is not None and not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    model: ModelSpec
+    input: InputConfig
+    output: OutputConfig
+    job: JobConfig = JobConfig()
+    spark: dict[str, str] = field(default_factory=dict)
+
+
+def plural(n: int, word: str) -> str:
+    """'1 row', '2 rows', '1,000 rows'."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def rate(rows: int, seconds: float) -> str:
+    """Rows per second with three significant digits, so a tiny run reads 0.48, not 0."""
+    if seconds <= 0:
+        return "n/a"
+    r = rows / seconds
+    return f"{r:,.0f}" if r >= 100 else f"{r:.3g}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    input_rows: int
+    output_rows: int
+    scored: int
+    errors: int
+    startup_seconds: float  # Spark session, schema, model and device checks
+    scoring_seconds: float  # from the first read to the committed write
+    model_loads: dict[str, int]
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.input_rows if self.input_rows else 0.0
+
+    def render(self) -> str:
+        loads = sum(self.model_loads.values())
+        return (
+            f"[sparkscore] rows in: {self.input_rows:,}  out: {self.output_rows:,}  "
+            f"scored: {self.scored:,}  errors: {self.errors:,} ({self.error_rate:.2%})\n"
+            f"[sparkscore] model loads: {loads} across {plural(len(self.model_loads), 'Python worker')}  "
+            f"time: {self.startup_seconds + self.scoring_seconds:.1f} s (start-up {self.startup_seconds:.1f} s, "
+            f"scoring {self.scoring_seconds:.1f} s: {rate(self.input_rows, self.scoring_seconds)} rows/s)"
+        )
+
+
+# --- checks before Spark starts or any data is read ---------------------------------------------
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def check_local_paths(cfg: BatchConfig) -> None:
+    """Fail before Spark starts on a local input path that is not there or an output it would clobber."""
+    inp, out = cfg.input, cfg.output
+    if inp.path is not None and _is_local(inp.path) and not os.path.exists(inp.path.removeprefix("file://")):
+        raise InputPathError(f"input path {inp.path!r} does not exist")
+    if (
+        out.path is not None
+        and out.mode == "errorifexists"
+        and _is_local(out.path)
+        and os.path.exists(out.path.removeprefix("file://"))
+    ):
+        raise OutputExistsError(
+            f"output path {out.path!r} already exists; pass --mode overwrite (replaces the partitions "
+            "written) or --mode append, or choose another path"
+        )
+
+
+def _tables_in(spark: SparkSession, name: str) -> list[str]:
+    db = name.rsplit(".", 1)[0] if "." in name else spark.catalog.currentDatabase()
+    try:
+        return sorted(f"{db}.{t.name}" for t in spark.catalog.listTables(db))
+    except Exception:  # noqa: BLE001 - the database itself may not exist
+        return []
+
+
+def check_output_target(spark: SparkSession, out: OutputConfig, columns: list[str]) -> None:
+    """Fail before any data is read on an output that the run could not write."""
+    missing = [c for c in out.partition_by if c not in columns]
+    if missing:
+        raise ConfigError(
+            f"partition_by {missing} are not among the output columns {columns}; "
+            "add them to keep_columns or drop them from partition_by"
+        )
+    if out.table is None or not spark.catalog.tableExists(out.table):
+        return
+    if out.mode == "errorifexists":
+        raise OutputExistsError(
+            f"output table {out.table!r} already exists; set mode = 'overwrite' (replaces the partitions "
+            "written) or 'append', or choose another table"
+        )
+    existing = spark.table(out.table)
+    if set(existing.columns) != set(columns):
+        raise ConfigError(
+            f"output table {out.table!r} has columns {existing.columns} but the run writes {columns}; "
+            "match keep_columns to the table or write to a new table"
+        )
+    partitions = [c.name for c in spark.catalog.listColumns(out.table) if c.isPartition]
+    if out.partition_by and list(out.partition_by) != partitions:
+        raise ConfigError(
+            f"output table {out.table!r} is partitioned by {partitions}, not {list(out.partition_by)}; "
+            "drop partition_by or match it"
+        )
+
+
+# --- read and write -----------------------------------------------------------------------------
+
+
+def _condition(exc: Exception) -> str:
+    get = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)
+    return (get() if get else None) or ""
+
+
+def _message(exc: Exception) -> str:
+    get = getattr(exc, "getMessage", None)
+    return whole_sentences(get() if get else str(exc))
+
+
+def _format_missing(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and "DATA_SOURCE_NOT_FOUND" in f"{_condition(exc)} {exc}"
+
+
+def _format_error(side: str, fmt: str) -> ConfigError:
+    return ConfigError(
+        f"{side} format {fmt!r} is not available in this Spark session; use one of "
+        f"{list(BUILTIN_FORMATS)} or add the format's package (spark-submit --packages)"
+    )
+
+
+def read_input(spark: SparkSession, inp: InputConfig) -> DataFrame:
+    """The input as a DataFrame (lazy: only the schema is read), filtered by ``where``."""
+    from pyspark.errors import AnalysisException
+
+    if inp.table is not None:
+        if not spark.catalog.tableExists(inp.table):
+            raise InputPathError(
+                f"input table {inp.table!r} does not exist; tables there: {_tables_in(spark, inp.table)}"
+            )
+        df = spark.read.table(inp.table)
+    else:
+        fmt = inp.format or "parquet"
+        reader = spark.read.format(fmt).options(**inp.options)
+        if inp.schema is not None:
+            try:
+                reader = reader.schema(inp.schema)
+            except Exception as exc:  # noqa: BLE001 - a DDL parse error
+                raise ConfigError(
+                    f"[input] schema {inp.schema!r} is not a valid DDL schema: {_message(exc)}"
+                ) from None
+        try:
+            df = reader.load(inp.path)
+        except Exception as exc:  # a missing format comes back as a raw Py4JJavaError
+            if _format_missing(exc):
+                raise _format_error("input", fmt) from None
+            if isinstance(exc, AnalysisException):
+                raise InputPathError(
+                    f"input path {inp.path!r} cannot be read as {fmt}: {_message(exc)}"
+                ) from None
+            raise
+    if inp.where:
+        try:
+            df = df.where(inp.where)
+        except AnalysisException as exc:
+            raise ConfigError(
+                f"[input] where {inp.where!r} is not a filter on the input: {_message(exc)}"
+            ) from None
+    return df
+
+
+@contextmanager
+def _dynamic_partition_overwrite(spark: SparkSession) -> Iterator[None]:
+    """Overwrite replaces only the partitions written: Spark's dynamic mode, for this write only."""
+    keys = {
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "hive.exec.dynamic.partition.mode": "nonstrict",
+    }
+    before = {k: spark.conf.get(k, None) for k in keys}
+    for k, v in keys.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            if old is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, old)
+
+
+def _exists(spark: SparkSession, path: str) -> bool:
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return bool(p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(p))  # type: ignore[union-attr]
+
+
+def _delete(spark: SparkSession, path: str) -> None:
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(p, True)  # type: ignore[union-attr]
+
+
+def write_output(df: DataFrame, out: OutputConfig) -> None:
+    """Write ``df`` to the output table or path, in ``out.mode``.
+
+    An existing table gets ``insertInto`` (columns matched by name first); a new one is created
+    with ``saveAsTable``. A path that a failed write created is removed again, so a rerun does not
+    stop on "already exists".
+    """
+    from pyspark.errors import AnalysisException
+
+    spark = df.sparkSession
+    with _dynamic_partition_overwrite(spark):
+        if out.table is not None:
+            if spark.catalog.tableExists(out.table):
+                if out.mode == "errorifexists":
+                    raise OutputExistsError(f"output table {out.table!r} already exists")
+                columns = spark.table(out.table).columns
+                df.select(*columns).write.insertInto(out.table, overwrite=out.mode == "overwrite")
+                return
+            writer = df.write.mode("errorifexists")
+            if out.format is not None:
+                writer = writer.format(out.format)
+            if out.partition_by:
+                writer = writer.partitionBy(*out.partition_by)
+            writer.saveAsTable(out.table)
+            return
+        assert out.path is not None
+        fmt = out.format or "parquet"
+        writer = df.write.format(fmt).mode(out.mode).options(**out.options)
+        if out.partition_by:
+            writer = writer.partitionBy(*out.partition_by)
+        existed = _exists(spark, out.path)
+        try:
+            writer.save(out.path)
+        except BaseException as exc:
+            if not existed and _exists(spark, out.path):
+                _delete(spark, out.path)
+            if isinstance(exc, AnalysisException) and "PATH_ALREADY_EXISTS" in _condition(exc):
+                raise OutputExistsError(
+                    f"output path {out.path!r} already exists; pass --mode overwrite or choose another path"
+                ) from None
+            if _format_missing(exc):
+                raise _format_error("output", fmt) from None
+            raise
+
+
+# --- counts, the error-rate limit and the quarantine --------------------------------------------
+
+
+def count_errors(df: DataFrame) -> tuple[int, int]:
+    """(rows, rows with an error) in one aggregation."""
+    from pyspark.sql import functions as F
+
+    row = df.agg(F.count(F.lit(1)).alias("n"), F.count("error").alias("bad")).first()
+    assert row is not None  # a global aggregation always returns one row
+    return int(row["n"]), int(row["bad"])
+
+
+def check_error_rate(limit: float | None, n: int, bad: int, quarantine: str | None) -> None:
+    if limit is None or not n or bad / n <= limit:
+        return
+    where = (
+        f"the bad rows, with their reasons, are in {quarantine}"
+        if quarantine
+        else "use --quarantine PATH to keep the bad rows with their reasons"
+    )
+    raise ErrorRateExceeded(
+        f"{bad:,} of {n:,} rows ({bad / n:.2%}) have bad features, above --max-error-rate "
+        f"{limit:.2%}; nothing was written to the output ({where})"
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a run wrote: rows read, rows written, rows with an error, and how long it took."""
+
+    input_rows: int
+    output_rows: int
+    errors: int
+    seconds: float
+
+
+def observe_rows(df: DataFrame) -> tuple[DataFrame, Observation]:
+    """``df`` counting its rows as they pass (read the count after an action ran on it)."""
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    seen = Observation("sparkscore_rows")
+    return df.observe(seen, F.count(F.lit(1)).alias("rows")), seen
+
+
+def write_scored(scored: DataFrame, cfg: BatchConfig, *, columns: list[str], read: Observation) -> Written:
+    """Write ``columns`` of the scored frame to the output, and its bad rows (all columns) to the
+    quarantine; with ``max_error_rate`` the rate is checked before the output is written.
+
+    ``read`` is the input's :func:`observe_rows`. Rows in equals rows out is checked inside every
+    scoring task (``udfs.spark.with_predictions``), so a task that lost a row fails before Spark
+    commits anything; the counts come from observations of the pass that writes, so the input is
+    read once.
+    """
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    from udfs.core import ERROR
+
+    job = cfg.job
+    started = time.monotonic()
+    output = scored.select(*columns) if columns != scored.columns else scored
+    if job.max_error_rate is None and not job.quarantine:
+        wrote = Observation("sparkscore_output")
+        output = output.observe(wrote, F.count(F.lit(1)).alias("rows"), F.count(ERROR).alias("bad"))
+        write_output(output, cfg.output)
+        n, bad = int(wrote.get["rows"]), int(wrote.get["bad"])
+    else:
+        # The rate needs the counts before anything is written: score once, keep the result.
+        scored.persist()
+        try:
+            n, bad = count_errors(scored)
+            if job.quarantine:
+                scored.filter(F.col(ERROR).isNotNull()).write.mode("overwrite").parquet(job.quarantine)
+            check_error_rate(job.max_error_rate, n, bad, job.quarantine)
+            write_output(output, cfg.output)
+        finally:
+            scored.unpersist()
+    return Written(int(read.get["rows"]), n, bad, time.monotonic() - started)
