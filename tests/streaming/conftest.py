@@ -178,3 +178,40 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> 
             return
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# -- guarantees: stream job configs built in code (tests/streaming/test_faults.py, test_sink.py) ---
+
+
+def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """A StreamConfig on broker ``k`` whose output topics and checkpoint are named after ``tag``.
+
+    ``sections`` override or extend the TOML sections (``input={...}``, ``output={...}``, ...).
+    """
+    from streaming.config import StreamConfig
+    from udfs.config import from_dict
+
+    raw: dict[str, dict[str, Any]] = {
+        "model": {
+            "path": model_path,
+            "name": "demo_ctr",
+            "input_columns": ["features"],
+            "num_features": 4,
+            "device": "cpu",
+            "batch_size": 256,
+        },
+        "kafka": {"bootstrap_servers": k.bootstrap, "source": "kafka_py", "poll_timeout_ms": 30000},
+        "input": {"topic": f"events-{tag}", "starting_offsets": "earliest"},
+        "output": {
+            "topic": f"predictions-{tag}",
+            "dlq_topic": f"dlq-{tag}",
+            "commit_topic": f"commits-{tag}",
+            "partitions": 2,
+        },
+        "stats": {"enabled": False, "topic": f"stats-{tag}"},
+        "job": {"checkpoint": f"/tmp/sparkscore-tests/ck-{tag}", "query_name": f"q_{tag.replace('-', '_')}"},
+        "spark": {"spark.master": "local[2]", "spark.ui.enabled": "false"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return from_dict(StreamConfig, raw, where="test stream config")
