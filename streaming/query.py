@@ -644,5 +644,10 @@ def _stop_within(query: StreamingQuery, gate: BatchGate, *, timeout_s: float) ->
 
 
 def _await(query: StreamingQuery, halt: _Halt) -> None:
+    from pyspark.errors import StreamingQueryException
+
     while query.isActive and not halt.is_set():
-        query.awaitTermination(1)
+        try:
+            query.awaitTermination(1)
+        except StreamingQueryException:
+            return  # it failed: run() reports query.exception()

@@ -215,3 +215,48 @@ def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sectio
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return from_dict(StreamConfig, raw, where="test stream config")
+
+
+def read_records(k: Kafka, topic: str, *, committed: bool = True) -> list[Any]:
+    """Every record of ``topic`` a consumer sees: read_committed (the sink's promise) or read_uncommitted."""
+    conf = kc.committed_reader_conf(k.conf) if committed else k.conf
+    consumer = kc.make_consumer(conf)
+    out: list[Any] = []
+    try:
+        for part, end in sorted(k.end_offsets(topic).items()):
+            for msgs in kc.read_range(
+                consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S, committed=committed
+            ):
+                out += msgs
+    finally:
+        consumer.close()
+    return out
+
+
+FAULTS_JSON_ENV = "SPARKSCORE_FAULTS_JSON"
+_FAULT_RESULTS: dict[str, dict[str, int]] = {}
+
+
+@pytest.fixture
+def fault_results() -> dict[str, dict[str, int]]:
+    """Scenario -> {events, duplicates, lost, deduplicated}; ``make faults`` writes them to a JSON file."""
+    return _FAULT_RESULTS
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import os
+
+    path = os.environ.get(FAULTS_JSON_ENV)
+    if path and _FAULT_RESULTS:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(dict(sorted(_FAULT_RESULTS.items())), indent=2) + "\n")
+
+
+def tally(seen: dict[str, int], expected: set[str], deduplicated: int) -> dict[str, int]:
+    """A fault scenario's outcome: records per event id seen on the output vs. the events sent."""
+    return {
+        "events": len(expected),
+        "duplicates": sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        "lost": len(expected - set(seen)),
+        "deduplicated": deduplicated,
+    }

@@ -32,7 +32,7 @@ from streaming.sink import (
     write_task,
     written_ids,
 )
-from tests.streaming.conftest import POLL_TIMEOUT_S, stream_config
+from tests.streaming.conftest import POLL_TIMEOUT_S, read_records, stream_config, tally
 
 pytestmark = pytest.mark.kafka
 
@@ -91,24 +91,10 @@ def arrow_records(n: int, *, first: int = 0) -> pa.RecordBatch:
     )
 
 
-def read(k, topic: str, *, committed: bool = True) -> list:
-    """Every record a consumer sees: read_committed by default (the sink's promise), else read_uncommitted."""
-    conf = kc.committed_reader_conf(k.conf) if committed else k.conf
-    consumer = kc.make_consumer(conf)
-    out = []
-    try:
-        for part, end in sorted(k.end_offsets(topic).items()):
-            for msgs in kc.read_range(
-                consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S, committed=committed
-            ):
-                out += msgs
-    finally:
-        consumer.close()
-    return out
-
-
 def ids_in(k, *topics: str, committed: bool = True) -> Counter:
-    return Counter(dict(m.headers())[H_ID].decode() for t in topics for m in read(k, t, committed=committed))
+    return Counter(
+        dict(m.headers())[H_ID].decode() for t in topics for m in read_records(k, t, committed=committed)
+    )
 
 
 def exactly_once(k, topics, n: int, *, first: int = 0) -> None:
@@ -203,7 +189,7 @@ def test_commit_markers_are_keyed_by_query_and_record_batch_positions_and_writer
         plan = sink.begin(batch)
         assert plan is not None
         sink.commit(plan, sink.write_local(plan, records(10, first=10 * batch)))
-    markers = [(m.key(), json.loads(m.value())) for m in read(kafka_any, commits)]
+    markers = [(m.key(), json.loads(m.value())) for m in read_records(kafka_any, commits)]
     assert [key for key, _ in markers] == [query.encode()] * 3
     assert [(m["kind"], m["batch_id"]) for _, m in markers] == [("batch", -1), ("batch", 0), ("batch", 1)]
     last = markers[-1][1]
@@ -235,7 +221,7 @@ def test_dead_letters_keep_the_input_headers_original_bytes_error_and_source_pos
         }
     )
     sink.commit(plan, sink.write_local(plan, record_rows(batch)))
-    [rec] = read(kafka_any, dlq)
+    [rec] = read_records(kafka_any, dlq)
     headers = rec.headers()
     assert (rec.key(), rec.value()) == (b"k", b"\xff not json")
     assert ("trace-id", b"abc") in headers and ("src", b"app") in headers
@@ -253,8 +239,8 @@ def test_a_record_too_large_for_its_topic_is_dead_lettered_with_the_reason(kafka
     assert plan is not None and plan.max_bytes[out] == 2000
     big = (0, b"u-big", b"x" * 3000, None, "events/0/1", [])
     sink.commit(plan, sink.write_local(plan, [(0, b"u0", b"small", None, "events/0/0", []), big]))
-    assert [m.value() for m in read(kafka_any, out)] == [b"small"]
-    [dead] = read(kafka_any, dlq)
+    assert [m.value() for m in read_records(kafka_any, out)] == [b"small"]
+    [dead] = read_records(kafka_any, dlq)
     assert dead.value() == b"x" * 3000 and dead.key() == b"u-big"
     assert (
         dict(dead.headers())[H_ERROR].decode().startswith("record of 3,")
@@ -265,7 +251,7 @@ def test_a_record_too_large_for_its_topic_is_dead_lettered_with_the_reason(kafka
 # -- zombies: two live attempts of one task ----------------------------------------------------
 
 
-def test_a_zombie_attempt_is_fenced_and_each_record_is_written_once(kafka_any, broker_kind):
+def test_a_zombie_attempt_is_fenced_and_each_record_is_written_once(kafka_any, broker_kind, fault_results):
     """Attempt 0 stalls mid-write (a lost executor); attempt 1 runs the same task to the end; then 0 wakes."""
     topics = topics_on(kafka_any)
     sink = make_sink(kafka_any, topics, str(uuid.uuid4()))
@@ -303,6 +289,9 @@ def test_a_zombie_attempt_is_fenced_and_each_record_is_written_once(kafka_any, b
     skipped = dict(zip(retry["kind"], retry["value"], strict=False))["skipped"]
     # Kafka hides the zombie's open transaction from the retry; Tansu shows it, and the retry skips it.
     assert skipped == (0 if broker_kind == "apache" else 30)
+    if broker_kind == "apache":
+        seen = ids_in(kafka_any, topics[0], topics[1])
+        fault_results["zombie"] = tally(seen, {f"events/0/{i}" for i in range(30)}, skipped)
 
 
 def test_an_attempt_that_opens_its_writer_after_another_committed_writes_nothing(kafka_any):
@@ -320,7 +309,7 @@ def test_an_attempt_that_opens_its_writer_after_another_committed_writes_nothing
 # -- flush timeout: nothing of a failed attempt is sent later ---------------------------------
 
 
-def test_after_a_delivery_timeout_the_writer_is_purged_and_replaced(apache, apache_kafka):
+def test_after_a_delivery_timeout_the_writer_is_purged_and_replaced(apache, apache_kafka, fault_results):
     topics = topics_on(apache)
     query = str(uuid.uuid4())
     sink = make_sink(apache, topics, query, timeout_s=3.0)
@@ -341,12 +330,14 @@ def test_after_a_delivery_timeout_the_writer_is_purged_and_replaced(apache, apac
     retry.commit(plan, retry.write_local(plan, records(30)))
     assert sum(ids_in(apache, topics[0], topics[1], committed=False).values()) == 30
     exactly_once(apache, topics, 30)
+    seen = ids_in(apache, topics[0], topics[1])
+    fault_results["flush_timeout"] = tally(seen, {f"events/0/{i}" for i in range(30)}, 0)
 
 
 # -- the commit topic over months -------------------------------------------------------------
 
 
-def test_markers_are_found_after_retention_removed_the_early_ones(apache):
+def test_markers_are_found_after_retention_removed_the_early_ones(apache, fault_results):
     """A commit topic with the broker's default (delete) policy whose first records aged out."""
     topics = topics_on(apache)
     out, dlq, commits = topics
@@ -367,6 +358,10 @@ def test_markers_are_found_after_retention_removed_the_early_ones(apache):
     assert plan is not None
     restarted.commit(plan, restarted.write_local(plan, records(10, first=30)))
     exactly_once(apache, topics, 40)
+    seen = ids_in(apache, out, dlq)
+    fault_results["retention"] = tally(
+        seen, {f"events/0/{i}" for i in range(40)}, restarted.totals["skipped"]
+    )
 
 
 def test_a_checkpoint_ahead_of_a_commit_topic_without_its_markers_is_an_error_not_a_new_query(apache):
