@@ -296,7 +296,7 @@ def start_scoring(
 
     def score_and_write(batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
-        plan = sink.begin(batch_id)
+        plan = sink.begin(batch_id, writers=lambda: batch.rdd.getNumPartitions())
         if plan is None:
             print(f"[sparkscore] batch {batch_id}: already committed before a restart, skipped", flush=True)
             return

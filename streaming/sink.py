@@ -893,8 +893,13 @@ class EffectivelyOnceSink:
             list(pool.map(fence, range(writers)))
 
     # -- batches --------------------------------------------------------------------------------
-    def begin(self, batch_id: int) -> BatchPlan | None:
-        """The plan for ``batch_id``, or None when a marker says it is already written."""
+    def begin(self, batch_id: int, *, writers: Callable[[], int] | None = None) -> BatchPlan | None:
+        """The plan for ``batch_id``, or None when a marker says it is already written.
+
+        ``writers`` gives the number of task writers this batch will have (asked only after a
+        restart, to fence them with the ones the markers recorded: a writer that died
+        mid-transaction otherwise holds back the recovery scan until the broker aborts it).
+        """
         last = self.last_marker()
         if last is None:
             if batch_id > 0:
@@ -926,7 +931,7 @@ class EffectivelyOnceSink:
             # The first batch of this process: a crashed run may have committed part of it. Fence
             # its writers first, so nothing more can be committed behind the scan's back.
             _ = self.producer
-            self.fence_writers(last.writers)
+            self.fence_writers(max(last.writers, writers() if writers is not None else 0))
             seen, scanned = written_ids(plan, self.offsets)
             plan = replace(plan, skip=frozenset(seen))
             if seen:

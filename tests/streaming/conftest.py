@@ -183,14 +183,11 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> 
 # -- guarantees: stream job configs built in code (tests/streaming/test_faults.py, test_sink.py) ---
 
 
-def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
-    """A StreamConfig on broker ``k`` whose output topics and checkpoint are named after ``tag``.
+def stream_config_dict(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """The TOML sections of a stream config on broker ``k`` whose topics and checkpoint are named after ``tag``.
 
-    ``sections`` override or extend the TOML sections (``input={...}``, ``output={...}``, ...).
+    ``sections`` override or extend them (``input={...}``, ``output={...}``, ...).
     """
-    from streaming.config import StreamConfig
-    from udfs.config import from_dict
-
     raw: dict[str, dict[str, Any]] = {
         "model": {
             "path": model_path,
@@ -209,12 +206,44 @@ def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sectio
             "partitions": 2,
         },
         "stats": {"enabled": False, "topic": f"stats-{tag}"},
-        "job": {"checkpoint": f"/tmp/sparkscore-tests/ck-{tag}", "query_name": f"q_{tag.replace('-', '_')}"},
+        "job": {"query_name": f"q_{tag.replace('-', '_')}"},
         "spark": {"spark.master": "local[2]", "spark.ui.enabled": "false"},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """:func:`stream_config_dict` parsed into a StreamConfig."""
+    from streaming.config import StreamConfig
+    from udfs.config import from_dict
+
+    raw = stream_config_dict(k, tag, model_path=model_path, **sections)
     return from_dict(StreamConfig, raw, where="test stream config")
+
+
+def write_toml(raw: dict[str, dict[str, Any]], path: Path) -> Path:
+    """A config dict as TOML (strings, numbers, booleans, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return json.dumps(str(v))
+
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{json.dumps(k) if '.' in k else k} = {value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
 
 
 def read_records(k: Kafka, topic: str, *, committed: bool = True) -> list[Any]:

@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
 
 
 def events() -> list[bytes]:
-    good = [event(f"u{i}", [20.0 + i, 1.0, 9.5, float(i % 7)], f"2026-01-01T00:00:{i:02d}Z") for i in range(12)]
+    good = [
+        event(f"u{i}", [20.0 + i, 1.0, 9.5, float(i % 7)], f"2026-01-01T00:00:{i:02d}Z") for i in range(12)
+    ]
     bad = [b"not json", event("ub1", [1.0, 2.0]), event("ub2", None), b""]
     return good + bad
 
@@ -122,7 +124,9 @@ def test_a_task_killed_after_k_of_its_records(scenario, fault_results):
 def test_the_driver_dying_after_the_tasks_committed_but_before_the_marker(scenario, fault_results):
     s = scenario("before-marker")
     s.crash("driver.before_marker:batch=0")
-    assert (s.folder / "writer.after_commit-p0-b0").exists() and (s.folder / "writer.after_commit-p1-b0").exists()
+    assert (s.folder / "writer.after_commit-p0-b0").exists() and (
+        s.folder / "writer.after_commit-p1-b0"
+    ).exists()
     deduplicated = s.restart()
     assert deduplicated == 8  # the whole batch was committed by its tasks
     s.check("before_marker", deduplicated, fault_results)
@@ -166,3 +170,109 @@ def test_fault_specs_are_checked():
         "writer.after_records", k=3, writer="p1", after="x"
     )
     assert json.loads(json.dumps(faults.POINTS))  # the names are plain strings
+
+
+# -- expired offsets: retention or deleteRecords ran while the job was down --------------------
+
+
+def test_expired_offsets_with_failondataloss_off_read_what_is_left_and_count_the_rest(
+    apache, spark, stream_model, models, tmp_path, fault_results
+):
+    topic = apache.topic(partitions=1, prefix="events-expired")
+    first, later = events()[:10], [event(f"v{i}", [30.0, 2.0, 5.0, 1.0]) for i in range(10)]
+    apache.produce(topic, first)
+    cfg = stream_config(
+        apache,
+        f"expired-{topic[-6:]}",
+        model_path=models["torchscript"],
+        input={"topic": topic, "fail_on_data_loss": False},
+        job={"checkpoint": str(tmp_path / "checkpoint")},
+    )
+    run(spark, cfg, stream_model, available_now=True)
+    apache.produce(topic, later)  # offsets 10..19, then retention removes 10..14
+    from confluent_kafka import TopicPartition
+
+    from streaming import kafka_client as kc
+
+    admin = kc.make_admin(apache.conf)  # kept: a dropped client never resolves its futures
+    for fut in admin.delete_records([TopicPartition(topic, 0, 15)]).values():
+        fut.result()
+    summary = run(spark, cfg, stream_model, available_now=True)
+
+    assert summary.totals.get("lost") == 5
+    o = cfg.output
+    seen = Counter(
+        dict(m.headers())[H_ID].decode() for t in (o.topic, o.dlq_topic) for m in read_records(apache, t)
+    )
+    expected = {f"{topic}/0/{i}" for i in [*range(10), *range(15, 20)]}
+    fault_results["expired_offsets"] = tally(seen, expected, summary.totals.get("skipped", 0))
+    assert seen == Counter(expected)
+
+
+def test_expired_offsets_fail_the_query_naming_them_by_default(apache, spark, stream_model, models, tmp_path):
+    topic = apache.topic(partitions=1, prefix="events-expired")
+    apache.produce(topic, events()[:4])
+    cfg = stream_config(
+        apache,
+        f"expired-strict-{topic[-6:]}",
+        model_path=models["torchscript"],
+        input={"topic": topic},
+        job={"checkpoint": str(tmp_path / "checkpoint")},
+    )
+    run(spark, cfg, stream_model, available_now=True)
+    apache.produce(topic, events()[:4])
+    from confluent_kafka import TopicPartition
+
+    from streaming import kafka_client as kc
+
+    admin = kc.make_admin(apache.conf)  # kept: a dropped client never resolves its futures
+    for fut in admin.delete_records([TopicPartition(topic, 0, 6)]).values():
+        fut.result()
+    with pytest.raises(QueryFailed, match=rf"DataLossError: offsets 4\.\.5 of {topic}/0 are gone"):
+        run(spark, cfg, stream_model, available_now=True)
+
+
+def test_a_range_whose_partition_vanished_is_data_loss_within_seconds_not_a_timeout(apache):
+    """Read planned before the broker lost the topic (deleted, or restarted without its data)."""
+    from streaming import kafka_client as kc
+
+    topic = apache.topic(partitions=1, prefix="vanishing")
+    apache.produce(topic, [b"x"] * 5)
+    admin = kc.make_admin(apache.conf)
+    for fut in admin.delete_topics([topic]).values():
+        fut.result()
+    consumer = kc.make_consumer(apache.conf)
+    try:
+        # A 10-minute read timeout: only the early check can end this read with an error.
+        with pytest.raises(kc.DataLossError, match=rf"{topic}/0 (no longer exists|now ends at offset 0)"):
+            list(kc.read_range(consumer, topic, 0, 0, 5, timeout_s=600))
+    finally:
+        consumer.close()
+
+
+def test_reading_below_the_log_start_resumes_at_the_log_start_and_counts_what_was_lost(apache):
+    from confluent_kafka import TopicPartition
+
+    from streaming import kafka_client as kc
+
+    topic = apache.topic(partitions=1, prefix="trimmed")
+    apache.produce(topic, [b"v%d" % i for i in range(10)])
+    admin = kc.make_admin(apache.conf)  # kept: a dropped client never resolves its futures
+    for fut in admin.delete_records([TopicPartition(topic, 0, 4)]).values():
+        fut.result()
+    consumer = kc.make_consumer(apache.conf)
+    lost = kc.LostOffsets()
+    try:
+        got = [
+            m.offset()
+            for msgs in kc.read_range(
+                consumer, topic, 0, 0, 10, timeout_s=60, fail_on_data_loss=False, lost=lost
+            )
+            for m in msgs
+        ]
+        assert got == list(range(4, 10))
+        assert (lost.count, lost.ranges) == (4, [(topic, 0, 0, 3)])
+        with pytest.raises(kc.DataLossError, match=rf"offsets 0\.\.3 of {topic}/0 are gone"):
+            list(kc.read_range(consumer, topic, 0, 0, 10, timeout_s=60))
+    finally:
+        consumer.close()
