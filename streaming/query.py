@@ -466,12 +466,19 @@ def install_stop_signals(spark: SparkSession, stop: threading.Event) -> Callable
     gets the same handler (a Py4J callback). Only the main thread can set Python handlers.
     """
 
-    def on_signal() -> None:
-        if stop.is_set():
+    presses = 0
+
+    def on_signal(from_python: bool = True) -> None:
+        nonlocal presses
+        # One Ctrl-C reaches both this process and the spark-submit JVM: only this process's
+        # own signals count towards "a second one exits at once".
+        presses += from_python
+        if presses > 1:
             print("[sparkscore] second stop signal: exiting at once", file=sys.stderr, flush=True)
             os._exit(130)
-        print("[sparkscore] stopping after the current micro-batch (again to exit at once)", flush=True)
-        stop.set()
+        if not stop.is_set():
+            print("[sparkscore] stopping after the current micro-batch (again to exit at once)", flush=True)
+            stop.set()
 
     restores: list[Callable[[], object]] = []
     if threading.current_thread() is threading.main_thread():
@@ -486,7 +493,7 @@ def install_stop_signals(spark: SparkSession, stop: threading.Event) -> Callable
         ensure_callback_server_started(sc._gateway)
         jvm = sc._jvm
         assert jvm is not None
-        handler = _JvmSignalHandler(on_signal)
+        handler = _JvmSignalHandler(functools.partial(on_signal, False))
         for name in ("INT", "TERM"):
             jsig = jvm.sun.misc.Signal(name)
             old_handler = jvm.sun.misc.Signal.handle(jsig, handler)
