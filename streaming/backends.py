@@ -52,6 +52,29 @@ def local_jars() -> list[str]:
     return sorted(glob.glob(str(LOCAL_JARS / "*.jar")))
 
 
+# Settings Spark reads only when its JVM starts: set later (a builder's config), the jars reach
+# the executors but not the driver's class loader, and format("kafka") is not found.
+LAUNCH_SETTINGS = (
+    "spark.jars",
+    "spark.jars.packages",
+    "spark.jars.repositories",
+    "spark.driver.extraClassPath",
+)
+
+
+def launch_jvm(spark_conf: dict[str, str]) -> None:
+    """Start Spark's JVM with the config's launch-time settings (``[spark] "spark.jars"``, say).
+
+    Under spark-submit the JVM is already running (its ``--jars`` are loaded) and this
+    does nothing; for ``python jobs/stream_score.py`` it is what ``--jars`` would do.
+    """
+    from pyspark import SparkConf, SparkContext
+
+    wanted = {k: v for k, v in spark_conf.items() if k in LAUNCH_SETTINGS}
+    if wanted and SparkContext._gateway is None:
+        SparkContext._ensure_initialized(conf=SparkConf(loadDefaults=False).setAll(list(wanted.items())))
+
+
 def register_python_source(spark: SparkSession) -> None:
     from streaming.source import KafkaPyDataSource
 

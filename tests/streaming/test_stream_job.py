@@ -290,7 +290,13 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
     values, _, bad = make_events(200)
     kafka.produce(events, values)
     path = write_config(
-        tmp_path, kafka, models["torchscript"], events=events, tag="kill", max_offsets=20, source=source
+        tmp_path,
+        kafka,
+        models["torchscript"],
+        events=events,
+        tag=f"kill-{source}",
+        max_offsets=20,
+        source=source,
     )
     cfg = load(path)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
@@ -308,7 +314,7 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
             wait_until(
                 lambda: proc.poll() is not None or kafka.count(cfg.output.topic) > 0,
                 "the first predictions of the job that gets killed",
-                timeout=180,
+                timeout=600,
             )
             assert proc.poll() is None, log.read_text()[-2000:]
         finally:
@@ -324,7 +330,9 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
 
     # Same topics and checkpoint; no batch limit, so the rest drains in one go.
     restart = load(
-        write_config(tmp_path, kafka, models["torchscript"], events=events, tag="kill", source=source)
+        write_config(
+            tmp_path, kafka, models["torchscript"], events=events, tag=f"kill-{source}", source=source
+        )
     )
     summary = run(spark, restart, stream_model, available_now=True)
     assert summary.backend == source
