@@ -139,3 +139,114 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> 
             return
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# -- guarantees: stream job configs built in code (tests/streaming/test_faults.py, test_sink.py) ---
+
+
+def stream_config_dict(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """The TOML sections of a stream config on broker ``k`` whose topics and checkpoint are named after ``tag``.
+
+    ``sections`` override or extend them (``input={...}``, ``output={...}``, ...).
+    """
+    raw: dict[str, dict[str, Any]] = {
+        "model": {
+            "path": model_path,
+            "name": "demo_ctr",
+            "input_columns": ["features"],
+            "num_features": 4,
+            "device": "cpu",
+            "batch_size": 256,
+        },
+        "kafka": {"bootstrap_servers": k.bootstrap, "source": "kafka_py", "poll_timeout_ms": 30000},
+        "input": {"topic": f"events-{tag}", "starting_offsets": "earliest"},
+        "output": {
+            "topic": f"predictions-{tag}",
+            "dlq_topic": f"dlq-{tag}",
+            "commit_topic": f"commits-{tag}",
+            "partitions": 2,
+        },
+        "stats": {"enabled": False, "topic": f"stats-{tag}"},
+        "job": {"query_name": f"q_{tag.replace('-', '_')}"},
+        "spark": {"spark.master": "local[2]", "spark.ui.enabled": "false"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """:func:`stream_config_dict` parsed into a StreamConfig."""
+    from streaming.config import StreamConfig
+    from udfs.config import from_dict
+
+    raw = stream_config_dict(k, tag, model_path=model_path, **sections)
+    return from_dict(StreamConfig, raw, where="test stream config")
+
+
+def write_toml(raw: dict[str, dict[str, Any]], path: Path) -> Path:
+    """A config dict as TOML (strings, numbers, booleans, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return json.dumps(str(v))
+
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{json.dumps(k) if '.' in k else k} = {value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def read_records(k: Kafka, topic: str, *, committed: bool = True) -> list[Any]:
+    """Every record of ``topic`` a consumer sees: read_committed (the sink's promise) or read_uncommitted."""
+    conf = kc.committed_reader_conf(k.conf) if committed else k.conf
+    consumer = kc.make_consumer(conf)
+    out: list[Any] = []
+    try:
+        for part, end in sorted(k.end_offsets(topic).items()):
+            for msgs in kc.read_range(
+                consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S, committed=committed
+            ):
+                out += msgs
+    finally:
+        consumer.close()
+    return out
+
+
+FAULTS_JSON_ENV = "SPARKSCORE_FAULTS_JSON"
+_FAULT_RESULTS: dict[str, dict[str, int]] = {}
+
+
+@pytest.fixture
+def fault_results() -> dict[str, dict[str, int]]:
+    """Scenario -> {events, duplicates, lost, deduplicated}; ``make faults`` writes them to a JSON file."""
+    return _FAULT_RESULTS
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import os
+
+    path = os.environ.get(FAULTS_JSON_ENV)
+    if path and _FAULT_RESULTS:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(dict(sorted(_FAULT_RESULTS.items())), indent=2) + "\n")
+
+
+def tally(seen: dict[str, int], expected: set[str], deduplicated: int) -> dict[str, int]:
+    """A fault scenario's outcome: records per event id seen on the output vs. the events sent."""
+    return {
+        "events": len(expected),
+        "duplicates": sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        "lost": len(expected - set(seen)),
+        "deduplicated": deduplicated,
+    }

@@ -339,7 +339,10 @@ def test_kafka_py_fails_a_query_whose_offsets_are_past_the_log_unless_told_not_t
         "subscribe": topic,
         "startingOffsets": json.dumps({topic: {"0": 9}}),
     }
-    with pytest.raises(StreamingQueryException, match=r"log end 3 < 9\).*failOnDataLoss=false"):
+    with pytest.raises(
+        StreamingQueryException,
+        match=r"now ends at offset 3 but the query already read up to offset\(s\) 9.*failOnDataLoss=false",
+    ):
         _run(spark, PYTHON, opts, str(tmp_path / "a"))
     lenient = {**opts, "failOnDataLoss": "false"}
     rows, _ = _run(spark, PYTHON, lenient, str(tmp_path / "b"))
