@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             f"[sparkscore] model {model.name} version {model.version} ({', '.join(model.spec.paths)})",
             flush=True,
         )
+        from streaming.backends import launch_jvm
+
+        launch_jvm(cfg.spark)  # [spark] "spark.jars" must be on the JVM's class path from its start
         spark = build_session(
             "sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark}, arrow_batch_rows=cfg.model.batch_size
         )

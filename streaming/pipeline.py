@@ -32,6 +32,8 @@ _CORRUPT = "_sparkscore_corrupt"
 JSON_OPTIONS = {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX", "timeZone": "UTC"}
 
 DEST_OUTPUT, DEST_DLQ = 0, 1
+# The last year a string timestamp can name (Spark's own range); anything later is a unit mistake.
+MAX_EVENT_YEAR = 9999
 
 
 def event_schema(ddl: str) -> StructType:
@@ -84,7 +86,8 @@ def parse_events(
         parsed = F.from_json(
             F.col("value").cast("string"),
             with_corrupt,
-            # No timestampFormat: reading accepts any ISO-8601 form (and epoch seconds).
+            # No timestampFormat: reading accepts ISO-8601 (T or space, optional fraction and zone;
+            # no zone = UTC; a date alone = midnight) and a JSON integer of epoch seconds.
             {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT, "timeZone": "UTC"},
         )
         source = _source_columns(df)
@@ -98,6 +101,14 @@ def parse_events(
             )
             .when(event[user_id].isNull(), F.lit(f"missing {user_id}"))
             .when(event[timestamp].isNull(), F.lit(f"missing or unreadable {timestamp}"))
+            # A JSON number is read as epoch SECONDS: epoch milliseconds land tens of thousands of
+            # years ahead instead of failing, and would hold every event-time window open forever.
+            .when(
+                F.year(event[timestamp]) > MAX_EVENT_YEAR,
+                F.lit(
+                    f"{timestamp} is after the year {MAX_EVENT_YEAR}: epoch numbers must be seconds, not milliseconds"
+                ),
+            )
         )
         fields = [event[f.name].alias(f.name) for f in schema.fields]
         return out.select(*source, *fields, error.alias(PARSE_ERROR))

@@ -1,10 +1,8 @@
-"""Fixtures for the streaming tests: brokers on free loopback ports, topic helpers.
+"""Helpers and fixtures for the streaming tests: topic helpers, events, the demo model.
 
-``broker`` / ``kafka`` is one Tansu broker per session (in memory, no JVM);
-``apache_kafka`` / ``apache`` is one Apache Kafka KRaft node per session (jars
-from ``make jars``, log dir in a temp dir removed afterwards). A broker that
-cannot start FAILS the tests that need it (never skips). Topics get unique
-names, so tests share a broker without sharing data.
+The broker fixtures (``kafka`` = Apache Kafka, ``tansu``, ``any_kafka``) live in
+:mod:`tests.streaming.brokers` and are registered by ``tests/conftest.py``, so
+that ``tests/test_parity.py`` shares the session's brokers.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,10 @@ import pytest
 from confluent_kafka import Producer
 
 from streaming import kafka_client as kc
-from streaming.broker import ApacheKafkaBroker, BrokerError, LocalBroker, TansuBroker
 from udfs.spec import ModelSpec, ResolvedModel, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
+APACHE, TANSU = "apache", "tansu"
 # Generous liveness bound for reads: a wedged broker fails a test instead of hanging it.
 POLL_TIMEOUT_S = 30.0
 
@@ -41,10 +39,12 @@ class Record:
 
 
 class Kafka:
-    """Topic helpers bound to the session's broker."""
+    """Topic helpers bound to one broker; ``latest_by`` is how kafka_py should find its log ends."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, *, kind: str = APACHE, latest_by: str = kc.LIST_OFFSETS) -> None:
         self.bootstrap = bootstrap
+        self.kind = kind
+        self.latest_by = latest_by
         self.conf = {"bootstrap.servers": bootstrap}
 
     def topic(self, partitions: int = 1, prefix: str = "t") -> str:
@@ -110,45 +110,6 @@ class Kafka:
 
     def count(self, topic: str) -> int:
         return sum(self.end_offsets(topic).values())
-
-
-def _session_broker(b: LocalBroker) -> Iterator[LocalBroker]:
-    try:
-        b.start()
-    except BrokerError as exc:
-        pytest.fail(f"cannot start the {b.kind} test broker: {exc}", pytrace=False)
-    yield b
-    # Spark's Python workers cache Kafka clients that would log reconnect errors once the broker is gone.
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-    b.stop()
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory) -> Iterator[LocalBroker]:
-    """Tansu, in memory."""
-    yield from _session_broker(TansuBroker(log_path=str(tmp_path_factory.mktemp("tansu") / "tansu.log")))
-
-
-@pytest.fixture(scope="session")
-def kafka(broker) -> Kafka:
-    return Kafka(broker.bootstrap)
-
-
-@pytest.fixture(scope="session")
-def apache_kafka(tmp_path_factory) -> Iterator[LocalBroker]:
-    """One Apache Kafka KRaft node; its log dir is a temp dir, removed when the session ends."""
-    log = tmp_path_factory.mktemp("apache-kafka") / "server.log"
-    yield from _session_broker(ApacheKafkaBroker(log_path=str(log)))
-
-
-@pytest.fixture(scope="session")
-def apache(apache_kafka) -> Kafka:
-    """Topic helpers bound to the Apache Kafka broker."""
-    return Kafka(apache_kafka.bootstrap)
 
 
 @pytest.fixture(scope="session")

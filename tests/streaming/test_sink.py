@@ -45,7 +45,7 @@ def broker_kind(request):
 @pytest.fixture
 def kafka_any(broker_kind, request):
     """The topic helpers of Apache Kafka or of Tansu."""
-    return request.getfixturevalue("apache" if broker_kind == "apache" else "kafka")
+    return request.getfixturevalue(broker_kind)
 
 
 def topics_on(k):
