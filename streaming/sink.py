@@ -920,7 +920,7 @@ class EffectivelyOnceSink:
             log.info("batch %d already committed (last marker %d): skipping", batch_id, last.batch_id)
             if batch_id == last.batch_id:
                 # Spark re-runs the batch it had not logged as done: all of it is already written.
-                written = sum(n for t, n in last.counts.items() if t in self.topics) + last.counts.get("skipped", 0)
+                written = sum(n for t, n in last.counts.items() if t in (*self.topics, "skipped"))
                 self.totals["skipped"] = self.totals.get("skipped", 0) + written
             return None
         plan = self._plan(
