@@ -129,5 +129,12 @@ bench-stream: $(STAMP) $(DEMO)/ctr.pt jars ## streaming benchmark: both sources 
 	  || echo "the Faust venv could not be built (build/faust-venv.log); the bench runs without Faust"
 	$(PY) bench/stream_bench.py $(ARGS)
 
-.PHONY: broker kafka stream-demo bench-stream
+# Kills the task or the driver at each named point of a batch (streaming/faults.py), restarts, and
+# counts the records per event; plus zombies, retention, expired offsets and a delivery timeout.
+faults: setup jars ## fault-injection suite on Apache Kafka (bench/results/faults.json)
+	SPARKSCORE_FAULTS_JSON=$(abspath bench/results/faults.json) $(PY) -m pytest -q \
+	  tests/streaming/test_faults.py tests/streaming/test_sink.py -k "not tansu"
+	@cat bench/results/faults.json
+
+.PHONY: broker kafka stream-demo bench-stream faults
 # --- end streaming ---

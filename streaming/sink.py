@@ -186,18 +186,22 @@ def _committed_records(
     offsets: kc.Offsets,
     starts: dict[tuple[str, int], int],
     timeout_s: float,
+    *,
+    recent: bool = False,
 ) -> Iterator[Any]:
     """Committed records of the given partitions from ``starts`` to their current ends.
 
     Reads with ``read_committed`` from the later of ``start`` and the log start (retention or
     ``deleteRecords`` may have removed the early records), up to the high watermark, so a
-    transaction still open there is waited for rather than cut off.
+    transaction still open there is waited for rather than cut off. ``recent``: the starts
+    are a moment old (no log start lookup), and the per-worker cached consumer is used.
     """
     if not starts:
         return
     ends = offsets.latest(list(starts))
-    earliest = offsets.earliest([tp for tp, end in ends.items() if end > starts[tp]])
-    consumer = kc.make_consumer(kc.committed_reader_conf(client))
+    earliest = {} if recent else offsets.earliest([tp for tp, end in ends.items() if end > starts[tp]])
+    conf = kc.committed_reader_conf(client)
+    consumer = kc.cached("consumer", conf) if recent else kc.make_consumer(conf)
     try:
         for (topic, part), end in ends.items():
             begin = max(starts[(topic, part)], earliest.get((topic, part), 0))
@@ -213,7 +217,8 @@ def _committed_records(
             ):
                 yield from msgs
     finally:
-        consumer.close()
+        if not recent:
+            consumer.close()
 
 
 def written_ids(plan: BatchPlan, offsets: kc.Offsets | None = None) -> tuple[set[str], Positions]:
@@ -245,7 +250,7 @@ def writer_markers(plan: BatchPlan, offsets: kc.Offsets) -> dict[str, WriterMark
     starts = {(plan.commit_topic, plan.commit_partition): plan.commit_start}
     prefix = f"{plan.query_id}/".encode()
     found: dict[str, WriterMarker] = {}
-    for m in _committed_records(plan.client, offsets, starts, plan.timeout_s):
+    for m in _committed_records(plan.client, offsets, starts, plan.timeout_s, recent=True):
         key, raw = m.key(), m.value()
         if key and raw and key.startswith(prefix):
             d = json.loads(raw)
@@ -305,6 +310,9 @@ def flush(
         # as a bare SystemError: the error callback keeps its text.
         cause = _cause(exc)
         reason = _fatal_reason(producer) if cause is exc and isinstance(exc, SystemError) else None
+        reason = reason or (
+            "; ".join(delivery.errors) if cause is exc and isinstance(exc, SystemError) else None
+        )
         raise SinkError(f"cannot deliver the records of {what}: {reason or _reason(cause)}") from None
     if delivery.errors:
         # Records purged because the producer hit a fatal error: that error is the reason.
@@ -458,13 +466,19 @@ def _cause(exc: BaseException) -> BaseException | KafkaError:
 
 
 def _fatal_reason(producer: Producer) -> str | None:
-    """The producer's fatal error, if it has one (the next poll raises it)."""
-    try:
-        producer.poll(0)
-    except (KafkaException, SystemError) as exc:
-        return _reason(_cause(exc))
-    except RuntimeError:
-        pass
+    """The producer's fatal error, if it has one; only for a writer that is failing anyway.
+
+    The next poll raises it, or else aborting the transaction does (the caller aborts it next).
+    """
+    for probe in (lambda: producer.poll(0), lambda: producer.abort_transaction(5)):
+        try:
+            probe()
+        except (KafkaException, SystemError) as exc:
+            cause = _cause(exc)
+            if cause is not exc or isinstance(exc, KafkaException):
+                return _reason(cause)
+        except RuntimeError:
+            pass
     return None
 
 
