@@ -232,6 +232,8 @@ def evict(kind: str, conf: dict[str, Any]) -> None:
 
 @atexit.register
 def _close_cached() -> None:
+    # At interpreter exit the log stream may be closed already: what closing says is not needed.
+    LOG.disabled = True
     for client in _CACHE.values():
         try:
             if isinstance(client, Consumer):
