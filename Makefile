@@ -61,7 +61,7 @@ jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and th
 test: setup jars ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
 	$(PY) -m pytest tests
 
-test-fast: setup ## the quick loop: no slow, kafka or redis tests
+test-fast: setup jars ## the quick loop: no slow, kafka or redis tests
 	$(PY) -m pytest tests -m "not slow and not kafka and not redis"
 
 lint: $(STAMP) ## ruff check, ruff format --check and mypy
@@ -119,15 +119,39 @@ broker: $(STAMP) ## local Kafka-protocol broker (Tansu, in memory, no JVM) on 12
 kafka: $(STAMP) $(KAFKA_JARS) ## Apache Kafka (one KRaft node, temp log dir) on 127.0.0.1:PORT (default 9092), in the foreground
 	$(PY) -m streaming.broker --kind kafka --port $(PORT)
 
-stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job for 60 s, printing predictions as they arrive
-	$(PY) -m streaming.demo --seconds 60 --rate 200
+# Tansu by default: no JVM broker to wait for (it starts in well under a second, Apache Kafka in 10-20 s).
+BROKER ?= tansu
+stream-demo: $(STAMP) $(DEMO)/ctr.pt ## broker + demo events + the stream job for 60 s, printing predictions (BROKER=kafka: Apache Kafka)
+	@if [ "$(BROKER)" = kafka ]; then $(MAKE) --no-print-directory $(KAFKA_JARS); fi
+	$(PY) -m streaming.demo --seconds 60 --rate 200 --broker $(BROKER)
 
-# Each variant and phase gets a fresh local broker; takes about 5 minutes. On a shared machine run it
+# Faust, the benchmark's peer, pins click/aiohttp versions the project venv does not allow: its own venv.
+# A .pth file lets it import the project and its venv's packages (torch, pyarrow) after Faust's own.
+FAUST_VENV := build/faust-venv
+$(FAUST_VENV)/.installed: bench/faust-constraints.txt $(STAMP)
+	rm -rf $(FAUST_VENV)
+	python3 -m venv $(FAUST_VENV)
+	$(FAUST_VENV)/bin/pip install --quiet -c bench/faust-constraints.txt faust-streaming
+	$(PY) -c "import sysconfig; print('$(abspath .)'); print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(FAUST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_sparkscore.pth"
+	touch $@
+
+# Each variant and phase gets a fresh local broker; takes about 15 minutes. On a shared machine run it
 # under the benchmark lock: flock /tmp/sparkscore-bench.lock make bench-stream
-bench-stream: $(STAMP) $(DEMO)/ctr.pt ## streaming benchmark vs a plain consume-score-produce loop (bench/results/stream.json and .png; ARGS="--rate N ...")
+bench-stream: $(STAMP) $(DEMO)/ctr.pt jars ## streaming benchmark: both sources vs a 2-process plain loop and Faust on Apache Kafka (bench/results/stream.json and .png; ARGS="--broker tansu ...")
+	@# A Faust venv that cannot be built is not fatal: the bench records why Faust did not run.
+	@$(MAKE) --no-print-directory $(FAUST_VENV)/.installed > build/faust-venv.log 2>&1 \
+	  || echo "the Faust venv could not be built (build/faust-venv.log); the bench runs without Faust"
 	$(PY) bench/stream_bench.py $(ARGS)
 
-.PHONY: broker kafka stream-demo bench-stream
+# Kills the task or the driver at each named point of a batch (streaming/faults.py), restarts, and
+# counts the records per event; plus zombies, retention, expired offsets and a delivery timeout.
+faults: setup jars ## fault-injection suite on Apache Kafka (bench/results/faults.json)
+	SPARKSCORE_FAULTS_JSON=$(abspath bench/results/faults.json) $(PY) -m pytest -q \
+	  tests/streaming/test_faults.py tests/streaming/test_sink.py -k "not tansu"
+	@cat bench/results/faults.json
+
+.PHONY: broker kafka stream-demo bench-stream faults
 # --- end streaming ---
 
 # --- onnx ---

@@ -17,8 +17,12 @@ records also carry ``degraded`` and ``missing_members`` (a member failed and the
 quorum answered), and with ``--member-outputs`` each member's prediction.
 
 ``--available-now`` drains what is in the topic and exits (then runs the
-statistics query the same way); otherwise the job runs until stopped
-(Ctrl-C / SIGTERM) or for ``--duration`` seconds.
+statistics query the same way; a missing input topic is an error unless
+``[input] allow_missing_topic``); otherwise the job runs until stopped
+(Ctrl-C / SIGTERM, to ``spark-submit`` or to this process: the queries stop
+between micro-batches, the summary is printed, exit 0) or for ``--duration``
+seconds. Exit 2: a usage or config mistake; exit 1: the run failed (a lost
+broker, lost data, a write that failed), with one sentence saying why.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from streaming.config import StreamConfig
+from streaming.query import QueryFailed
 from udfs.config import from_dict, load_toml
 from udfs.errors import ConfigError, SparkscoreError
 from udfs.spec import with_overrides
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             f"[sparkscore] model {model.name} version {model.version} ({', '.join(model.spec.paths)})",
             flush=True,
         )
+        from streaming.backends import launch_jvm
+
+        launch_jvm(cfg.spark)  # [spark] "spark.jars" must be on the JVM's class path from its start
         spark = build_session(
             "sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark}, arrow_batch_rows=cfg.model.batch_size
         )
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except SparkscoreError as exc:
         print(f"[sparkscore] error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except QueryFailed as exc:
+        # Not a usage mistake: the broker went away, data was lost, a write failed.
+        print(f"[sparkscore] error: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(summary.render(cfg), flush=True)
     return 0
 

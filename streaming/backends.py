@@ -3,12 +3,17 @@
 Both take the same options and return the same schema, so the choice changes
 nothing downstream. ``source = "kafka"`` or ``"kafka_py"`` in the config
 overrides the automatic choice.
+
+The connector comes from ``--packages`` (a cluster) or ``--jars 'build/jars/*.jar'``
+(local runs: ``make jars`` fetches it with Maven, see ``jvm/pom.xml``). Maven
+Central serves no connector for pyspark 4.3.0 yet, so ``make jars`` pins 4.2.0,
+whose conformance suite passes on pyspark 4.3.0 (tests/streaming/test_source.py).
 """
 
 from __future__ import annotations
 
 import glob
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from udfs.errors import ConfigError
@@ -19,7 +24,10 @@ if TYPE_CHECKING:
 JVM = "kafka"
 PYTHON = "kafka_py"
 JVM_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
-JVM_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:4.3.0"
+# The connector version jvm/pom.xml pins (a test keeps the two equal).
+CONNECTOR_VERSION = "4.2.0"
+JVM_PACKAGE = f"org.apache.spark:spark-sql-kafka-0-10_2.13:{CONNECTOR_VERSION}"
+LOCAL_JARS = Path(__file__).resolve().parents[1] / "build" / "jars"
 
 # Options only kafka_py understands; never passed to the JVM source.
 PYTHON_ONLY_OPTIONS = ("latestOffsetsBy",)
@@ -39,12 +47,32 @@ def jvm_kafka_available(spark: SparkSession) -> bool:
             return False
 
 
-def jvm_kafka_jars() -> list[str]:
-    """Kafka connector jars in pyspark's own jar folder (what a plain local session puts on its classpath)."""
-    import pyspark
+def local_jars() -> list[str]:
+    """The connector jars ``make jars`` put in build/jars ([] before it ran): for ``--jars`` / ``spark.jars``."""
+    return sorted(glob.glob(str(LOCAL_JARS / "*.jar")))
 
-    home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
-    return sorted(glob.glob(os.path.join(home, "jars", "spark-sql-kafka-0-10_*.jar")))
+
+# Settings Spark reads only when its JVM starts: set later (a builder's config), the jars reach
+# the executors but not the driver's class loader, and format("kafka") is not found.
+LAUNCH_SETTINGS = (
+    "spark.jars",
+    "spark.jars.packages",
+    "spark.jars.repositories",
+    "spark.driver.extraClassPath",
+)
+
+
+def launch_jvm(spark_conf: dict[str, str]) -> None:
+    """Start Spark's JVM with the config's launch-time settings (``[spark] "spark.jars"``, say).
+
+    Under spark-submit the JVM is already running (its ``--jars`` are loaded) and this
+    does nothing; for ``python jobs/stream_score.py`` it is what ``--jars`` would do.
+    """
+    from pyspark import SparkConf, SparkContext
+
+    wanted = {k: v for k, v in spark_conf.items() if k in LAUNCH_SETTINGS}
+    if wanted and SparkContext._gateway is None:
+        SparkContext._ensure_initialized(conf=SparkConf(loadDefaults=False).setAll(list(wanted.items())))
 
 
 def register_python_source(spark: SparkSession) -> None:
@@ -66,8 +94,9 @@ def choose_backend(spark: SparkSession, wanted: str = "auto") -> str:
     has_jvm = jvm_kafka_available(spark)
     if wanted == JVM and not has_jvm:
         raise ConfigError(
-            f"source = 'kafka' needs the JVM Kafka connector ({JVM_PROVIDER}) on the classpath: "
-            f"spark-submit --packages {JVM_PACKAGE} ..., or set source = 'kafka_py' (or 'auto')"
+            f"source = 'kafka' needs Spark's JVM Kafka connector ({JVM_PROVIDER}) on the classpath: "
+            f"run `make jars` and pass --jars 'build/jars/*.jar' (local), or --packages {JVM_PACKAGE} "
+            "(a cluster), or set source = 'kafka_py' (or 'auto')"
         )
     backend = JVM if wanted == JVM or (wanted == "auto" and has_jvm) else PYTHON
     if backend == PYTHON:

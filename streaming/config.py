@@ -26,6 +26,9 @@ class KafkaConfig:
     # How kafka_py (and the sink) find log ends: "fetchProbe" for Tansu, "listOffsets" for Kafka.
     latest_offsets_by: Literal["listOffsets", "fetchProbe"] = "listOffsets"
     poll_timeout_ms: int = 120_000
+    # How long the broker may stay unreachable while the job runs before it fails (one sentence
+    # naming the broker) instead of waiting out every client's own timeouts.
+    broker_timeout_ms: int = 30_000
     # Client settings for every consumer, producer and admin client (no "kafka." prefix),
     # e.g. "security.protocol" = "SASL_SSL".
     client: dict[str, str] = field(default_factory=dict)
@@ -37,6 +40,8 @@ class KafkaConfig:
             raise ValueError(f"latest_offsets_by must be {LIST_OFFSETS!r} or {FETCH_PROBE!r}")
         if self.poll_timeout_ms < 1:
             raise ValueError(f"poll_timeout_ms must be positive, got {self.poll_timeout_ms}")
+        if self.broker_timeout_ms < 1:
+            raise ValueError(f"broker_timeout_ms must be positive, got {self.broker_timeout_ms}")
 
     @property
     def client_conf(self) -> dict[str, str]:
@@ -53,6 +58,8 @@ class InputConfig:
     max_offsets_per_trigger: int | None = None
     min_partitions: int | None = None
     fail_on_data_loss: bool = True
+    # An --available-now run whose input topic does not exist fails (exit 2) unless this is true.
+    allow_missing_topic: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("topic", "subscribe_pattern", "assign") if getattr(self, k)]
@@ -78,7 +85,12 @@ class OutputConfig:
     commit_topic: str = "sparkscore.commits"
     create_topics: bool = True  # create missing output topics at start
     partitions: int = 1  # for topics this job creates
-    replication_factor: int = 1
+    replication_factor: int = 1  # for every topic this job creates (output, dead-letter, stats, commit)
+    # Topic-level configs for the output, dead-letter and stats topics this job creates,
+    # e.g. {"retention.ms" = "604800000", "min.insync.replicas" = "2"}.
+    topic_configs: dict[str, str] = field(default_factory=dict)
+    # Added to (or overriding) the commit topic's own: cleanup.policy = compact, segment.ms = 1 hour.
+    commit_topic_configs: dict[str, str] = field(default_factory=dict)
     producer: dict[str, str] = field(default_factory=dict)  # extra producer settings
 
     def __post_init__(self) -> None:

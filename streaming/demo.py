@@ -1,8 +1,10 @@
 """The streaming demo: a local broker, a trickle of demo events, the stream job, predictions as they arrive.
 
-    python -m streaming.demo [--seconds 60] [--rate 200] [--port 9092]
+    python -m streaming.demo [--seconds 60] [--rate 200] [--port 9092] [--broker tansu|kafka]
 
-Starts Tansu on 127.0.0.1 (or uses a broker already listening there),
+Starts a broker on 127.0.0.1 (or uses one already listening there): Tansu by
+default, which starts in well under a second with no JVM, or Apache Kafka
+(``--broker kafka``, 10-20 s to start; ``make jars`` fetches it). Then it
 produces demo CTR events (about 2 % malformed or with bad features), runs
 ``jobs/stream_score.py`` under spark-submit for ``--seconds``, prints a sample
 of the predictions as they land, then the counts on every output topic.
@@ -23,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from streaming import kafka_client as kc
-from streaming.broker import BrokerError, TansuBroker
+from streaming.broker import ApacheKafkaBroker, BrokerError, LocalBroker, TansuBroker
 from udfs.demo import CTR_FEATURES, synthetic_ctr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=200, help="events per second")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--config", default="conf/stream.toml")
+    p.add_argument(
+        "--broker", choices=["tansu", "kafka"], default="tansu", help="tansu or kafka (Apache Kafka)"
+    )
     args = p.parse_args(argv)
     bootstrap = f"127.0.0.1:{args.port}"
-    broker = None
+    broker: LocalBroker | None = None
     if port_open(args.port):
         print(f"[sparkscore] using the broker already on {bootstrap}", flush=True)
     else:
         try:
-            broker = TansuBroker(args.port).start()
+            broker = (ApacheKafkaBroker if args.broker == "kafka" else TansuBroker)(args.port).start(
+                timeout_s=180
+            )
         except BrokerError as exc:
             print(f"[sparkscore] error: {exc}", file=sys.stderr)
             return 2
-        print(f"[sparkscore] started Tansu on {bootstrap} (in memory)", flush=True)
+        where = "in memory" if args.broker == "tansu" else "temp log dir"
+        print(f"[sparkscore] started {broker.kind} on {bootstrap} ({where})", flush=True)
     # A fresh in-memory broker has none of the offsets an old checkpoint remembers.
     checkpoint = ROOT / "build" / "stream" / f"demo-{int(time.time())}"
     kc.ensure_topics({"bootstrap.servers": bootstrap}, {"events": 2})

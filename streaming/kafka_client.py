@@ -12,13 +12,26 @@ last record batch rather than the log end; it is also correct on Kafka.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import logging
+import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka import (
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec, ResourceType
 
 from udfs.errors import SparkscoreError
 
@@ -41,6 +54,53 @@ class KafkaTimeoutError(TimeoutError):
     """The broker did not answer within the poll timeout."""
 
 
+READ_COMMITTED = "read_committed"
+READ_UNCOMMITTED = "read_uncommitted"
+
+
+class RateLimitedLog(logging.Filter):
+    """librdkafka's log lines, at most one per kind of message per ``every_s``, then a count of the rest.
+
+    A broker that goes away makes every client (the driver's, each Python worker's) log a
+    ``Connect ... failed`` line per reconnect attempt: thousands of lines that bury the one
+    error that matters. Lines that differ only in numbers (ports, timings) count as one kind.
+    """
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # kind -> (last shown, suppressed since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        with self._lock:
+            shown, suppressed = self._seen.get(kind, (-1e18, 0))
+            if now - shown < self.every_s:
+                self._seen[kind] = (shown, suppressed + 1)
+                return False
+            self._seen[kind] = (now, 0)
+        if suppressed:
+            record.msg = f"{record.getMessage()} ({suppressed} similar line(s) in the last {self.every_s:g} s not shown)"
+            record.args = ()
+        return True
+
+
+LOG = logging.getLogger("sparkscore.kafka")
+LOG.addFilter(RateLimitedLog())
+if not LOG.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s librdkafka %(message)s"))
+    LOG.addHandler(_handler)
+    LOG.propagate = False
+
+
+def _client_defaults() -> dict[str, Any]:
+    # librdkafka logs through LOG (rate-limited) instead of straight to stderr.
+    return {"logger": LOG}
+
+
 def consumer_conf(conf: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """A consumer config for assign()-only reading: never joins a group, never commits."""
     base: dict[str, Any] = {
@@ -59,9 +119,14 @@ def consumer_conf(conf: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return base
 
 
+def committed_reader_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """``conf`` for reading only committed records (the sink's own output and commit topic)."""
+    return {**conf, "isolation.level": READ_COMMITTED}
+
+
 def make_consumer(conf: dict[str, Any], **overrides: Any) -> Consumer:
     try:
-        return Consumer(consumer_conf(conf, **overrides))
+        return Consumer({**_client_defaults(), **consumer_conf(conf, **overrides)})
     except KafkaException as exc:
         raise KafkaConfigError(
             f"cannot create a Kafka consumer: {exc.args[0]}; check the kafka.* options"
@@ -71,7 +136,7 @@ def make_consumer(conf: dict[str, Any], **overrides: Any) -> Consumer:
 def make_admin(conf: dict[str, Any]) -> AdminClient:
     keep = {k: v for k, v in conf.items() if not _consumer_only(k)}
     try:
-        return AdminClient(keep)
+        return AdminClient({**_client_defaults(), **keep})
     except KafkaException as exc:
         raise KafkaConfigError(f"cannot create a Kafka admin client: {exc.args[0]}") from None
 
@@ -84,6 +149,7 @@ def make_producer(conf: dict[str, Any], **overrides: Any) -> Producer:
         "linger.ms": 5,
         # The Java client's partitioner, so a key lands where JVM producers would put it.
         "partitioner": "murmur2_random",
+        **_client_defaults(),
     }
     base.update({k: v for k, v in conf.items() if not _consumer_only(k)})
     base.update(overrides)
@@ -91,6 +157,33 @@ def make_producer(conf: dict[str, Any], **overrides: Any) -> Producer:
         return Producer(base)
     except KafkaException as exc:
         raise KafkaConfigError(f"cannot create a Kafka producer: {exc.args[0]}") from None
+
+
+def transactional_producer(
+    conf: dict[str, Any], transactional_id: str, *, delivery_timeout_s: float, **overrides: Any
+) -> Producer:
+    """A transactional producer (``init_transactions`` is the caller's: it fences older ones with the id).
+
+    ``delivery_timeout_s`` bounds how long a record may stay unacknowledged
+    (``message.timeout.ms``); librdkafka's default is 300 s, so a ``flush`` with a
+    shorter timeout could return with records still queued, to be delivered later.
+    """
+    message_timeout_ms = max(1000, int(delivery_timeout_s * 1000))
+    settings: dict[str, Any] = {
+        "transactional.id": transactional_id,
+        "message.timeout.ms": message_timeout_ms,
+        # An open transaction of a crashed writer holds back read_committed consumers until the
+        # broker aborts it (or the writer's successor fences it): keep that bound modest.
+        "transaction.timeout.ms": max(60_000, message_timeout_ms + 10_000),
+    }
+    return make_producer(conf, **{**settings, **overrides})
+
+
+def discard_producer(producer: Producer) -> None:
+    """Drop everything ``producer`` still holds (queued or in flight), so none of it is sent later."""
+    with contextlib.suppress(KafkaException, RuntimeError):
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.poll(0)
 
 
 _CONSUMER_ONLY = {
@@ -126,8 +219,21 @@ def cached(kind: str, conf: dict[str, Any]) -> Any:
     return client
 
 
+def evict(kind: str, conf: dict[str, Any]) -> None:
+    """Forget the cached client for ``conf`` (a producer is purged first: nothing it queued is sent)."""
+    key = (kind, frozenset((k, str(v)) for k, v in conf.items()))
+    client = _CACHE.pop(key, None)
+    if isinstance(client, Producer):
+        discard_producer(client)
+    elif isinstance(client, Consumer):
+        with contextlib.suppress(KafkaException, RuntimeError):
+            client.close()
+
+
 @atexit.register
 def _close_cached() -> None:
+    # At interpreter exit the log stream may be closed already: what closing says is not needed.
+    LOG.disabled = True
     for client in _CACHE.values():
         try:
             if isinstance(client, Consumer):
@@ -165,46 +271,103 @@ def topic_partitions(client: Consumer | AdminClient, timeout_s: float) -> dict[s
     }
 
 
-def ensure_topics(conf: dict[str, Any], topics: dict[str, int], *, timeout_s: float = 30.0) -> None:
-    """Create the topics that do not exist yet (name -> partitions); existing ones are left alone."""
+@dataclass(frozen=True)
+class TopicSpec:
+    """How to create a topic: partitions, replication factor, topic-level configs."""
+
+    partitions: int = 1
+    replication_factor: int = 1
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_topics(
+    conf: dict[str, Any], topics: dict[str, int | TopicSpec], *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the topics that do not exist yet (name -> partitions or a TopicSpec); return those created.
+
+    Existing topics are left alone (their settings are the operator's).
+    """
     admin = make_admin(conf)
     existing = topic_partitions(admin, timeout_s)
+    specs = {name: spec if isinstance(spec, TopicSpec) else TopicSpec(spec) for name, spec in topics.items()}
     missing = [
-        NewTopic(name, num_partitions=n, replication_factor=1)
-        for name, n in topics.items()
+        NewTopic(
+            name,
+            num_partitions=spec.partitions,
+            replication_factor=spec.replication_factor,
+            config=dict(spec.configs),
+        )
+        for name, spec in specs.items()
         if name not in existing
     ]
     if not missing:
-        return
+        return []
     for name, fut in admin.create_topics(missing, request_timeout=timeout_s).items():
         try:
             fut.result()
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise KafkaConfigError(f"cannot create topic {name!r}: {exc.args[0]}") from None
+                spec = specs[name]
+                raise KafkaConfigError(
+                    f"cannot create topic {name!r} ({spec.partitions} partition(s), replication factor "
+                    f"{spec.replication_factor}, configs {spec.configs}): {exc.args[0].str()}"
+                ) from None
     # Metadata catches up asynchronously; wait until every new topic is visible.
     deadline = time.monotonic() + timeout_s
     while not all(name in topic_partitions(admin, timeout_s) for name in topics):
         if time.monotonic() > deadline:
             raise KafkaTimeoutError(f"topics {sorted(topics)} did not appear within {timeout_s:g} s")
         time.sleep(0.05)
+    return [t.topic for t in missing]
 
 
-def list_offsets(admin: AdminClient, tps: Iterable[TP], spec: str, timeout_s: float) -> dict[TP, int]:
-    """ListOffsets "earliest" or "latest" for many partitions in one request."""
+def topic_configs(conf: dict[str, Any], topics: Iterable[str], timeout_s: float) -> dict[str, dict[str, str]]:
+    """Topic-level configs (name -> value) of ``topics``; empty for a broker that cannot describe them."""
+    admin = make_admin(conf)
+    resources = [ConfigResource(ResourceType.TOPIC, t) for t in topics]
+    out: dict[str, dict[str, str]] = {}
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout_s)
+    except (KafkaException, ValueError, TypeError):
+        return {}
+    for res, fut in futures.items():
+        with contextlib.suppress(KafkaException, ValueError, TypeError):
+            out[res.name] = {name: entry.value for name, entry in fut.result().items()}
+    return out
+
+
+def list_offsets(
+    admin: AdminClient, tps: Iterable[TP], spec: str, timeout_s: float, isolation: str = READ_UNCOMMITTED
+) -> dict[TP, int]:
+    """ListOffsets "earliest" or "latest" for many partitions in one request.
+
+    With ``read_committed`` isolation "latest" is the last stable offset (no open transaction before it).
+    """
     tps = list(tps)
     if not tps:
         return {}
     offset_spec = OffsetSpec.earliest() if spec == "earliest" else OffsetSpec.latest()
+    level = IsolationLevel.READ_COMMITTED if isolation == READ_COMMITTED else IsolationLevel.READ_UNCOMMITTED
     futures = admin.list_offsets(
-        {TopicPartition(t, p): offset_spec for t, p in tps}, request_timeout=timeout_s
+        {TopicPartition(t, p): offset_spec for t, p in tps}, isolation_level=level, request_timeout=timeout_s
     )
     out: dict[TP, int] = {}
     for tp, fut in futures.items():
         try:
             out[(tp.topic, tp.partition)] = fut.result().offset
         except KafkaException as exc:
-            raise DataLossError(f"cannot list offsets of {tp.topic}/{tp.partition}: {exc.args[0]}") from None
+            err = exc.args[0]
+            code = err.code() if isinstance(err, KafkaError) else None
+            if code in (
+                KafkaError.UNKNOWN_TOPIC_OR_PART,
+                KafkaError._UNKNOWN_PARTITION,
+                KafkaError._UNKNOWN_TOPIC,
+            ):
+                raise DataLossError(
+                    f"{tp.topic}/{tp.partition} no longer exists on the broker (deleted, or the broker lost its data)"
+                ) from None
+            reason = err.str() if isinstance(err, KafkaError) else str(err)
+            raise KafkaTimeoutError(f"cannot list offsets of {tp.topic}/{tp.partition}: {reason}") from None
     return out
 
 
@@ -281,6 +444,42 @@ class Offsets:
         self._admin = None
 
 
+@dataclass
+class LostOffsets:
+    """Offsets a read had to skip because they were gone (``failOnDataLoss = false``)."""
+
+    count: int = 0
+    ranges: list[tuple[str, int, int, int]] = field(default_factory=list)  # (topic, partition, first, last)
+
+    def add(self, topic: str, partition: int, first: int, last: int) -> None:
+        if last >= first:
+            self.count += last - first + 1
+            self.ranges.append((topic, partition, first, last))
+
+
+def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> tuple[int, int] | None:
+    """(log start, high watermark) from the broker; None when it does not answer (down, restarting).
+
+    Raises :class:`DataLossError` when the broker answers that the partition does not exist.
+    """
+    try:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=timeout_s, cached=False
+        )
+    except KafkaException as exc:
+        err = exc.args[0]
+        if isinstance(err, KafkaError) and err.code() in (
+            KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError._UNKNOWN_PARTITION,
+            KafkaError._UNKNOWN_TOPIC,
+        ):
+            raise DataLossError(
+                f"{topic}/{partition} no longer exists on the broker (deleted, or the broker lost its data)"
+            ) from None
+        return None
+    return int(low), int(high)
+
+
 def read_range(
     consumer: Consumer,
     topic: str,
@@ -292,21 +491,58 @@ def read_range(
     fail_on_data_loss: bool = True,
     max_batch: int = 10_000,
     earliest: Any = None,
+    lost: LostOffsets | None = None,
+    committed: bool = False,
+    check_every_s: float = 3.0,
 ) -> Iterator[list[Message]]:
     """Records of one partition with offsets in [start, end), in lists of at most ``max_batch``.
 
-    Gaps inside the range (compaction, transaction markers) are normal. Data loss is
-    a range that starts before the earliest offset still stored, or a log that ends
-    before ``end``; it raises :class:`DataLossError`, or with ``fail_on_data_loss``
-    off the readable part is returned. ``earliest`` is a callable giving the
-    partition's earliest offset, asked only when the first record is past ``start``.
+    Gaps inside the range (compaction, transaction markers, aborted records) are normal.
+    Data loss is a range that starts before the earliest offset still stored, or a log
+    that ends before ``end`` (or a partition that no longer exists); it raises
+    :class:`DataLossError`. With ``fail_on_data_loss`` off, the records still stored are
+    returned (reading resumes at the log start) and the skipped offsets go into ``lost``.
+    ``earliest`` is a callable giving the partition's earliest offset, asked only when
+    the first record is past ``start``. ``committed``: the consumer reads with
+    ``read_committed``, so it may stop at the last stable offset while a transaction is
+    open; the read waits for it to close instead of calling that data loss.
+
+    When no record arrives for ``check_every_s`` the broker is asked where the
+    partition starts and ends, so a log that lost its data fails within seconds rather
+    than after ``timeout_s``.
     """
     if end <= start:
         return
     where = f"{topic}/{partition}"
-    consumer.assign([TopicPartition(topic, partition, start)])
+    tp = TopicPartition(topic, partition)
     next_offset = start
+    lost = lost if lost is not None else LostOffsets()
+
+    def skip_to(low: int) -> bool:
+        """Records below ``low`` are gone; True when nothing of the range is left."""
+        nonlocal next_offset
+        data_loss(
+            fail_on_data_loss,
+            f"offsets {next_offset}..{min(low, end) - 1} of {where} are gone (the log starts at {low}); "
+            "they aged out or were deleted before the query read them",
+        )
+        lost.add(topic, partition, next_offset, min(low, end) - 1)
+        log_warning(
+            "data loss: offsets %d..%d of %s are gone; continuing at %d (failOnDataLoss=false)",
+            next_offset,
+            min(low, end) - 1,
+            where,
+            low,
+        )
+        if low >= end:
+            return True
+        next_offset = low
+        consumer.assign([TopicPartition(topic, partition, low)])
+        return False
+
+    consumer.assign([TopicPartition(topic, partition, start)])
     deadline = time.monotonic() + timeout_s
+    next_check = time.monotonic() + check_every_s
     try:
         while next_offset < end:
             msgs = consumer.consume(min(end - next_offset, max_batch), timeout=0.2)
@@ -321,18 +557,29 @@ def read_range(
                         # Records up to ``end`` were below the high watermark when the batch was
                         # planned; a log that now ends earlier has lost them.
                         log_end = int(m.offset() or 0)
-                        if log_end < end:
-                            data_loss(
-                                fail_on_data_loss,
-                                f"{where} ends at offset {log_end} but the batch needs offsets up to {end - 1}",
-                            )
+                        if log_end >= end:
+                            done = True
+                            break
+                        if committed:
+                            continue  # at the last stable offset: an open transaction, wait for it
+                        data_loss(
+                            fail_on_data_loss,
+                            f"{where} ends at offset {log_end} but the batch needs offsets up to {end - 1}",
+                        )
+                        lost.add(topic, partition, max(next_offset, log_end), end - 1)
                         done = True
                         break
                     if err.code() in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
-                        done = data_loss(
+                        marks = _watermarks(consumer, topic, partition, min(timeout_s, 10.0))
+                        if marks is not None and marks[0] > next_offset:
+                            done = skip_to(marks[0])
+                            break
+                        data_loss(
                             fail_on_data_loss, f"offset {next_offset} of {where} is out of range: {err}"
                         )
-                        continue
+                        lost.add(topic, partition, next_offset, end - 1)
+                        done = True
+                        break
                     raise KafkaException(err)
                 off = int(m.offset() or 0)
                 if off < next_offset:
@@ -345,23 +592,58 @@ def read_range(
                     if low > start:
                         data_loss(
                             fail_on_data_loss,
-                            f"offsets {start}..{low - 1} of {where} are gone (earliest is {low}); "
-                            "they aged out before the query read them",
+                            f"offsets {start}..{low - 1} of {where} are gone (the log starts at {low}); "
+                            "they aged out or were deleted before the query read them",
                         )
+                        lost.add(topic, partition, start, min(low, end) - 1)
                 out.append(m)
                 next_offset = off + 1
             if out:
                 yield out
                 deadline = time.monotonic() + timeout_s
+                next_check = time.monotonic() + check_every_s
             if done or next_offset >= end:
                 return
-            if not out and time.monotonic() > deadline:
+            if out:
+                continue
+            # Nothing new: the rest of the range may be transaction markers or aborted records.
+            position = consumer.position([tp])[0].offset
+            if position >= end:
+                return
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + check_every_s
+                marks = _watermarks(consumer, topic, partition, min(check_every_s, 5.0))
+                if marks is not None:
+                    low, high = marks
+                    if low > next_offset:
+                        if skip_to(low):
+                            return
+                        continue
+                    if high < end and not committed:
+                        data_loss(
+                            fail_on_data_loss,
+                            f"{where} now ends at offset {high} but the batch needs offsets up to {end - 1} "
+                            "(the broker lost data, or the topic was deleted and created again)",
+                        )
+                        lost.add(topic, partition, max(next_offset, high), end - 1)
+                        return
+            if now > deadline:
+                what = (
+                    "an open transaction holds back the last stable offset"
+                    if committed
+                    else "is the broker up?"
+                )
                 raise KafkaTimeoutError(
                     f"no records from {where} at offset {next_offset} for {timeout_s:g} s "
-                    f"(the batch reads up to offset {end - 1}); is the broker up?"
+                    f"(the batch reads up to offset {end - 1}); {what}"
                 )
     finally:
         consumer.unassign()
+
+
+def log_warning(msg: str, *args: Any) -> None:
+    logging.getLogger("sparkscore.streaming").warning(msg, *args)
 
 
 def data_loss(fail: bool, message: str) -> bool:

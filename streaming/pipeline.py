@@ -25,11 +25,15 @@ from udfs.spec import ResolvedModel
 
 PARSE_ERROR = "parse_error"
 SOURCE_COLUMNS = ("key", "value", "topic", "partition", "offset")
+# The input message's headers (a source read with includeHeaders=true): kept for dead letters.
+HEADERS = "headers"
 _CORRUPT = "_sparkscore_corrupt"
 # Event time goes out as ISO-8601 in UTC with microseconds, whatever the session time zone.
 JSON_OPTIONS = {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX", "timeZone": "UTC"}
 
 DEST_OUTPUT, DEST_DLQ = 0, 1
+# The last year a string timestamp can name (Spark's own range); anything later is a unit mistake.
+MAX_EVENT_YEAR = 9999
 
 
 def event_schema(ddl: str) -> StructType:
@@ -82,10 +86,12 @@ def parse_events(
         parsed = F.from_json(
             F.col("value").cast("string"),
             with_corrupt,
-            # No timestampFormat: reading accepts any ISO-8601 form (and epoch seconds).
+            # No timestampFormat: reading accepts ISO-8601 (T or space, optional fraction and zone;
+            # no zone = UTC; a date alone = midnight) and a JSON integer of epoch seconds.
             {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT, "timeZone": "UTC"},
         )
-        out = df.select(*SOURCE_COLUMNS, parsed.alias("_event"))
+        source = _source_columns(df)
+        out = df.select(*source, parsed.alias("_event"))
         event = F.col("_event")
         error = (
             F.when(F.col("value").isNull() | (F.length("value") == 0), F.lit("empty message value"))
@@ -95,11 +101,23 @@ def parse_events(
             )
             .when(event[user_id].isNull(), F.lit(f"missing {user_id}"))
             .when(event[timestamp].isNull(), F.lit(f"missing or unreadable {timestamp}"))
+            # A JSON number is read as epoch SECONDS: epoch milliseconds land tens of thousands of
+            # years ahead instead of failing, and would hold every event-time window open forever.
+            .when(
+                F.year(event[timestamp]) > MAX_EVENT_YEAR,
+                F.lit(
+                    f"{timestamp} is after the year {MAX_EVENT_YEAR}: epoch numbers must be seconds, not milliseconds"
+                ),
+            )
         )
         fields = [event[f.name].alias(f.name) for f in schema.fields]
-        return out.select(*SOURCE_COLUMNS, *fields, error.alias(PARSE_ERROR))
+        return out.select(*source, *fields, error.alias(PARSE_ERROR))
 
     return transform
+
+
+def _source_columns(df: DataFrame) -> list[str]:
+    return [*SOURCE_COLUMNS, HEADERS] if HEADERS in df.columns else list(SOURCE_COLUMNS)
 
 
 def score_events(
@@ -108,7 +126,7 @@ def score_events(
     """Append the scoring core's columns; unparsed events come out with the core's error for null features."""
 
     def transform(df: DataFrame) -> DataFrame:
-        keep = list(dict.fromkeys([*SOURCE_COLUMNS, user_id, timestamp, PARSE_ERROR]))
+        keep = list(dict.fromkeys([*_source_columns(df), user_id, timestamp, PARSE_ERROR]))
         # with_predictions builds its Arrow schema without a time zone, which fails on a
         # TIMESTAMP column: event time crosses the scorer as epoch microseconds instead.
         as_micros = df.withColumn(timestamp, F.unix_micros(timestamp))
@@ -135,7 +153,8 @@ def to_records(
 
     Good rows: key ``user_id``, value JSON ``{user_id, <prediction columns>, timestamp}``
     (``model_version`` last), dest 0. Bad rows: the original key and bytes, dest 1,
-    and the reason in ``error``. Every row: ``rid`` = source ``topic/partition/offset``.
+    the reason in ``error`` and, when the source read them, the input's ``headers``.
+    Every row: ``rid`` = source ``topic/partition/offset``.
     """
 
     def transform(df: DataFrame) -> DataFrame:
@@ -143,6 +162,7 @@ def to_records(
         body = F.to_json(F.struct(user_id, *preds, timestamp, MODEL_VERSION), JSON_OPTIONS)
         why = problem(df)
         ok = why.isNull()
+        headers = [F.when(~ok, F.col(HEADERS)).alias(HEADERS)] if HEADERS in df.columns else []
         return df.select(
             F.when(ok, F.lit(DEST_OUTPUT)).otherwise(F.lit(DEST_DLQ)).alias("dest"),
             F.when(ok, F.col(user_id).cast("string").cast("binary")).otherwise(F.col("key")).alias("key"),
@@ -150,6 +170,7 @@ def to_records(
             why.alias("error"),
             # The record id: which source record this output stands for (dedup key and DLQ headers).
             F.concat_ws("/", "topic", "partition", "offset").alias("rid"),
+            *headers,
         )
 
     return transform

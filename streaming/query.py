@@ -1,27 +1,49 @@
 """Query wiring: the scoring query (events -> predictions + DLQ) and the statistics query.
 
 The scoring query reads the input topic with the chosen backend, parses,
-scores with the core and writes through :class:`streaming.sink.ExactlyOnceSink`
+scores with the core and writes through :class:`streaming.sink.EffectivelyOnceSink`
 in ``foreachBatch``: executors produce their partitions' records, the driver
 commits a marker per batch. The statistics query reads the predictions topic
-and writes window aggregates through a second sink (driver-side, they are few).
+(``read_committed``) and writes window aggregates through a second sink
+(driver-side, they are few).
+
+Stopping: Ctrl-C or SIGTERM (to the Python driver or to the ``spark-submit`` JVM)
+stops each query between micro-batches and returns the summary. Failing: a broker
+that stays unreachable for ``[kafka] broker_timeout_ms`` fails the run with one
+sentence naming it; a query that dies reports the sentence of its cause.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import re
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from streaming import backends, kafka_client
 from streaming.config import StreamConfig
 from streaming.pipeline import count_metrics, event_schema, parse_events, score_events, to_records
-from streaming.sink import SUMMARY_SCHEMA, BatchResult, ExactlyOnceSink, record_rows, write_partition
+from streaming.sink import (
+    COMMIT_TOPIC_CONFIGS,
+    SUMMARY_SCHEMA,
+    BatchResult,
+    EffectivelyOnceSink,
+    record_rows,
+    write_partition,
+)
 from streaming.stats import collect_windows, stats_records, window_stats
+from udfs.errors import ConfigError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -37,6 +59,8 @@ SPARK_DEFAULTS = {
     "spark.sql.streaming.metricsEnabled": "true",
     # A progress bar per micro-batch is noise in a long-running job's log.
     "spark.ui.showConsoleProgress": "false",
+    # Python workers that let Ctrl-C through fail the running batch; the job stops between batches.
+    "spark.python.daemon.module": "streaming.daemon",
 }
 
 # Small batches are written by the driver: each chained Python stage costs every task a
@@ -52,16 +76,37 @@ def batch_size(checkpoint: str, batch_id: int) -> int | None:
     the previous entry is the exact size. Only local checkpoints are read (a remote one,
     batch 0, or an offset shape other than ``{"topic": {"0": n}}`` gives None).
     """
+    ranges = batch_ranges(checkpoint, batch_id)
+    return None if ranges is None else sum(end - start for start, end in ranges.values())
+
+
+def batch_ranges(checkpoint: str, batch_id: int) -> dict[tuple[str, int], tuple[int, int]] | None:
+    """(topic, partition) -> [start, end) of micro-batch ``batch_id`` from the offset log; None when unknown."""
     path = checkpoint.removeprefix("file:")
     if batch_id < 1 or "://" in path:
         return None
     try:
         prev, cur = (_offset_entry(Path(path) / "offsets" / str(b)) for b in (batch_id - 1, batch_id))
-        return sum(
-            int(off) - int(prev[topic][part]) for topic, parts in cur.items() for part, off in parts.items()
-        )
+        return {
+            (topic, int(part)): (int(prev[topic][part]), int(off))
+            for topic, parts in cur.items()
+            for part, off in parts.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def lost_offsets(
+    ranges: dict[tuple[str, int], tuple[int, int]], earliest: dict[tuple[str, int], int], read: int
+) -> int:
+    """Offsets of a batch that were gone before the source read them (``failOnDataLoss = false``).
+
+    Retention and ``deleteRecords`` remove a partition's oldest records, so what the batch
+    could not read is ``[start, log start)`` of each range; at most the records it missed.
+    """
+    gone = sum(max(0, min(earliest.get(tp, 0), end) - start) for tp, (start, end) in ranges.items())
+    missed = sum(end - start for start, end in ranges.values()) - read
+    return max(0, min(gone, missed))
 
 
 def _offset_entry(path: Path) -> dict[str, dict[str, int]]:
@@ -83,9 +128,13 @@ def source_options(
     opts["kafkaConsumer.pollTimeoutMs"] = str(k.poll_timeout_ms)
     opts["latestOffsetsBy"] = k.latest_offsets_by
     if topic is not None:
+        # Our own transactional output: only what its writers committed.
+        opts["kafka.isolation.level"] = kafka_client.READ_COMMITTED
         opts["subscribe"] = topic
         opts["startingOffsets"] = starting or "earliest"
         return opts
+    # Dead letters keep the input message's headers.
+    opts["includeHeaders"] = "true"
     if i.topic:
         opts["subscribe"] = i.topic
     elif i.subscribe_pattern:
@@ -106,8 +155,8 @@ def _trigger(writer: Any, trigger: str) -> Any:
     return writer.trigger(processingTime=trigger)
 
 
-def _sink(cfg: StreamConfig, topics: tuple[str, ...], name: str) -> ExactlyOnceSink:
-    return ExactlyOnceSink(
+def _sink(cfg: StreamConfig, topics: tuple[str, ...], name: str) -> EffectivelyOnceSink:
+    return EffectivelyOnceSink(
         client=cfg.kafka.client_conf,
         topics=topics,
         commit_topic=cfg.output.commit_topic,
@@ -156,11 +205,62 @@ def stop_between_batches(query: StreamingQuery, gate: BatchGate, *, timeout_s: f
 
 
 def ensure_output_topics(cfg: StreamConfig) -> None:
-    topics = {cfg.output.topic: cfg.output.partitions, cfg.output.dlq_topic: cfg.output.partitions}
-    topics[cfg.output.commit_topic] = 1
+    """Create the missing output, dead-letter, stats and commit topics with the configured settings."""
+    o = cfg.output
+    data = kafka_client.TopicSpec(o.partitions, o.replication_factor, dict(o.topic_configs))
+    topics: dict[str, int | kafka_client.TopicSpec] = {o.topic: data, o.dlq_topic: data}
+    topics[o.commit_topic] = kafka_client.TopicSpec(
+        1, o.replication_factor, {**COMMIT_TOPIC_CONFIGS, **o.commit_topic_configs}
+    )
     if cfg.stats.enabled:
-        topics[cfg.stats.topic] = 1
-    kafka_client.ensure_topics(cfg.kafka.client_conf, topics, timeout_s=cfg.kafka.poll_timeout_ms / 1000)
+        topics[cfg.stats.topic] = kafka_client.TopicSpec(1, o.replication_factor, dict(o.topic_configs))
+    timeout_s = cfg.kafka.poll_timeout_ms / 1000
+    try:
+        kafka_client.ensure_topics(cfg.kafka.client_conf, topics, timeout_s=timeout_s)
+    except kafka_client.KafkaConfigError as exc:
+        raise ConfigError(f"{exc}; check [output] replication_factor / topic_configs") from None
+    policy = kafka_client.topic_configs(cfg.kafka.client_conf, [o.commit_topic], timeout_s).get(
+        o.commit_topic, {}
+    )
+    if policy and "compact" not in policy.get("cleanup.policy", ""):
+        print(
+            f"[sparkscore] warning: the commit topic {o.commit_topic!r} is not compacted "
+            f"(cleanup.policy={policy.get('cleanup.policy')}): once retention removes a query's newest "
+            "marker, its restart stops with an error instead of resuming; set cleanup.policy=compact",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def check_input_topics(cfg: StreamConfig) -> None:
+    """An --available-now run over an input topic that does not exist is a mistake unless allowed."""
+    i = cfg.input
+    if i.allow_missing_topic:
+        return
+    known = kafka_client.topic_partitions(
+        kafka_client.make_admin(cfg.kafka.client_conf), cfg.kafka.poll_timeout_ms / 1000
+    )
+    if i.topic:
+        missing = [t.strip() for t in i.topic.split(",") if t.strip() and t.strip() not in known]
+    elif i.subscribe_pattern:
+        missing = [] if any(re.fullmatch(i.subscribe_pattern, t) for t in known) else [i.subscribe_pattern]
+    else:
+        missing = [t for t in json.loads(i.assign or "{}") if t not in known]
+    if missing:
+        raise ConfigError(
+            f"input topic {', '.join(repr(t) for t in missing)} does not exist on "
+            f"{cfg.kafka.bootstrap_servers}, so --available-now has nothing to read; create it (or check "
+            "[input] topic), or set [input] allow_missing_topic = true to let the run finish with 0 events"
+        )
+
+
+def check_spark_conf(spark: SparkSession) -> None:
+    """Settings the effectively-once sink cannot work with."""
+    if (spark.conf.get("spark.speculation", "false") or "").strip().lower() == "true":
+        raise ConfigError(
+            "spark.speculation=true runs a second copy of slow write tasks whose transactions fence each "
+            "other's; set spark.speculation=false for the stream job"
+        )
 
 
 def scoring_frame(spark: SparkSession, cfg: StreamConfig, model: ResolvedModel, backend: str) -> DataFrame:
@@ -183,7 +283,7 @@ def start_scoring(
     *,
     trigger: str | None = None,
     gate: BatchGate | None = None,
-) -> tuple[StreamingQuery, ExactlyOnceSink]:
+) -> tuple[StreamingQuery, EffectivelyOnceSink]:
     records = scoring_frame(spark, cfg, model, backend)
     sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
     checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
@@ -196,24 +296,31 @@ def start_scoring(
 
     def score_and_write(batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
-        plan = sink.begin(batch_id)
+        plan = sink.begin(batch_id, writers=lambda: batch.rdd.getNumPartitions())
         if plan is None:
             print(f"[sparkscore] batch {batch_id}: already committed before a restart, skipped", flush=True)
             return
-        size = batch_size(checkpoint, batch_id)
+        ranges = batch_ranges(checkpoint, batch_id)
+        size = None if ranges is None else sum(end - start for start, end in ranges.values())
         if size is not None and size <= DRIVER_WRITE_MAX_EVENTS:
             # Same records, same headers, same markers as the executors' path; no extra Python stage.
             table = batch.toArrow()
             result = sink.write_local(plan, (r for b in table.to_batches() for r in record_rows(b)))
         else:
             result = BatchResult.from_rows(batch.mapInArrow(write_partition(plan), SUMMARY_SCHEMA).collect())
-        sink.commit(plan, result)
         preds = result.counts.get(cfg.output.topic, 0)
         dlq = result.counts.get(cfg.output.dlq_topic, 0)
+        read = preds + dlq + result.skipped
+        if not cfg.input.fail_on_data_loss and ranges is not None and read < (size or 0):
+            earliest = sink.offsets.earliest(list(ranges))
+            result.counts["lost"] = lost_offsets(ranges, earliest, read)
+        sink.commit(plan, result)
         skipped = f", {result.skipped:,} already written" if result.skipped else ""
+        lost = result.counts.get("lost", 0)
+        gone = f"; {lost:,} offsets were gone from the broker (failOnDataLoss=false)" if lost else ""
         print(
-            f"[sparkscore] batch {batch_id}: {preds + dlq + result.skipped:,} events -> {preds:,} predictions, "
-            f"{dlq:,} dead-lettered{skipped} ({time.monotonic() - started:.2f} s)",
+            f"[sparkscore] batch {batch_id}: {read:,} events -> {preds:,} predictions, "
+            f"{dlq:,} dead-lettered{skipped}{gone} ({time.monotonic() - started:.2f} s)",
             flush=True,
         )
 
@@ -234,7 +341,7 @@ def start_stats(
     *,
     trigger: str | None = None,
     gate: BatchGate | None = None,
-) -> tuple[StreamingQuery, ExactlyOnceSink]:
+) -> tuple[StreamingQuery, EffectivelyOnceSink]:
     st = cfg.stats
     windows = backends.read_kafka(spark, backend, source_options(cfg, topic=cfg.output.topic)).transform(
         window_stats(
@@ -274,7 +381,130 @@ def start_stats(
 
 
 class QueryFailed(RuntimeError):
-    """A streaming query stopped with an error (its first line is in the message)."""
+    """A streaming query stopped with an error, or the broker was lost (one sentence in the message)."""
+
+
+# Our own errors, as they appear inside a Python traceback that Spark wraps in its own message.
+_CAUSE = re.compile(
+    r"(?:[\w.]+\.)?(DataLossError|SinkError|KafkaTimeoutError|KafkaConfigError|SourceOptionError|InjectedFault)"
+    r": (.+)"
+)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The sentence that says why a query died: our error's message when it is in there, else the first line."""
+    text = str(exc).strip()
+    found = _CAUSE.search(text)
+    if found:
+        return f"{found.group(1)}: {found.group(2).strip()}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class BrokerWatch:
+    """Notices a broker that stops answering while queries run (a metadata request every ``every_s``).
+
+    Without it, a stopped broker surfaces only when every client's own timeout has passed
+    (minutes) and under thousands of reconnect log lines.
+    """
+
+    def __init__(self, conf: dict[str, str], timeout_s: float, every_s: float = 1.0) -> None:
+        self.conf = conf
+        self.timeout_s = timeout_s
+        self.every_s = every_s
+        self.lost: str | None = None
+        self.event = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sparkscore-broker-watch", daemon=True)
+
+    def start(self) -> BrokerWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        admin = kafka_client.make_admin(self.conf)
+        last_ok = time.monotonic()
+        reason = "no answer"
+        while not self._done.wait(self.every_s):
+            try:
+                admin.list_topics(timeout=min(5.0, self.timeout_s))
+                last_ok = time.monotonic()
+                continue
+            except KafkaException as exc:
+                err = exc.args[0]
+                reason = err.str() if isinstance(err, KafkaError) else str(err)
+            if time.monotonic() - last_ok >= self.timeout_s:
+                self.lost = (
+                    f"lost the Kafka broker at {self.conf.get('bootstrap.servers')!r}: no answer for "
+                    f"{self.timeout_s:g} s ({reason}); the job stopped, and a restart resumes from the "
+                    "checkpoint once the broker is back"
+                )
+                self.event.set()
+                return
+
+
+class _JvmSignalHandler:
+    """A ``sun.misc.SignalHandler`` implemented in Python (Py4J callback)."""
+
+    def __init__(self, on_signal: Callable[[], None]) -> None:
+        self.on_signal = on_signal
+
+    def handle(self, _signal: Any) -> None:
+        self.on_signal()
+
+    class Java:
+        implements = ["sun.misc.SignalHandler"]
+
+
+def install_stop_signals(spark: SparkSession, stop: threading.Event) -> Callable[[], None]:
+    """Ctrl-C / SIGTERM set ``stop`` (a second one exits at once); returns a function restoring the old handlers.
+
+    Under ``spark-submit`` the signals also reach the JVM that launched this Python driver,
+    whose default reaction is to exit and stop the SparkContext under the running batch: it
+    gets the same handler (a Py4J callback). Only the main thread can set Python handlers.
+    """
+
+    presses = 0
+
+    def on_signal(from_python: bool = True) -> None:
+        nonlocal presses
+        # One Ctrl-C reaches both this process and the spark-submit JVM: only this process's
+        # own signals count towards "a second one exits at once".
+        presses += from_python
+        if presses > 1:
+            print("[sparkscore] second stop signal: exiting at once", file=sys.stderr, flush=True)
+            os._exit(130)
+        if not stop.is_set():
+            print("[sparkscore] stopping after the current micro-batch (again to exit at once)", flush=True)
+            stop.set()
+
+    restores: list[Callable[[], object]] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old = signal.signal(sig, lambda *_: on_signal())
+            restores.append(functools.partial(signal.signal, sig, old))
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # spark-submit started the JVM and then this process (not the other way round).
+        from pyspark.java_gateway import ensure_callback_server_started
+
+        sc = spark.sparkContext
+        ensure_callback_server_started(sc._gateway)
+        jvm = sc._jvm
+        assert jvm is not None
+        handler = _JvmSignalHandler(functools.partial(on_signal, False))
+        for name in ("INT", "TERM"):
+            jsig = jvm.sun.misc.Signal(name)
+            old_handler = jvm.sun.misc.Signal.handle(jsig, handler)
+            restores.append(functools.partial(jvm.sun.misc.Signal.handle, jsig, old_handler))
+
+    def restore() -> None:
+        for undo in reversed(restores):
+            with contextlib.suppress(Exception):  # the JVM may be gone already
+                undo()
+
+    return restore
 
 
 @dataclass
@@ -290,10 +520,12 @@ class StreamSummary:
     def render(self, cfg: StreamConfig) -> str:
         t = self.totals
         preds, dlq, skipped = t.get(cfg.output.topic, 0), t.get(cfg.output.dlq_topic, 0), t.get("skipped", 0)
+        lost = t.get("lost", 0)
         return (
             f"[sparkscore] source {self.backend}: {self.batches} batch(es), {preds + dlq + skipped:,} events -> "
             f"{preds:,} predictions on {cfg.output.topic!r}, {dlq:,} on {cfg.output.dlq_topic!r}"
             + (f", {skipped:,} already written before a restart" if skipped else "")
+            + (f", {lost:,} offsets gone from the broker before they were read" if lost else "")
             + f"; {self.stats_windows} stats record(s) on {cfg.stats.topic!r}; {self.seconds:.1f} s"
         )
 
@@ -306,8 +538,13 @@ def run(
     available_now: bool = False,
     duration_s: float | None = None,
 ) -> StreamSummary:
-    """Run the scoring (and statistics) queries; availableNow drains the input then returns."""
+    """Run the scoring (and statistics) queries; availableNow drains the input then returns.
+
+    Stops between micro-batches on Ctrl-C / SIGTERM or after ``duration_s``; raises
+    :class:`QueryFailed` (one sentence) when a query dies or the broker stays unreachable.
+    """
     started = time.monotonic()
+    check_spark_conf(spark)
     backend = backends.choose_backend(spark, cfg.kafka.source)
     from streaming.pipeline import check_event_schema
 
@@ -319,6 +556,8 @@ def run(
         timestamp=cfg.events.timestamp,
         model=model,
     )
+    if available_now:
+        check_input_topics(cfg)
     if cfg.output.create_topics:
         ensure_output_topics(cfg)
     trigger = "availableNow" if available_now else cfg.job.trigger
@@ -327,42 +566,58 @@ def run(
         f"with the {backend} source ({trigger} trigger)",
         flush=True,
     )
-    scoring_gate, stats_gate = BatchGate(), BatchGate()
-    scoring, sink = start_scoring(spark, cfg, model, backend, trigger=trigger, gate=scoring_gate)
-    queries = [(scoring, scoring_gate)]
-    stats_sink = None
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    restore_signals = install_stop_signals(spark, stop)
+    watch = BrokerWatch(cfg.kafka.client_conf, cfg.kafka.broker_timeout_ms / 1000).start()
+    halt = _Halt(stop, watch)
+    scoring_gate, stats_gate = BatchGate(), BatchGate()
+    sinks: list[EffectivelyOnceSink] = []
+    queries: list[tuple[StreamingQuery, BatchGate]] = []
     try:
+        scoring, sink = start_scoring(spark, cfg, model, backend, trigger=trigger, gate=scoring_gate)
+        queries.append((scoring, scoring_gate))
+        sinks.append(sink)
+        stats_sink = None
         if trigger == "availableNow":
-            _await(scoring, stop, None)
-            if cfg.stats.enabled and not stop.is_set():
+            _await(scoring, halt)
+            if cfg.stats.enabled and not halt.is_set():
                 stats, stats_sink = start_stats(spark, cfg, backend, trigger=trigger, gate=stats_gate)
                 queries.append((stats, stats_gate))
-                _await(stats, stop, None)
+                sinks.append(stats_sink)
+                _await(stats, halt)
         else:
             if cfg.stats.enabled:
                 stats, stats_sink = start_stats(
                     spark, cfg, backend, trigger=cfg.stats.trigger, gate=stats_gate
                 )
                 queries.append((stats, stats_gate))
+                sinks.append(stats_sink)
             deadline = None if duration_s is None else time.monotonic() + duration_s
-            while not stop.is_set() and all(q.isActive for q, _ in queries):
+            while not halt.is_set() and all(q.isActive for q, _ in queries):
                 if deadline is not None and time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
     finally:
-        for q, gate in queries:
-            stop_between_batches(q, gate)
-        sink.close()
-        if stats_sink is not None:
-            stats_sink.close()
+        if watch.lost is not None:
+            # The running batch cannot finish: fail its Spark job and its driver-side waits now.
+            for s in sinks:
+                s.cancel.set()
+            spark.sparkContext.cancelAllJobs()
+            for q, gate in queries:
+                _stop_within(q, gate, timeout_s=30.0)
+        else:
+            for q, gate in queries:
+                stop_between_batches(q, gate)
+        watch.stop()
+        for s in sinks:
+            s.close()
+        restore_signals()
+    if watch.lost is not None:
+        raise QueryFailed(watch.lost)
     for q, _ in queries:
         exc = q.exception()
         if exc is not None:
-            raise QueryFailed(f"query {q.name} failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise QueryFailed(f"query {q.name} failed: {failure_reason(exc)}") from exc
     return StreamSummary(
         backend=backend,
         seconds=time.monotonic() - started,
@@ -374,9 +629,32 @@ def run(
     )
 
 
-def _await(query: StreamingQuery, stop: threading.Event, timeout_s: float | None) -> None:
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while query.isActive and not stop.is_set():
-        if deadline is not None and time.monotonic() > deadline:
-            return
-        query.awaitTermination(1)
+class _Halt:
+    """Whether the run should end early: a stop signal, or a lost broker."""
+
+    def __init__(self, stop: threading.Event, watch: BrokerWatch) -> None:
+        self.stop = stop
+        self.watch = watch
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or self.watch.event.is_set()
+
+
+def _stop_within(query: StreamingQuery, gate: BatchGate, *, timeout_s: float) -> None:
+    """Stop a query that cannot finish its batch; give up waiting after ``timeout_s`` (the job is failing)."""
+    if not query.isActive:
+        return
+    gate.wait_idle(timeout_s)
+    stopper = threading.Thread(target=query.stop, daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+
+
+def _await(query: StreamingQuery, halt: _Halt) -> None:
+    from pyspark.errors import StreamingQueryException
+
+    while query.isActive and not halt.is_set():
+        try:
+            query.awaitTermination(1)
+        except StreamingQueryException:
+            return  # it failed: run() reports query.exception()

@@ -367,6 +367,7 @@ class KafkaStreamReader(_KafkaReaderBase, DataSourceStreamReader, SupportsTrigge
         super().__init__(options, schema)
         self._target: Offsets | None = None
         self._latest: Offsets | None = None
+        _deaf_to_ctrl_c()
 
     def initialOffset(self) -> dict[str, dict[str, int]]:
         return to_json(self.resolve(self.opts.starting, self.topic_partitions(), "startingOffsets"))
@@ -404,12 +405,20 @@ class KafkaStreamReader(_KafkaReaderBase, DataSourceStreamReader, SupportsTrigge
         behind = sorted(tp for tp in begin if tp in latest and latest[tp] < begin[tp])
         problems = []
         if gone:
-            problems.append(f"partitions {gone} were read before but no longer exist")
+            problems.append(
+                f"partition(s) {', '.join(f'{t}/{p}' for t, p in gone)} were read up to offset(s) "
+                f"{', '.join(str(begin[tp]) for tp in gone)} but no longer exist"
+            )
         if behind:
             problems.append(
-                "partitions "
-                + ", ".join(f"{t}/{p} (log end {latest[(t, p)]} < {begin[(t, p)]})" for t, p in behind)
-                + " end before offsets already read"
+                ", ".join(f"{t}/{p} now ends at offset {latest[(t, p)]}" for t, p in behind)
+                + " but the query already read up to offset(s) "
+                + ", ".join(str(begin[tp]) for tp in behind)
+            )
+        if problems:
+            problems[-1] += (
+                " (the broker lost its data, e.g. restarted without its log, or the topic was deleted "
+                "and created again)"
             )
         if problems:
             kc.data_loss(self.opts.fail_on_data_loss, "; ".join(problems))
@@ -457,6 +466,19 @@ class KafkaPyDataSource(DataSource):
 
     def reader(self, schema: StructType) -> KafkaBatchReader:
         return KafkaBatchReader(SourceOptions.parse(self.options, streaming=False), schema)
+
+
+def _deaf_to_ctrl_c() -> None:
+    """In Spark's Python process for a streaming source: Ctrl-C is the job's to handle.
+
+    The terminal signals the whole process group; the job stops between micro-batches by
+    itself, and a ``KeyboardInterrupt`` here would only fail the query mid-planning.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def read_partition(part: KafkaInputPartition, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

@@ -19,6 +19,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, StringType, StructField, StructType, TimestampType
 
+from streaming.sink import Record
+
 STATS_COLUMNS = ("window_start", "window_end", "model_version", "count", "mean", "max")
 
 
@@ -80,7 +82,7 @@ def _iso(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def stats_records(rows: list[Any]) -> Iterator[tuple[int, bytes, bytes, None, str, list[tuple[str, bytes]]]]:
+def stats_records(rows: list[Any]) -> Iterator[Record]:
     """Window rows -> sink records keyed by ``<window start>|<model version>`` (the record id too)."""
     for row in rows:
         start = _iso(row["start_us"])

@@ -15,13 +15,31 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The local brokers (Apache Kafka, Tansu), one each per session for every folder that needs one.
+from tests.streaming.brokers import (  # noqa: E402, F401
+    apache,
+    apache_kafka,
+    broker,
+    kafka,
+    tansu,
+    tansu_broker,
+)
+
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
+    """local[2] with Spark's JVM Kafka connector (build/jars, from ``make jars``) on the classpath.
+
+    Both Kafka sources are then available in-process; ``source = "auto"`` without the
+    connector is tested through spark-submit subprocesses (tests/streaming/test_backends.py).
+    """
     from pyspark.sql import SparkSession
+
+    from streaming.backends import local_jars
 
     session = (
         SparkSession.builder.master("local[2]")
+        .config("spark.jars", ",".join(local_jars()))
         .appName("sparkscore-tests")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")

@@ -2,7 +2,8 @@
 
 The same rows (good and bad) and the same model spec go through the three
 entry points a user runs: ``jobs/batch_score.py`` (Parquet in and out),
-``jobs/stream_score.py`` (Kafka in and out, through a local broker) and the
+``jobs/stream_score.py`` (Apache Kafka in and out, once with Spark's JVM
+Kafka source and once with ``kafka_py``) and the
 real-time scorer (``python -m serving``, over HTTP). Predictions must agree to
 1e-6, bad rows must get the same reason, and an ensemble's version, member
 outputs and degraded flag must be the same everywhere. Specs: a single model, a
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ import pytest
 import torch
 
 from jobs import batch_score, stream_score
-from streaming.broker import TansuBroker
 from streaming.sink import H_ERROR
 from tests.streaming.conftest import Kafka
 from udfs.spec import ModelSpec, resolve
@@ -132,13 +131,9 @@ def score_batch_job(spark, model_section: str, tmp: Path) -> dict[str, Scored]:
 # -- path 2: the streaming job through a broker -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[Kafka]:
-    with TansuBroker() as broker:
-        yield Kafka(broker.bootstrap)
-
-
-def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str) -> dict[str, Scored]:
+def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str, source: str) -> dict[str, Scored]:
+    """The stream job over the rows on the session's Apache Kafka broker (``kafka`` fixture)."""
+    tag = f"{tag}-{source}"
     events = kafka.topic(partitions=2, prefix=f"parity-{tag}")
     kafka.produce(
         events,
@@ -148,15 +143,15 @@ def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str) -> d
             for u, f in ROWS
         ],
     )
-    cfg = tmp / "stream.toml"
+    cfg = tmp / f"stream-{source}.toml"
     cfg.write_text(
         model_section
         + textwrap.dedent(
             f"""
             [kafka]
             bootstrap_servers = "{kafka.bootstrap}"
-            source = "kafka_py"
-            latest_offsets_by = "fetchProbe"
+            source = "{source}"
+            latest_offsets_by = "{kafka.latest_by}"
             poll_timeout_ms = 30000
 
             [input]
@@ -172,7 +167,7 @@ def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str) -> d
             enabled = false
 
             [job]
-            checkpoint = "{tmp / "checkpoint"}"
+            checkpoint = "{tmp / ("checkpoint-" + source)}"
             query_name = "parity_{tag}"
             """
         )
@@ -284,7 +279,8 @@ def test_batch_stream_and_http_give_every_row_the_same_prediction_or_reason(
     section = model_toml[spec_name]
     paths = {
         "batch": score_batch_job(spark, section, tmp_path),
-        "stream": score_stream_job(kafka, section, tmp_path, tag=spec_name),
+        "stream_kafka": score_stream_job(kafka, section, tmp_path, tag=spec_name, source="kafka"),
+        "stream_kafka_py": score_stream_job(kafka, section, tmp_path, tag=spec_name, source="kafka_py"),
         **score_http(section, tmp_path),
     }
     assert_same(paths)

@@ -1,10 +1,8 @@
-"""Fixtures for the streaming tests: brokers on free loopback ports, topic helpers.
+"""Helpers and fixtures for the streaming tests: topic helpers, events, the demo model.
 
-``broker`` / ``kafka`` is one Tansu broker per session (in memory, no JVM);
-``apache_kafka`` / ``apache`` is one Apache Kafka KRaft node per session (jars
-from ``make jars``, log dir in a temp dir removed afterwards). A broker that
-cannot start FAILS the tests that need it (never skips). Topics get unique
-names, so tests share a broker without sharing data.
+The broker fixtures (``kafka`` = Apache Kafka, ``tansu``, ``any_kafka``) live in
+:mod:`tests.streaming.brokers` and are registered by ``tests/conftest.py``, so
+that ``tests/test_parity.py`` shares the session's brokers.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,10 @@ import pytest
 from confluent_kafka import Producer
 
 from streaming import kafka_client as kc
-from streaming.broker import ApacheKafkaBroker, BrokerError, LocalBroker, TansuBroker
 from udfs.spec import ModelSpec, ResolvedModel, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
+APACHE, TANSU = "apache", "tansu"
 # Generous liveness bound for reads: a wedged broker fails a test instead of hanging it.
 POLL_TIMEOUT_S = 30.0
 
@@ -41,10 +39,12 @@ class Record:
 
 
 class Kafka:
-    """Topic helpers bound to the session's broker."""
+    """Topic helpers bound to one broker; ``latest_by`` is how kafka_py should find its log ends."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, *, kind: str = APACHE, latest_by: str = kc.LIST_OFFSETS) -> None:
         self.bootstrap = bootstrap
+        self.kind = kind
+        self.latest_by = latest_by
         self.conf = {"bootstrap.servers": bootstrap}
 
     def topic(self, partitions: int = 1, prefix: str = "t") -> str:
@@ -109,46 +109,8 @@ class Kafka:
         return out
 
     def count(self, topic: str) -> int:
-        return sum(self.end_offsets(topic).values())
-
-
-def _session_broker(b: LocalBroker) -> Iterator[LocalBroker]:
-    try:
-        b.start()
-    except BrokerError as exc:
-        pytest.fail(f"cannot start the {b.kind} test broker: {exc}", pytrace=False)
-    yield b
-    # Spark's Python workers cache Kafka clients that would log reconnect errors once the broker is gone.
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-    b.stop()
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory) -> Iterator[LocalBroker]:
-    """Tansu, in memory."""
-    yield from _session_broker(TansuBroker(log_path=str(tmp_path_factory.mktemp("tansu") / "tansu.log")))
-
-
-@pytest.fixture(scope="session")
-def kafka(broker) -> Kafka:
-    return Kafka(broker.bootstrap)
-
-
-@pytest.fixture(scope="session")
-def apache_kafka(tmp_path_factory) -> Iterator[LocalBroker]:
-    """One Apache Kafka KRaft node; its log dir is a temp dir, removed when the session ends."""
-    log = tmp_path_factory.mktemp("apache-kafka") / "server.log"
-    yield from _session_broker(ApacheKafkaBroker(log_path=str(log)))
-
-
-@pytest.fixture(scope="session")
-def apache(apache_kafka) -> Kafka:
-    """Topic helpers bound to the Apache Kafka broker."""
-    return Kafka(apache_kafka.bootstrap)
+        """Committed records in the topic (log ends would also count transaction markers)."""
+        return len(read_records(self, topic))
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +140,114 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> 
             return
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# -- guarantees: stream job configs built in code (tests/streaming/test_faults.py, test_sink.py) ---
+
+
+def stream_config_dict(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """The TOML sections of a stream config on broker ``k`` whose topics and checkpoint are named after ``tag``.
+
+    ``sections`` override or extend them (``input={...}``, ``output={...}``, ...).
+    """
+    raw: dict[str, dict[str, Any]] = {
+        "model": {
+            "path": model_path,
+            "name": "demo_ctr",
+            "input_columns": ["features"],
+            "num_features": 4,
+            "device": "cpu",
+            "batch_size": 256,
+        },
+        "kafka": {"bootstrap_servers": k.bootstrap, "source": "kafka_py", "poll_timeout_ms": 30000},
+        "input": {"topic": f"events-{tag}", "starting_offsets": "earliest"},
+        "output": {
+            "topic": f"predictions-{tag}",
+            "dlq_topic": f"dlq-{tag}",
+            "commit_topic": f"commits-{tag}",
+            "partitions": 2,
+        },
+        "stats": {"enabled": False, "topic": f"stats-{tag}"},
+        "job": {"query_name": f"q_{tag.replace('-', '_')}"},
+        "spark": {"spark.master": "local[2]", "spark.ui.enabled": "false"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def stream_config(k: Kafka, tag: str, *, model_path: str = "unused.pt", **sections: dict[str, Any]):
+    """:func:`stream_config_dict` parsed into a StreamConfig."""
+    from streaming.config import StreamConfig
+    from udfs.config import from_dict
+
+    raw = stream_config_dict(k, tag, model_path=model_path, **sections)
+    return from_dict(StreamConfig, raw, where="test stream config")
+
+
+def write_toml(raw: dict[str, dict[str, Any]], path: Path) -> Path:
+    """A config dict as TOML (strings, numbers, booleans, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return json.dumps(str(v))
+
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{json.dumps(k) if '.' in k else k} = {value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def read_records(k: Kafka, topic: str, *, committed: bool = True) -> list[Any]:
+    """Every record of ``topic`` a consumer sees: read_committed (the sink's promise) or read_uncommitted."""
+    conf = kc.committed_reader_conf(k.conf) if committed else k.conf
+    consumer = kc.make_consumer(conf)
+    out: list[Any] = []
+    try:
+        for part, end in sorted(k.end_offsets(topic).items()):
+            for msgs in kc.read_range(
+                consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S, committed=committed
+            ):
+                out += msgs
+    finally:
+        consumer.close()
+    return out
+
+
+FAULTS_JSON_ENV = "SPARKSCORE_FAULTS_JSON"
+_FAULT_RESULTS: dict[str, dict[str, int]] = {}
+
+
+@pytest.fixture
+def fault_results() -> dict[str, dict[str, int]]:
+    """Scenario -> {events, duplicates, lost, deduplicated}; ``make faults`` writes them to a JSON file."""
+    return _FAULT_RESULTS
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import os
+
+    path = os.environ.get(FAULTS_JSON_ENV)
+    if path and _FAULT_RESULTS:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(dict(sorted(_FAULT_RESULTS.items())), indent=2) + "\n")
+
+
+def tally(seen: dict[str, int], expected: set[str], deduplicated: int) -> dict[str, int]:
+    """A fault scenario's outcome: records per event id seen on the output vs. the events sent."""
+    return {
+        "events": len(expected),
+        "duplicates": sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        "lost": len(expected - set(seen)),
+        "deduplicated": deduplicated,
+    }

@@ -55,6 +55,39 @@ def kafka_frame(spark, values: list[bytes | None]):
     )
 
 
+def test_event_times_are_read_as_iso_8601_or_epoch_seconds_and_epoch_milliseconds_are_refused(spark):
+    """The formats the README lists; anything else goes to the dead-letter topic with a reason."""
+    given = [
+        ('"2026-01-01T00:00:00Z"', "2026-01-01 00:00:00.000000"),
+        ('"2026-01-01T00:00:00.123456Z"', "2026-01-01 00:00:00.123456"),
+        ('"2026-01-01T01:00:00+01:00"', "2026-01-01 00:00:00.000000"),
+        ('"2026-01-01T01:00:00.5+0100"', "2026-01-01 00:00:00.500000"),
+        ('"2026-01-01 00:00:00"', "2026-01-01 00:00:00.000000"),  # no zone: UTC
+        ('"2026-01-01"', "2026-01-01 00:00:00.000000"),
+        ("1767225600", "2026-01-01 00:00:00.000000"),  # epoch seconds
+        ("1767225600123", None),  # epoch milliseconds
+        ("1767225600.5", None),
+        ('"1767225600"', None),
+        ('"01/01/2026 00:00"', None),
+    ]
+    values = [b'{"user_id": "u", "features": [1, 2, 3, 4], "timestamp": %s}' % ts.encode() for ts, _ in given]
+    parsed = (
+        kafka_frame(spark, values)
+        .transform(parse_events(SCHEMA))
+        .select("offset", F.date_format("timestamp", "yyyy-MM-dd HH:mm:ss.SSSSSS").alias("ts"), PARSE_ERROR)
+        .orderBy("offset")
+        .collect()
+    )
+    for (raw, want), row in zip(given, parsed, strict=True):
+        if want is None:
+            assert row[PARSE_ERROR] is not None, (raw, row)
+        else:
+            assert (row["ts"], row[PARSE_ERROR]) == (want, None), raw
+    assert parsed[7][PARSE_ERROR] == (
+        "timestamp is after the year 9999: epoch numbers must be seconds, not milliseconds"
+    )
+
+
 def test_parse_events_gives_a_reason_for_each_message_that_cannot_be_an_event(spark):
     values = [
         event("u1", GOOD[0]),

@@ -1,7 +1,12 @@
 """The Kafka source: options, admission control, Tansu's end offsets, and one contract for every backend.
 
-The conformance tests run the same assertions against each backend present:
-``kafka_py`` always, the JVM ``kafka`` source when its jar is on pyspark's classpath.
+The conformance tests run the same assertions on the matrix {``kafka`` (Spark's
+JVM connector, from ``make jars``), ``kafka_py``} x {Apache Kafka, Tansu}. Every
+cell runs; the Tansu cells are ``slow`` (Apache Kafka is the broker users run).
+On Tansu, ``kafka_py`` finds log ends with ``latestOffsetsBy=fetchProbe``; the
+JVM source has no such option and trusts ListOffsets, which Tansu answers a
+batch short, so each test seals its partitions with a sentinel batch (see
+:func:`_seal`) and the assertions ignore sentinels.
 """
 
 from __future__ import annotations
@@ -14,20 +19,18 @@ import pytest
 from pyspark.errors import StreamingQueryException
 
 from streaming import kafka_client as kc
-from streaming.backends import (
-    JVM,
-    PYTHON,
-    available_backends,
-    choose_backend,
-    jvm_kafka_jars,
-    read_kafka,
-)
+from streaming.backends import JVM, PYTHON, available_backends, choose_backend, read_kafka
 from streaming.source import SourceOptionError, SourceOptions, from_json, kafka_schema, rate_limit, to_json
-from tests.streaming.conftest import POLL_TIMEOUT_S
-from udfs.errors import ConfigError
+from tests.streaming.conftest import APACHE, POLL_TIMEOUT_S, TANSU
 
-BACKENDS = [PYTHON] + ([JVM] if jvm_kafka_jars() else [])
 SENTINEL = b"__end__"
+# The conformance matrix: (source, broker). Every combination runs; Tansu's cells are slow.
+MATRIX = [
+    pytest.param((JVM, APACHE), id="kafka-on-apache"),
+    pytest.param((PYTHON, APACHE), id="kafka_py-on-apache"),
+    pytest.param((JVM, TANSU), id="kafka-on-tansu", marks=pytest.mark.slow),
+    pytest.param((PYTHON, TANSU), id="kafka_py-on-tansu", marks=pytest.mark.slow),
+]
 
 
 # -- options and offsets (no broker, no Spark) -------------------------------------------------
@@ -107,7 +110,8 @@ def test_rate_limit_admits_exactly_the_limit_in_proportion_to_each_backlog():
 
 
 @pytest.mark.kafka
-def test_fetch_probe_finds_the_log_end_that_tansu_list_offsets_misses(kafka):
+def test_fetch_probe_finds_the_log_end_that_tansu_list_offsets_misses(tansu):
+    kafka = tansu
     topic = kafka.topic(partitions=1)
     kafka.produce(topic, [b"%d" % i for i in range(500)])
     kafka.produce(topic, [b"%d" % i for i in range(500, 1000)])
@@ -165,16 +169,20 @@ def test_a_range_past_the_log_end_is_data_loss_unless_failondataloss_is_off(kafk
 
 
 @pytest.mark.spark
-def test_backend_detection_follows_the_classpath_and_config_overrides_it(spark):
-    has_jvm = bool(jvm_kafka_jars())
-    assert available_backends(spark) == ([PYTHON, JVM] if has_jvm else [PYTHON])
-    assert choose_backend(spark, "auto") == (JVM if has_jvm else PYTHON)
+def test_with_the_connector_on_the_classpath_auto_picks_the_jvm_source_and_config_overrides_it(spark):
+    # The test session has build/jars on spark.jars (tests/conftest.py): a real class lookup, no mock.
+    assert available_backends(spark) == [PYTHON, JVM]
+    assert choose_backend(spark, "auto") == JVM
+    assert choose_backend(spark, "kafka") == JVM
     assert choose_backend(spark, "kafka_py") == PYTHON
-    if has_jvm:
-        assert choose_backend(spark, "kafka") == JVM
-    else:
-        with pytest.raises(ConfigError, match="--packages org.apache.spark:spark-sql-kafka-0-10_2.13:4.3.0"):
-            choose_backend(spark, "kafka")
+
+
+def _broker_options(backend: str, kafka) -> dict[str, str]:
+    """The bootstrap address, and for kafka_py how to find log ends on this broker."""
+    opts = {"kafka.bootstrap.servers": kafka.bootstrap}
+    if backend == PYTHON:
+        opts["latestOffsetsBy"] = kafka.latest_by
+    return opts
 
 
 def _seal(kafka, topic: str, partitions: int) -> None:
@@ -188,11 +196,17 @@ def _seal(kafka, topic: str, partitions: int) -> None:
         kafka.produce(topic, [SENTINEL], partition=p)
 
 
+@pytest.fixture
+def cell(request, spark):
+    """One cell of the matrix: (source, topic helpers of the broker); the source registered or loaded."""
+    backend, broker = request.param
+    choose_backend(spark, backend)
+    return backend, request.getfixturevalue(broker)
+
+
 def _run(spark, backend: str, options: dict[str, str], checkpoint: str) -> tuple[list, list]:
     """Run an availableNow query; (rows without sentinels, progress of the non-empty batches)."""
-    df = read_kafka(
-        spark, backend, {"latestOffsetsBy": kc.FETCH_PROBE, "kafkaConsumer.pollTimeoutMs": "30000", **options}
-    )
+    df = read_kafka(spark, backend, {"kafkaConsumer.pollTimeoutMs": "30000", **options})
     assert df.schema == kafka_schema(options.get("includeHeaders") == "true")
     rows: list = []
     query = (
@@ -208,9 +222,9 @@ def _run(spark, backend: str, options: dict[str, str], checkpoint: str) -> tuple
 
 @pytest.mark.kafka
 @pytest.mark.spark
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_reads_records_with_the_jvm_schema_and_offsets(spark, kafka, tmp_path, backend):
-    choose_backend(spark, backend)
+@pytest.mark.parametrize("cell", MATRIX, indirect=True)
+def test_every_backend_reads_records_with_the_jvm_schema_and_offsets(spark, cell, tmp_path):
+    backend, kafka = cell
     topic = kafka.topic(partitions=2)
     kafka.produce(
         topic,
@@ -220,7 +234,7 @@ def test_every_backend_reads_records_with_the_jvm_schema_and_offsets(spark, kafk
     )
     _seal(kafka, topic, 2)
     sent = [r for r in kafka.read(topic) if r.value != SENTINEL]
-    opts = {"kafka.bootstrap.servers": kafka.bootstrap, "subscribe": topic, "startingOffsets": "earliest"}
+    opts = {**_broker_options(backend, kafka), "subscribe": topic, "startingOffsets": "earliest"}
 
     rows, progress = _run(spark, backend, {**opts, "includeHeaders": "true"}, str(tmp_path / "ck"))
 
@@ -241,14 +255,14 @@ def test_every_backend_reads_records_with_the_jvm_schema_and_offsets(spark, kafk
 
 @pytest.mark.kafka
 @pytest.mark.spark
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_caps_each_batch_at_max_offsets_per_trigger(spark, kafka, tmp_path, backend):
-    choose_backend(spark, backend)
+@pytest.mark.parametrize("cell", MATRIX, indirect=True)
+def test_every_backend_caps_each_batch_at_max_offsets_per_trigger(spark, cell, tmp_path):
+    backend, kafka = cell
     topic = kafka.topic(partitions=1)
     kafka.produce(topic, [b"%d" % i for i in range(50)])
     _seal(kafka, topic, 1)
     opts = {
-        "kafka.bootstrap.servers": kafka.bootstrap,
+        **_broker_options(backend, kafka),
         "subscribe": topic,
         "startingOffsets": "earliest",
         "maxOffsetsPerTrigger": "20",
@@ -261,17 +275,15 @@ def test_every_backend_caps_each_batch_at_max_offsets_per_trigger(spark, kafka, 
 
 @pytest.mark.kafka
 @pytest.mark.spark
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_starts_from_json_offsets_and_resumes_from_its_checkpoint(
-    spark, kafka, tmp_path, backend
-):
-    choose_backend(spark, backend)
+@pytest.mark.parametrize("cell", MATRIX, indirect=True)
+def test_every_backend_starts_from_json_offsets_and_resumes_from_its_checkpoint(spark, cell, tmp_path):
+    backend, kafka = cell
     topic = kafka.topic(partitions=2)
     kafka.produce(topic, [b"a%d" % i for i in range(20)])
     _seal(kafka, topic, 2)
     ck = str(tmp_path / "ck")
     opts = {
-        "kafka.bootstrap.servers": kafka.bootstrap,
+        **_broker_options(backend, kafka),
         "subscribe": topic,
         "startingOffsets": json.dumps({topic: {"0": 4, "1": -2}}),
     }
@@ -291,15 +303,15 @@ def test_every_backend_starts_from_json_offsets_and_resumes_from_its_checkpoint(
 
 @pytest.mark.kafka
 @pytest.mark.spark
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_honours_assign_subscribe_pattern_and_latest(spark, kafka, tmp_path, backend):
-    choose_backend(spark, backend)
+@pytest.mark.parametrize("cell", MATRIX, indirect=True)
+def test_every_backend_honours_assign_subscribe_pattern_and_latest(spark, cell, tmp_path):
+    backend, kafka = cell
     prefix = f"pat{uuid.uuid4().hex[:6]}"
     first, second = kafka.topic(partitions=2, prefix=prefix), kafka.topic(partitions=1, prefix=prefix)
     for t, n in ((first, 2), (second, 1)):
         kafka.produce(t, [t.encode()] * 4)
         _seal(kafka, t, n)
-    base = {"kafka.bootstrap.servers": kafka.bootstrap, "startingOffsets": "earliest"}
+    base = {**_broker_options(backend, kafka), "startingOffsets": "earliest"}
 
     rows, _ = _run(spark, backend, {**base, "assign": json.dumps({first: [1]})}, str(tmp_path / "a"))
     assert {(r["topic"], r["partition"]) for r in rows} == {(first, 1)} and len(rows) == 2
@@ -327,7 +339,10 @@ def test_kafka_py_fails_a_query_whose_offsets_are_past_the_log_unless_told_not_t
         "subscribe": topic,
         "startingOffsets": json.dumps({topic: {"0": 9}}),
     }
-    with pytest.raises(StreamingQueryException, match=r"log end 3 < 9\).*failOnDataLoss=false"):
+    with pytest.raises(
+        StreamingQueryException,
+        match=r"now ends at offset 3 but the query already read up to offset\(s\) 9.*failOnDataLoss=false",
+    ):
         _run(spark, PYTHON, opts, str(tmp_path / "a"))
     lenient = {**opts, "failOnDataLoss": "false"}
     rows, _ = _run(spark, PYTHON, lenient, str(tmp_path / "b"))

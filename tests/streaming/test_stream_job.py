@@ -1,4 +1,8 @@
-"""jobs/stream_score.py end to end on a local broker: scoring parity, DLQ, limits, stats, restarts, kill -9."""
+"""jobs/stream_score.py end to end on Apache Kafka: scoring parity, DLQ, limits, stats, restarts, kill -9.
+
+The drained run (predictions, dead letters, batch limits, window statistics) and
+the kill -9 test run with both sources: Spark's JVM connector (``kafka``) and ``kafka_py``.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 
 from jobs import stream_score
 from streaming import query
+from streaming.backends import JVM, PYTHON, local_jars
 from streaming.query import run
 from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_QUERY, H_TOPIC
 from tests.streaming.conftest import ROOT, event, wait_until
@@ -27,11 +32,27 @@ from udfs.core import load_scorer, score_batch
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
 
 
+SOURCES = [pytest.param(JVM, id="source=kafka"), pytest.param(PYTHON, id="source=kafka_py")]
+
+
 def write_config(
-    tmp_path: Path, kafka, model_path: str, *, events: str, tag: str, max_offsets: int = 0, stats: str = ""
+    tmp_path: Path,
+    kafka,
+    model_path: str,
+    *,
+    events: str,
+    tag: str,
+    max_offsets: int = 0,
+    stats: str = "",
+    source: str = PYTHON,
 ) -> Path:
-    """A stream config reading ``events`` into output topics of its own (``tag`` names them)."""
+    """A stream config reading ``events`` with ``source`` into output topics of its own (``tag`` names them).
+
+    With the JVM source, ``spark.jars`` names the connector jars, for a job started as
+    ``python jobs/stream_score.py`` (an in-process ``run`` uses the test session, which has them).
+    """
     cfg = tmp_path / f"stream-{tag}.toml"
+    jars = f'"spark.jars" = "{",".join(local_jars())}"\n' if source == JVM else ""
     cfg.write_text(
         textwrap.dedent(
             f"""
@@ -45,8 +66,8 @@ def write_config(
 
             [kafka]
             bootstrap_servers = "{kafka.bootstrap}"
-            source = "kafka_py"
-            latest_offsets_by = "fetchProbe"
+            source = "{source}"
+            latest_offsets_by = "{kafka.latest_by}"
             poll_timeout_ms = 30000
 
             [output]
@@ -64,6 +85,7 @@ def write_config(
             "spark.ui.enabled" = "false"
             """
         )
+        + jars
         + (textwrap.dedent(stats) if stats else "[stats]\nenabled = false\n")
         + f'\n[input]\ntopic = "{events}"\nstarting_offsets = "earliest"\n'
         + (f"max_offsets_per_trigger = {max_offsets}\n" if max_offsets else "")
@@ -103,10 +125,11 @@ def by_id(records) -> dict[str, object]:
     return {r.headers[H_ID].decode(): r for r in records}
 
 
-@pytest.fixture(scope="module")
-def drained(spark, kafka, stream_model, models, tmp_path_factory):
-    """One availableNow run over 120 good and 5 bad events, maxOffsetsPerTrigger 50, stats on."""
-    tmp = tmp_path_factory.mktemp("drained")
+@pytest.fixture(scope="module", params=SOURCES)
+def drained(request, spark, kafka, stream_model, models, tmp_path_factory):
+    """One availableNow run over 120 good and 5 bad events, maxOffsetsPerTrigger 50, stats on (per source)."""
+    source = request.param
+    tmp = tmp_path_factory.mktemp(f"drained-{source}")
     events = kafka.topic(partitions=2, prefix="events")
     values, feats, bad = make_events(120)
     kafka.produce(events, values)
@@ -116,17 +139,19 @@ def drained(spark, kafka, stream_model, models, tmp_path_factory):
             kafka,
             models["torchscript"],
             events=events,
-            tag="drained",
+            tag=f"drained-{source}",
             max_offsets=50,
-            stats="""
+            source=source,
+            stats=f"""
             [stats]
-            topic = "stats-drained"
+            topic = "stats-drained-{source}"
             window = "1 minute"
             watermark = "0 seconds"
             """,
         ),
     )
     summary = run(spark, cfg, stream_model, available_now=True)
+    assert summary.backend == source
     by_value = {v: i for i, v in enumerate(values)}
     return {
         "cfg": cfg,
@@ -257,13 +282,22 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if p in procs and procs[p][1] != "Z"}
 
 
+@pytest.mark.parametrize("source", SOURCES)
 def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
-    spark, kafka, stream_model, models, tmp_path
+    spark, kafka, stream_model, models, tmp_path, source
 ):
     events = kafka.topic(partitions=2, prefix="events")
     values, _, bad = make_events(200)
     kafka.produce(events, values)
-    path = write_config(tmp_path, kafka, models["torchscript"], events=events, tag="kill", max_offsets=20)
+    path = write_config(
+        tmp_path,
+        kafka,
+        models["torchscript"],
+        events=events,
+        tag=f"kill-{source}",
+        max_offsets=20,
+        source=source,
+    )
     cfg = load(path)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     log = tmp_path / "killed.log"
@@ -280,7 +314,7 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
             wait_until(
                 lambda: proc.poll() is not None or kafka.count(cfg.output.topic) > 0,
                 "the first predictions of the job that gets killed",
-                timeout=180,
+                timeout=600,
             )
             assert proc.poll() is None, log.read_text()[-2000:]
         finally:
@@ -295,8 +329,13 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
     assert written_before < len(values), "the job finished before it was killed; nothing was tested"
 
     # Same topics and checkpoint; no batch limit, so the rest drains in one go.
-    restart = load(write_config(tmp_path, kafka, models["torchscript"], events=events, tag="kill"))
+    restart = load(
+        write_config(
+            tmp_path, kafka, models["torchscript"], events=events, tag=f"kill-{source}", source=source
+        )
+    )
     summary = run(spark, restart, stream_model, available_now=True)
+    assert summary.backend == source
 
     preds, dlq = kafka.read(cfg.output.topic), kafka.read(cfg.output.dlq_topic)
     ids = Counter(r.headers[H_ID] for r in preds + dlq)

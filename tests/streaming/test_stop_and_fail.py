@@ -1,0 +1,223 @@
+"""Stopping and failing the stream job the way a user meets it: Ctrl-C, SIGTERM, a broker that goes away.
+
+The ``spark-submit`` tests run the real job in its own process group (so a group-wide SIGINT
+is what a terminal's Ctrl-C sends) on a broker of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from streaming import kafka_client as kc
+from streaming.broker import TansuBroker
+from streaming.query import QueryFailed, check_spark_conf, run
+from tests.streaming.conftest import (
+    ROOT,
+    Kafka,
+    event,
+    stream_config,
+    stream_config_dict,
+    wait_until,
+    write_toml,
+)
+from udfs.errors import ConfigError
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark]
+
+SPARK_SUBMIT = str(Path(sys.executable).parent / "spark-submit")
+
+
+def values(n: int, prefix: str = "u") -> list[bytes]:
+    return [
+        event(f"{prefix}{i}", [25.0 + i, 1.0, 9.5, 3.0], f"2026-01-01T00:00:{i % 60:02d}Z") for i in range(n)
+    ]
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Running processes (not zombies) of process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def submit(config: Path, log: Path, *args: str) -> subprocess.Popen:
+    """``spark-submit jobs/stream_score.py`` as a user runs it, in a process group of its own."""
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    cmd = [
+        SPARK_SUBMIT,
+        "--driver-java-options",
+        f"-Dlog4j2.configurationFile=file:{ROOT / 'conf' / 'log4j2.properties'}",
+        str(ROOT / "jobs" / "stream_score.py"),
+        "--config",
+        str(config),
+        *args,
+    ]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def job_config(k: Kafka, tmp_path: Path, models, tag: str, **sections) -> Path:
+    topic = k.topic(partitions=2, prefix=f"events-{tag}")
+    k.produce(topic, values(20))
+    raw = stream_config_dict(
+        k,
+        f"{tag}-{topic[-6:]}",
+        model_path=models["torchscript"],
+        input={"topic": topic},
+        job={"checkpoint": str(tmp_path / "checkpoint"), "trigger": "1 seconds"},
+        **{"kafka": {"latest_offsets_by": "fetchProbe"}, **sections},
+    )
+    return write_toml(raw, tmp_path / "stream.toml")
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        pytest.fail(f"the job did not exit within {timeout:g} s:\n{log.read_text()[-3000:]}")
+    wait_until(lambda: not group_alive(proc.pid), "every process of the job to exit", timeout=60)
+    return log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-spark-submit"])
+def test_a_stop_signal_to_spark_submit_stops_between_batches_prints_the_summary_and_exits_0(
+    how, kafka, models, tmp_path
+):
+    log = tmp_path / "job.log"
+    proc = submit(job_config(kafka, tmp_path, models, "stop"), log)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
+            "the job's first micro-batch",
+            timeout=240,
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground job
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # spark-submit's own process (the JVM) only
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-3000:]
+    assert "[sparkscore] stopping after the current micro-batch" in out
+    assert "[sparkscore] source kafka_py: " in out and "20 events -> 20 predictions" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "StackOverflowError" not in out
+
+
+@pytest.mark.slow
+def test_a_broker_stopped_mid_run_fails_the_job_with_one_sentence_and_little_log_noise(models, tmp_path):
+    with TansuBroker(log_path=str(tmp_path / "tansu.log")) as broker:
+        k = Kafka(broker.bootstrap)
+        config = job_config(
+            k, tmp_path, models, "lost", kafka={"broker_timeout_ms": 5000, "latest_offsets_by": "fetchProbe"}
+        )
+        log = tmp_path / "job.log"
+        proc = submit(config, log)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
+                "the job's first micro-batch",
+                timeout=240,
+            )
+            assert proc.poll() is None, log.read_text()[-3000:]
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    # The broker is gone now (the with block stopped it).
+    out = finish(proc, log)
+    errors = [line for line in out.splitlines() if line.startswith("[sparkscore] error:")]
+    assert proc.returncode == 1, out[-3000:]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(
+        f"[sparkscore] error: lost the Kafka broker at '{broker.bootstrap}': no answer for 5 s"
+    ), errors
+    connects = [line for line in out.splitlines() if "Connect to" in line or "Connection refused" in line]
+    assert len(connects) <= 20, f"{len(connects)} reconnect lines:\n" + "\n".join(connects[:40])
+
+
+def test_a_broker_restarted_without_its_data_is_data_loss_naming_topic_and_offsets(
+    spark, stream_model, models, tmp_path
+):
+    broker = TansuBroker(log_path=str(tmp_path / "tansu.log")).start()
+    try:
+        k = Kafka(broker.bootstrap)
+        topic = k.topic(partitions=1, prefix="events-gone")
+        k.produce(topic, values(6))
+        cfg = stream_config(
+            k,
+            f"gone-{topic[-6:]}",
+            model_path=models["torchscript"],
+            input={"topic": topic},
+            kafka={"latest_offsets_by": "fetchProbe"},
+            job={"checkpoint": str(tmp_path / "checkpoint")},
+        )
+        run(spark, cfg, stream_model, available_now=True)
+        broker.stop()  # Tansu keeps everything in memory: a restart has nothing
+        broker = TansuBroker(broker.port, log_path=str(tmp_path / "tansu2.log")).start()
+        kc.ensure_topics(k.conf, {topic: 1})  # its producer creates the topic again
+        k.produce(topic, values(2, prefix="new"))
+        with pytest.raises(
+            QueryFailed,
+            match=rf"DataLossError: {topic}/0 now ends at offset 2 but the query already read up to offset\(s\) 6",
+        ):
+            run(spark, cfg, stream_model, available_now=True)
+    finally:
+        broker.stop()
+
+
+def test_available_now_without_the_input_topic_is_an_error_unless_allowed(
+    apache, spark, stream_model, models, tmp_path
+):
+    cfg = stream_config(
+        apache,
+        f"missing-{os.getpid()}-{time.monotonic_ns()}",
+        model_path=models["torchscript"],
+        job={"checkpoint": str(tmp_path / "checkpoint")},
+    )
+    with pytest.raises(
+        ConfigError, match=rf"input topic '{cfg.input.topic}' does not exist on {apache.bootstrap}"
+    ):
+        run(spark, cfg, stream_model, available_now=True)
+    allowed = stream_config(
+        apache,
+        f"missing-ok-{os.getpid()}-{time.monotonic_ns()}",
+        model_path=models["torchscript"],
+        input={"allow_missing_topic": True},
+        job={"checkpoint": str(tmp_path / "checkpoint-ok")},
+    )
+    summary = run(spark, allowed, stream_model, available_now=True)
+    o = allowed.output
+    assert summary.totals.get(o.topic, 0) + summary.totals.get(o.dlq_topic, 0) == 0
+
+
+def test_speculative_task_copies_are_refused():
+    speculating = SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: "true"))
+    with pytest.raises(ConfigError, match="spark.speculation=true .* set spark.speculation=false"):
+        check_spark_conf(speculating)  # type: ignore[arg-type]
+    check_spark_conf(SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: default)))  # type: ignore[arg-type]
