@@ -819,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
         result["ensemble"] = ensemble
     elif out_json.exists() and "ensemble" in (kept := json.loads(out_json.read_text())):
         result["ensemble"] = kept["ensemble"]  # --no-ensemble keeps the last ensemble run
+    if out_json.exists() and "onnx" in (kept := json.loads(out_json.read_text())):
+        result.setdefault("onnx", kept["onnx"])  # bench/onnx_bench.py's part, from its own run
     common.write_json(out_json, result)
     if models:
         png = out_json.with_suffix(".png")

@@ -1327,6 +1327,8 @@ def main() -> None:
             return
         if not args.ensemble and "ensemble" in previous:
             results["ensemble"] = previous["ensemble"]  # kept from its own run
+        if "onnx" in previous:
+            results.setdefault("onnx", previous["onnx"])  # bench/onnx_bench.py's part, from its own run
     if args.ensemble:
         results["ensemble"] = ensemble_part(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

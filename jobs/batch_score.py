@@ -98,6 +98,8 @@ def run(cfg: BatchConfig) -> Summary:
     started = time.monotonic()
     check_local_paths(cfg)
     model = resolve(cfg.model)
+    # A model that does not load or does not fit its config is refused before Spark starts.
+    check_model(model)
     spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.model.batch_size)
 
     # Everything a run can be refused for is checked before a row of data is read.
@@ -106,7 +108,6 @@ def run(cfg: BatchConfig) -> Summary:
     keep = list(cfg.output.keep_columns) or list(df.columns)
     predictions = output_schema(model).names
     check_output_target(spark, cfg.output, [*keep, *predictions])
-    check_model(model)
     device = check_device(spark, model)
     what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
     print(
