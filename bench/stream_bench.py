@@ -28,7 +28,9 @@ predictions (start-up and the tail are left out). Fixed rate: ``--rate``
 events/s for ``--seconds``; end-to-end latency is the time from just before an
 event is produced to the arrival of the fetch response that carries its
 prediction (p50 / p90 / p99, and per second of send time in ``timeline``); the
-delivered rate is taken between the 10 % and 90 % arrival marks too. Producer
+delivered rate is taken between the 10 % and 90 % arrival marks too. The
+reader is a ``read_committed`` consumer: a prediction of the stream job counts
+when its transaction has committed, as its consumers see it. Producer
 and reader run in their own processes. The load generator is gentle with the
 broker: 5 ms producer linger and 100 ms fetch long-polls (a fetch still returns
 as soon as data is there). With 1 ms linger and 10 ms polls, Tansu spent a
@@ -163,8 +165,11 @@ class Reader:
     """Reads the output topic from the start; keeps arrival times and (for a prefix) latencies."""
 
     def __init__(self, bootstrap: str) -> None:
+        # read_committed: what a consumer relying on the stream job's transactions sees (a
+        # prediction counts once its transaction commits); the same as read_uncommitted for
+        # the peers, which write without transactions.
         self.consumer = kc.make_consumer(
-            {"bootstrap.servers": bootstrap},
+            kc.committed_reader_conf({"bootstrap.servers": bootstrap}),
             **{"enable.partition.eof": False, "fetch.wait.max.ms": FETCH_WAIT_MS},
         )
         parts: list[int] = []

@@ -1,6 +1,7 @@
 """Streaming inference: Kafka events in, predictions (and a dead-letter topic) out, window stats.
 
-    spark-submit jobs/stream_score.py --config conf/stream.toml \
+    SPARK_LOCAL_IP=127.0.0.1 spark-submit [--jars 'build/jars/*.jar'] \
+        jobs/stream_score.py --config conf/stream.toml \
         [--bootstrap-servers HOST:PORT] [--checkpoint PATH] [--source auto|kafka|kafka_py] \
         [--model FILE] [--member-outputs] [--available-now] [--duration SECONDS]
 
@@ -10,8 +11,9 @@ output topic keyed by ``user_id`` as ``{user_id, prediction, timestamp,
 model_version}``; a message that does not parse or has bad features goes to
 the dead-letter topic with its original bytes and the reason. Output is
 effectively once across crashes and restarts on the same checkpoint (see
-``streaming/sink.py``). With the JVM connector (``--packages
-org.apache.spark:spark-sql-kafka-0-10_2.13:4.3.0``) the source is
+``streaming/sink.py``). With Spark's JVM Kafka connector on the classpath
+(``--jars 'build/jars/*.jar'`` after ``make jars``; on a cluster ``--packages
+org.apache.spark:spark-sql-kafka-0-10_2.13:4.2.0``) the source is
 ``format("kafka")``; without it, the Python source ``kafka_py``. An ensemble's
 records also carry ``degraded`` and ``missing_members`` (a member failed and the
 quorum answered), and with ``--member-outputs`` each member's prediction.
