@@ -58,11 +58,14 @@ $(KAFKA_JARS): jvm/kafka-broker/pom.xml
 
 jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and the Apache Kafka broker (build/kafka/libs) with Maven
 
+# Most test time is waiting (JVM starts, brokers, micro-batch triggers): three pytest workers, each
+# taking whole files so a file's module-scoped fixtures (brokers, Spark tables) are built once.
+PYTEST_PARALLEL ?= -n 3 --dist loadfile
 test: setup jars ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PYTEST_PARALLEL)
 
 test-fast: setup jars ## the quick loop: no slow, kafka or redis tests
-	$(PY) -m pytest tests -m "not slow and not kafka and not redis"
+	$(PY) -m pytest tests -m "not slow and not kafka and not redis" $(PYTEST_PARALLEL)
 
 lint: $(STAMP) ## ruff check, ruff format --check and mypy
 	$(VENV)/bin/ruff check .

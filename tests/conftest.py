@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+# Every test JVM (the session's, each spark-submit's) lives seconds: C1 alone and the serial GC cut
+# its start-up CPU by about a third, and the suite is CPU-bound on 2 cores.
+os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 ROOT = Path(__file__).resolve().parents[1]
 
