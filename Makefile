@@ -154,7 +154,10 @@ faults: setup jars ## fault-injection suite on Apache Kafka (bench/results/fault
 	  tests/streaming/test_faults.py tests/streaming/test_sink.py -k "not tansu"
 	@cat bench/results/faults.json
 
-.PHONY: broker kafka stream-demo bench-stream faults
+bench-brokers: $(STAMP) jars ## launch-to-serving time of Tansu and Apache Kafka (bench/results/brokers.json and .png)
+	$(PY) bench/broker_start.py $(ARGS)
+
+.PHONY: broker kafka stream-demo bench-stream faults bench-brokers
 # --- end streaming ---
 
 # --- onnx ---

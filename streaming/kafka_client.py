@@ -343,32 +343,52 @@ def list_offsets(
 
     With ``read_committed`` isolation "latest" is the last stable offset (no open transaction before it).
     """
-    tps = list(tps)
-    if not tps:
+    pending = list(tps)
+    if not pending:
         return {}
     offset_spec = OffsetSpec.earliest() if spec == "earliest" else OffsetSpec.latest()
     level = IsolationLevel.READ_COMMITTED if isolation == READ_COMMITTED else IsolationLevel.READ_UNCOMMITTED
-    futures = admin.list_offsets(
-        {TopicPartition(t, p): offset_spec for t, p in tps}, isolation_level=level, request_timeout=timeout_s
-    )
+    deadline = time.monotonic() + timeout_s
     out: dict[TP, int] = {}
-    for tp, fut in futures.items():
-        try:
-            out[(tp.topic, tp.partition)] = fut.result().offset
-        except KafkaException as exc:
-            err = exc.args[0]
-            code = err.code() if isinstance(err, KafkaError) else None
-            if code in (
-                KafkaError.UNKNOWN_TOPIC_OR_PART,
-                KafkaError._UNKNOWN_PARTITION,
-                KafkaError._UNKNOWN_TOPIC,
-            ):
-                raise DataLossError(
-                    f"{tp.topic}/{tp.partition} no longer exists on the broker (deleted, or the broker lost its data)"
-                ) from None
-            reason = err.str() if isinstance(err, KafkaError) else str(err)
-            raise KafkaTimeoutError(f"cannot list offsets of {tp.topic}/{tp.partition}: {reason}") from None
+    while pending:
+        futures = admin.list_offsets(
+            {TopicPartition(t, p): offset_spec for t, p in pending},
+            isolation_level=level,
+            request_timeout=max(1.0, deadline - time.monotonic()),
+        )
+        pending = []
+        for tp, fut in futures.items():
+            try:
+                out[(tp.topic, tp.partition)] = fut.result().offset
+            except KafkaException as exc:
+                err = exc.args[0]
+                # A partition whose leader is being elected (a topic just created, a broker restarting)
+                # answers NOT_LEADER for a moment: ask again until the deadline. (Kafka calls an unknown
+                # partition retriable too, but here it means data loss, said at once.)
+                transient = isinstance(err, KafkaError) and (
+                    err.code() in _LEADER_MOVING or (err.retriable() and err.code() not in _GONE)
+                )
+                if transient and time.monotonic() < deadline:
+                    pending.append((tp.topic, tp.partition))
+                    continue
+                _raise_list_offsets_error(tp, err)
+        if pending:
+            time.sleep(0.1)
     return out
+
+
+_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC)
+# Leadership moving; confluent-kafka's admin results do not always flag these as retriable.
+_LEADER_MOVING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+
+
+def _raise_list_offsets_error(tp: TopicPartition, err: object) -> None:
+    if isinstance(err, KafkaError) and err.code() in _GONE:
+        raise DataLossError(
+            f"{tp.topic}/{tp.partition} no longer exists on the broker (deleted, or the broker lost its data)"
+        ) from None
+    reason = err.str() if isinstance(err, KafkaError) else str(err)
+    raise KafkaTimeoutError(f"cannot list offsets of {tp.topic}/{tp.partition}: {reason}") from None
 
 
 def probe_end_offsets(consumer: Consumer, listed: dict[TP, int], timeout_s: float) -> dict[TP, int]:

@@ -361,3 +361,44 @@ def test_an_unreachable_broker_is_named_in_one_clear_error_before_any_query(kafk
     ):
         kc.check_reachable({"bootstrap.servers": f"127.0.0.1:{port}"}, timeout_s=2)
     kc.check_reachable(kafka.conf, timeout_s=POLL_TIMEOUT_S)  # the running broker answers
+
+
+class _FlakyLeaderAdmin:
+    """An AdminClient whose ListOffsets answers one error per partition once, then the offset."""
+
+    def __init__(self, first_error: int):
+        self.first_error = first_error
+        self.calls = 0
+
+    def list_offsets(self, requests, isolation_level, request_timeout):
+        from concurrent.futures import Future
+
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.calls += 1
+        futures = {}
+        for tp in requests:
+            fut: Future = Future()
+            if self.calls == 1:
+                fut.set_exception(KafkaException(KafkaError(self.first_error)))
+            else:
+                fut.set_result(type("Info", (), {"offset": 7 + tp.partition})())
+            futures[tp] = fut
+        return futures
+
+
+def test_listing_offsets_waits_out_a_leader_election_instead_of_failing():
+    from confluent_kafka import KafkaError
+
+    admin = _FlakyLeaderAdmin(KafkaError.NOT_LEADER_FOR_PARTITION)
+    assert kc.list_offsets(admin, [("t", 0), ("t", 1)], "latest", timeout_s=5) == {("t", 0): 7, ("t", 1): 8}
+    assert admin.calls == 2
+
+
+def test_listing_offsets_of_a_partition_that_is_gone_is_data_loss_at_once():
+    from confluent_kafka import KafkaError
+
+    admin = _FlakyLeaderAdmin(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    with pytest.raises(kc.DataLossError, match="t/0 no longer exists"):
+        kc.list_offsets(admin, [("t", 0)], "latest", timeout_s=5)
+    assert admin.calls == 1
