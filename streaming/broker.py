@@ -268,6 +268,17 @@ logger.started.level = info
 """
 
 
+def kafka_cluster_id(new_uuid: Any = uuid.uuid4) -> str:
+    """A random KRaft cluster id, as Kafka's ``Uuid.randomUuid`` makes them: never starting with '-'.
+
+    One id in 64 would otherwise begin with '-', which ``kafka-storage format -t`` reads as an option.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(new_uuid().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 class ApacheKafkaBroker(LocalBroker):
     """One Apache Kafka KRaft node (broker and controller) run with ``java`` from ``build/kafka/libs``.
 
@@ -336,7 +347,7 @@ class ApacheKafkaBroker(LocalBroker):
                 self.controller_port = int(voters.rsplit(":", 1)[1])
         props.write_text("".join(f"{k}={v}\n" for k, v in self._properties(self.data_dir).items()))
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cid = kafka_cluster_id()
             fmt = subprocess.run(
                 self._java(
                     "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props), "--ignore-formatted"
