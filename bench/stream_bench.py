@@ -415,6 +415,22 @@ def batch_figures(log: str) -> dict[str, float] | None:
     }
 
 
+_BREAKDOWN = re.compile(r"a micro-batch takes ([\d,]+) ms \(median of the last (\d+) with input\): (.*)")
+
+
+def batch_breakdown(log: str) -> dict[str, float] | None:
+    """The stream job's exit line on where a micro-batch's time goes (Spark's durationMs medians)."""
+    found = _BREAKDOWN.findall(log)
+    if not found:
+        return None
+    total, batches, parts = found[-1]
+    out: dict[str, float] = {"total": float(total.replace(",", "")), "batches": int(batches)}
+    for part in parts.split(", "):
+        label, _, ms = part.rpartition(" ")
+        out[label] = float(ms.replace(",", ""))
+    return out
+
+
 class Running:
     """A fresh broker, the reader and one variant under test, warmed up: one measurement phase."""
 
@@ -463,6 +479,8 @@ class Running:
 
     def close(self) -> None:
         stop_system(self.procs)
+        # The job's exit summary (with its micro-batch time breakdown) is written as it stops.
+        self.final_log = self.log.read_text(errors="replace") if self.log.exists() else ""
         if hasattr(self, "reader"):
             self.reader.consumer.close()
         if self.args.log_dir and self.log.exists():
@@ -520,6 +538,9 @@ def fixed_rate_phase(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{variant}] only {fixed['delivered']:,} of {n:,} predictions arrived\n{tail}", flush=True)
         fixed["load_avg_1m_before"] = round(run.load_before, 2)
         fixed["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    breakdown = batch_breakdown(run.final_log)
+    if breakdown:
+        fixed["micro_batch_ms"] = breakdown
     print(
         f"[{variant}] {args.rate:,.0f}/s offered: p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms, "
         f"{fixed['sustained_per_s']:,.0f}/s delivered",

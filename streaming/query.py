@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -527,7 +528,33 @@ class StreamSummary:
             + (f", {skipped:,} already written before a restart" if skipped else "")
             + (f", {lost:,} offsets gone from the broker before they were read" if lost else "")
             + f"; {self.stats_windows} stats record(s) on {cfg.stats.topic!r}; {self.seconds:.1f} s"
+            + (f"\n[sparkscore] {breakdown}" if (breakdown := batch_time_breakdown(self.progress)) else "")
         )
+
+
+# Spark's names for the parts of a micro-batch (StreamingQueryProgress.durationMs), in running order.
+BATCH_PARTS = (
+    ("latestOffset", "finding the offsets"),
+    ("walCommit", "offset log"),
+    ("queryPlanning", "planning"),
+    ("addBatch", "scoring and writing"),
+    ("commitOffsets", "commit log"),
+)
+
+
+def batch_time_breakdown(progress: list[dict[str, Any]]) -> str | None:
+    """Where a micro-batch's time goes: medians of Spark's ``durationMs`` over the batches that had input."""
+    busy = [p["durationMs"] for p in progress if p.get("numInputRows", 0) > 0 and p.get("durationMs")]
+    if not busy:
+        return None
+    median = {
+        k: statistics.median(d.get(k, 0) for d in busy) for k in ("triggerExecution", *dict(BATCH_PARTS))
+    }
+    parts = ", ".join(f"{label} {median[k]:,.0f}" for k, label in BATCH_PARTS)
+    return (
+        f"a micro-batch takes {median['triggerExecution']:,.0f} ms (median of the last {len(busy)} "
+        f"with input): {parts}"
+    )
 
 
 def run(

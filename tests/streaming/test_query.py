@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
-from streaming.query import BatchGate, batch_size, stop_between_batches
+from streaming.query import BatchGate, batch_size, batch_time_breakdown, stop_between_batches
 
 
 def write_offsets(folder, batch_id: int, offsets: dict | None) -> None:
@@ -79,3 +79,26 @@ def test_an_idle_query_is_stopped_at_once_and_a_stopped_one_is_left_alone():
     query.stopped_while_running = None
     stop_between_batches(query, gate)
     assert query.stopped_while_running is None  # not active: stop() not called again
+
+
+def _progress(rows: int, trigger: int, add: int, wal: int) -> dict:
+    parts = {"latestOffset": 5, "walCommit": wal, "queryPlanning": 20, "addBatch": add, "commitOffsets": 30}
+    return {"numInputRows": rows, "durationMs": {"triggerExecution": trigger, **parts}}
+
+
+def test_batch_time_breakdown_takes_medians_over_batches_with_input_only():
+    progress = [
+        _progress(0, 5, 0, 0),  # idle polls would drag every median to zero
+        _progress(100, 300, 200, 40),
+        _progress(120, 500, 400, 60),
+        _progress(90, 1400, 1300, 50),
+    ]
+    assert batch_time_breakdown(progress) == (
+        "a micro-batch takes 500 ms (median of the last 3 with input): finding the offsets 5, "
+        "offset log 50, planning 20, scoring and writing 400, commit log 30"
+    )
+
+
+def test_batch_time_breakdown_is_absent_without_a_batch_that_had_input():
+    assert batch_time_breakdown([]) is None
+    assert batch_time_breakdown([_progress(0, 5, 0, 0)]) is None
