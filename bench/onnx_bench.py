@@ -246,6 +246,7 @@ def batch_part(
         cores=args.cores,
         batch_size=args.batch_size,
         model_paths={n: paths["torch"][n] for n in models},
+        device="cpu",
         data={},
         sample={},
     )
