@@ -16,7 +16,9 @@ Points, in the order a batch passes them:
 Actions: ``raise`` (the default: :class:`InjectedFault`; the batch fails and the sink abandons
 its producer with the transaction left open, as a dead driver would), ``exit`` (``os._exit``:
 the process dies at once, e.g. a Python worker, i.e. the task), ``kill`` (SIGKILL to the
-process group: the whole job, driver and workers). Selectors: ``batch``, ``writer``, ``attempt``
+process group: from the driver, the whole job; Spark starts its Python worker daemons in groups of
+their own, so from a writer, every Python worker), ``sleep`` (hold the task up for ``seconds``,
+then go on: a batch caught in flight). Selectors: ``batch``, ``writer``, ``attempt``
 (default 0, so a retried task does not fail again), ``after`` (wait until that hit file exists,
 i.e. another point was passed, before firing). A fault fires once: its ``fired`` file stays.
 
@@ -48,6 +50,8 @@ POINTS = (
     "writer.after_commit",
 )
 
+ACTIONS = ("raise", "exit", "kill", "sleep")
+
 # In-process test hook: called at every point with (point, context); may block or raise.
 HOOK: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -65,6 +69,7 @@ class Fault:
     writer: str | None = None
     attempt: int = 0
     after: str | None = None
+    seconds: float = 0.0  # action=sleep: how long the point holds its task up
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
@@ -76,13 +81,15 @@ class Fault:
             name, _, value = item.partition("=")
             if name in ("k", "batch", "attempt"):
                 kw[name] = int(value)
+            elif name == "seconds":
+                kw[name] = float(value)
             elif name in ("action", "writer", "after"):
                 kw[name] = value
             else:
                 raise ValueError(f"{ENV}: unknown setting {name!r} in {spec!r}")
         fault = cls(point, **kw)
-        if fault.action not in ("raise", "exit", "kill"):
-            raise ValueError(f"{ENV}: action must be raise, exit or kill, got {fault.action!r}")
+        if fault.action not in ACTIONS:
+            raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}, got {fault.action!r}")
         return fault
 
 
@@ -150,6 +157,9 @@ def point(
     (folder / f"{name}-{writer}-b{batch}.fired").write_text(f"{fault.action} after {count} record(s)\n")
     if fault.action == "exit":
         os._exit(137)
+    if fault.action == "sleep":
+        time.sleep(fault.seconds)  # a task caught mid-batch (a stop signal's window), then it goes on
+        return
     if fault.action == "kill":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     raise InjectedFault(f"injected fault at {name} (batch {batch}, {writer}, {count} record(s) produced)")

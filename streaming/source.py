@@ -27,9 +27,12 @@ record batches; the same range always yields the same records.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,7 +370,7 @@ class KafkaStreamReader(_KafkaReaderBase, DataSourceStreamReader, SupportsTrigge
         super().__init__(options, schema)
         self._target: Offsets | None = None
         self._latest: Offsets | None = None
-        _deaf_to_ctrl_c()
+        _shield_from_stop_signals()
 
     def initialOffset(self) -> dict[str, dict[str, int]]:
         return to_json(self.resolve(self.opts.starting, self.topic_partitions(), "startingOffsets"))
@@ -468,17 +471,28 @@ class KafkaPyDataSource(DataSource):
         return KafkaBatchReader(SourceOptions.parse(self.options, streaming=False), schema)
 
 
-def _deaf_to_ctrl_c() -> None:
-    """In Spark's Python process for a streaming source: Ctrl-C is the job's to handle.
+# Spark runs a streaming Python source's driver side (offsets, commits) in this module's process.
+SOURCE_RUNNER = "pyspark.sql.streaming.python_streaming_source_runner"
 
-    The terminal signals the whole process group; the job stops between micro-batches by
-    itself, and a ``KeyboardInterrupt`` here would only fail the query mid-planning.
+
+def _shield_from_stop_signals() -> None:
+    """In Spark's Python process for a streaming source: stop signals are the job's to handle.
+
+    Ctrl-C, ``kill -TERM -<pgid>`` and supervisors that signal a whole process group reach this
+    process too (Spark starts it in the job's group; its worker daemons get groups of their own).
+    Killed, it fails the query at its next offset request ("EOFException") instead of letting the
+    job stop between micro-batches by itself. So it ignores SIGINT and moves into a group of its
+    own; Spark still ends it by closing its socket when the query stops or the JVM exits.
     """
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == SOURCE_RUNNER:
+        with contextlib.suppress(OSError):  # already a group leader
+            os.setpgid(0, 0)
 
 
 def read_partition(part: KafkaInputPartition, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

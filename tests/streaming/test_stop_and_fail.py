@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ import pytest
 
 from streaming import kafka_client as kc
 from streaming.broker import TansuBroker
-from streaming.query import QueryFailed, check_spark_conf, run
+from streaming.query import DRIVER_WRITE_MAX_EVENTS, QueryFailed, check_spark_conf, run
+from streaming.source import SOURCE_RUNNER
 from tests.streaming.conftest import (
     ROOT,
     Kafka,
@@ -54,13 +56,28 @@ def group_alive(pgid: int) -> list[int]:
     return alive
 
 
-def submit(config: Path, log: Path, *args: str) -> subprocess.Popen:
+def source_runners(session: int) -> list[int]:
+    """Spark's Python processes for a streaming source (``SOURCE_RUNNER``) in session ``session``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            sid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if sid == session and SOURCE_RUNNER in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def submit(config: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``spark-submit jobs/stream_score.py`` as a user runs it, in a process group of its own."""
     env = {
         **os.environ,
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "SPARK_LOCAL_IP": "127.0.0.1",
+        **(env or {}),
     }
     cmd = [
         SPARK_SUBMIT,
@@ -77,9 +94,9 @@ def submit(config: Path, log: Path, *args: str) -> subprocess.Popen:
         )
 
 
-def job_config(k: Kafka, tmp_path: Path, models, tag: str, **sections) -> Path:
+def job_config(k: Kafka, tmp_path: Path, models, tag: str, events: int = 20, **sections) -> Path:
     topic = k.topic(partitions=2, prefix=f"events-{tag}")
-    k.produce(topic, values(20))
+    k.produce(topic, values(events))
     raw = stream_config_dict(
         k,
         f"{tag}-{topic[-6:]}",
@@ -128,6 +145,50 @@ def test_a_stop_signal_to_spark_submit_stops_between_batches_prints_the_summary_
     assert "[sparkscore] stopping after the current micro-batch" in out
     assert "[sparkscore] source kafka_py: " in out and "20 events -> 20 predictions" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "StackOverflowError" not in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_mid_batch_lets_the_batch_finish_and_exits_0(
+    kafka, models, tmp_path
+):
+    # kill -TERM -<pgid> (what shells and some supervisors send) reaches every process of the
+    # job's group, Spark's Python process for the streaming source included; killed, it fails the
+    # query at its next offset request. More events than the driver writes itself, so a worker
+    # task writes; it is held up at writer.before_produce, and the signal arrives mid-batch.
+    faults_dir = tmp_path / "faults"
+    faults_dir.mkdir()
+    events = DRIVER_WRITE_MAX_EVENTS + 2_000
+    config = job_config(kafka, tmp_path, models, "group", events=events)
+    log = tmp_path / "job.log"
+    fault = {
+        "SPARKSCORE_FAULT": "writer.before_produce:writer=p0,batch=0,action=sleep,seconds=6",
+        "SPARKSCORE_FAULT_DIR": str(faults_dir),
+    }
+    proc = submit(config, log, env=fault)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or (faults_dir / "writer.before_produce-p0-b0.fired").exists(),
+            "a write task held up mid-batch",
+            timeout=240,
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        runners = source_runners(session=proc.pid)
+        assert runners, "no streaming source runner found in the job's session"
+        os.killpg(proc.pid, signal.SIGTERM)
+        # The batch is held up for 6 s: a runner that dies of the signal dies within these 2.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert all(Path(f"/proc/{pid}").exists() for pid in runners), "the source runner died of SIGTERM"
+            time.sleep(0.05)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-3000:]
+    assert "[sparkscore] stopping after the current micro-batch" in out
+    assert f"{events:,} events -> {events:,} predictions" in out, out[-3000:]
+    assert "Traceback" not in out and "EOFException" not in out and "Connection reset" not in out
+    assert kafka.count(tomllib.loads(config.read_text())["output"]["topic"]) == events
 
 
 @pytest.mark.slow
