@@ -45,6 +45,7 @@ recorded with the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -348,15 +349,18 @@ def free_port() -> int:
 
 
 def stop_system(procs: list[subprocess.Popen[bytes]]) -> None:
+    # SIGTERM to each variant's own process (spark-submit's JVM, a loop, a Faust worker), as the
+    # README says to stop the job; a group-wide signal can also kill a helper the JVM has just
+    # forked for a checkpoint file and fail the query as it stops. Then nothing of it may survive.
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
     for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.wait(10)
 
 
 def fixed_rate_figures(
