@@ -119,6 +119,14 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
     return log.read_text()
 
 
+def stopped_cleanly(proc: subprocess.Popen, log: Path) -> str:
+    """The job's output, once it has stopped between batches after a stop signal and exited 0."""
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-3000:]
+    assert "[sparkscore] stopping after the current micro-batch" in out
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-spark-submit"])
 def test_a_stop_signal_to_spark_submit_stops_between_batches_prints_the_summary_and_exits_0(
@@ -140,9 +148,7 @@ def test_a_stop_signal_to_spark_submit_stops_between_batches_prints_the_summary_
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    out = finish(proc, log)
-    assert proc.returncode == 0, out[-3000:]
-    assert "[sparkscore] stopping after the current micro-batch" in out
+    out = stopped_cleanly(proc, log)
     assert "[sparkscore] source kafka_py: " in out and "20 events -> 20 predictions" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "StackOverflowError" not in out
 
@@ -183,9 +189,7 @@ def test_sigterm_to_the_whole_process_group_mid_batch_lets_the_batch_finish_and_
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    out = finish(proc, log)
-    assert proc.returncode == 0, out[-3000:]
-    assert "[sparkscore] stopping after the current micro-batch" in out
+    out = stopped_cleanly(proc, log)
     assert f"{events:,} events -> {events:,} predictions" in out, out[-3000:]
     assert "Traceback" not in out and "EOFException" not in out and "Connection reset" not in out
     assert kafka.count(tomllib.loads(config.read_text())["output"]["topic"]) == events
