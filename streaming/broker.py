@@ -419,9 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         broker.stop()
         return 0
-    where = "in memory" if args.kind == "tansu" else f"log dir {getattr(broker, 'data_dir', '')}"
-    print(f"[sparkscore] {broker.kind} broker on {broker.bootstrap} ({where}; Ctrl-C stops it)", flush=True)
     try:
+        # Inside the try: a signal that lands just after the line is written (a supervisor or a test
+        # that waits for it) must stop the broker, not escape as an uncaught KeyboardInterrupt.
+        where = "in memory" if args.kind == "tansu" else f"log dir {getattr(broker, 'data_dir', '')}"
+        print(
+            f"[sparkscore] {broker.kind} broker on {broker.bootstrap} ({where}; Ctrl-C stops it)", flush=True
+        )
         assert broker.proc is not None
         code = broker.proc.wait()
         print(
