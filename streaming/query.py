@@ -401,6 +401,32 @@ def failure_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Hadoop runs `chmod` for local checkpoint files when its native library is missing; a Ctrl-C or a
+# SIGTERM sent to the job's whole process group kills it too (exit 128 + SIGINT or SIGTERM).
+_KILLED_HELPER = re.compile(r"ExitCodeException exitCode=(130|143)\b")
+
+
+def killed_by_the_stop_signal(exc: BaseException) -> bool:
+    """Whether a query died only because the user's stop signal killed a helper its JVM had forked.
+
+    The batch in flight had already committed its output (the marker is written before Spark's own
+    commit log entry), so a restart skips it: that is a stop, not a failure.
+    """
+    texts: list[str] = []
+    seen: Any = exc
+    while seen is not None and len(texts) < 20:  # PySpark's captured causes: the helper's exit code
+        texts.append(str(seen))
+        origin = getattr(seen, "_origin", None)  # and the JVM exception's own cause chain
+        while origin is not None and len(texts) < 20:
+            try:
+                texts.append(str(origin.toString()))
+                origin = origin.getCause()
+            except Exception:  # noqa: BLE001 - a Py4J call on a gone JVM; what was read is enough
+                break
+        seen = getattr(seen, "_cause", None)
+    return any(_KILLED_HELPER.search(text) for text in texts)
+
+
 class BrokerWatch:
     """Notices a broker that stops answering while queries run (a metadata request every ``every_s``).
 
@@ -643,7 +669,14 @@ def run(
         raise QueryFailed(watch.lost)
     for q, _ in queries:
         exc = q.exception()
-        if exc is not None:
+        if exc is not None and stop.is_set() and killed_by_the_stop_signal(exc):
+            print(
+                f"[sparkscore] query {q.name}: the stop signal also reached a helper process Spark had "
+                "forked to write its checkpoint; the batch's output is committed, and the next start "
+                "completes its checkpoint without writing it again",
+                flush=True,
+            )
+        elif exc is not None:
             raise QueryFailed(f"query {q.name} failed: {failure_reason(exc)}") from exc
     return StreamSummary(
         backend=backend,

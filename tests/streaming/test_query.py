@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 import threading
 
-from streaming.query import BatchGate, batch_size, batch_time_breakdown, stop_between_batches
+from streaming.query import (
+    BatchGate,
+    batch_size,
+    batch_time_breakdown,
+    killed_by_the_stop_signal,
+    stop_between_batches,
+)
 
 
 def write_offsets(folder, batch_id: int, offsets: dict | None) -> None:
@@ -102,3 +108,44 @@ def test_batch_time_breakdown_takes_medians_over_batches_with_input_only():
 def test_batch_time_breakdown_is_absent_without_a_batch_that_had_input():
     assert batch_time_breakdown([]) is None
     assert batch_time_breakdown([_progress(0, 5, 0, 0)]) is None
+
+
+class _JavaThrowable:
+    """Stands in for a Py4J Java exception: toString() and getCause()."""
+
+    def __init__(self, text: str, cause: _JavaThrowable | None = None) -> None:
+        self.text, self.cause = text, cause
+
+    def toString(self) -> str:
+        return self.text
+
+    def getCause(self) -> _JavaThrowable | None:
+        return self.cause
+
+
+class _QueryException(Exception):
+    """Stands in for PySpark's captured exceptions: a Java origin and/or a captured cause."""
+
+    def __init__(self, message: str, origin: _JavaThrowable | None, cause: Exception | None = None) -> None:
+        super().__init__(message)
+        self._origin = origin
+        self._cause = cause
+
+
+def test_a_checkpoint_helper_killed_by_ctrl_c_or_sigterm_is_recognised_in_the_cause_chain():
+    for code in (130, 143):
+        helper = _JavaThrowable(
+            f"org.apache.hadoop.util.Shell$ExitCodeException: ExitCodeException exitCode={code}: "
+        )
+        exc = _QueryException("=== Streaming Query ===", _JavaThrowable("StreamingQueryException", helper))
+        assert killed_by_the_stop_signal(exc)
+        # StreamingQuery.exception() passes no origin, only the cause, captured in its turn.
+        captured = _QueryException(f"ExitCodeException exitCode={code}: ", None)
+        assert killed_by_the_stop_signal(_QueryException("=== Streaming Query ===", None, captured))
+
+
+def test_other_query_failures_are_not_taken_for_a_stop():
+    exit_1 = _JavaThrowable("ExitCodeException exitCode=1: chmod: cannot access")
+    assert not killed_by_the_stop_signal(_QueryException("boom", _JavaThrowable("wrapper", exit_1)))
+    assert not killed_by_the_stop_signal(_QueryException("java.io.EOFException", None))
+    assert not killed_by_the_stop_signal(_QueryException("ExitCodeException exitCode=1300", None))

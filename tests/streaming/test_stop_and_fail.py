@@ -7,6 +7,7 @@ is what a terminal's Ctrl-C sends) on a broker of their own.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,46 @@ def test_sigterm_to_the_whole_process_group_mid_batch_lets_the_batch_finish_and_
     assert f"{events:,} events -> {events:,} predictions" in out, out[-3000:]
     assert "Traceback" not in out and "EOFException" not in out and "Connection reset" not in out
     assert kafka.count(tomllib.loads(config.read_text())["output"]["topic"]) == events
+
+
+@pytest.mark.slow
+def test_ctrl_c_that_also_kills_a_checkpoint_chmod_still_stops_the_job_cleanly(kafka, models, tmp_path):
+    # Without Hadoop's native library the JVM forks `chmod` for every checkpoint file, in the job's
+    # process group: Ctrl-C kills it too and the query dies mid-write. A `chmod` on PATH that holds
+    # once armed makes the signal land in exactly that window.
+    hold, fakebin = tmp_path / "hold", tmp_path / "bin"
+    hold.mkdir()
+    fakebin.mkdir()
+    chmod = fakebin / "chmod"
+    chmod.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e "{hold}/armed" ] && mkdir "{hold}/taken" 2>/dev/null; then\n'
+        f'  touch "{hold}/held"; sleep 60\n'
+        "fi\n"
+        f'exec {shutil.which("chmod")} "$@"\n'
+    )
+    chmod.chmod(0o755)
+    config = job_config(kafka, tmp_path, models, "chmod")
+    log = tmp_path / "job.log"
+    proc = submit(config, log, env={"PATH": f"{fakebin}:{os.environ['PATH']}"})
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
+            "the job's first micro-batch",
+            timeout=240,
+        )
+        (hold / "armed").touch()
+        # A next batch, so that a checkpoint write (and its chmod) surely comes after arming.
+        kafka.produce(tomllib.loads(config.read_text())["input"]["topic"], values(5, prefix="more"))
+        wait_until(lambda: proc.poll() is not None or (hold / "held").exists(), "a held chmod", timeout=120)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    out = stopped_cleanly(proc, log)
+    assert "the stop signal also reached a helper process Spark had forked" in out, out[-3000:]
+    assert "[sparkscore] error" not in out
 
 
 @pytest.mark.slow
