@@ -409,8 +409,9 @@ _KILLED_HELPER = re.compile(r"ExitCodeException exitCode=(130|143)\b")
 def killed_by_the_stop_signal(exc: BaseException) -> bool:
     """Whether a query died only because the user's stop signal killed a helper its JVM had forked.
 
-    The batch in flight had already committed its output (the marker is written before Spark's own
-    commit log entry), so a restart skips it: that is a stop, not a failure.
+    Checkpoint files are written between batches: a batch whose commit log entry is missing has its
+    marker already (a restart skips it), and an offset log entry cut short is planned again. That is
+    a stop, not a failure.
     """
     texts: list[str] = []
     seen: Any = exc
@@ -672,8 +673,8 @@ def run(
         if exc is not None and stop.is_set() and killed_by_the_stop_signal(exc):
             print(
                 f"[sparkscore] query {q.name}: the stop signal also reached a helper process Spark had "
-                "forked to write its checkpoint; the batch's output is committed, and the next start "
-                "completes its checkpoint without writing it again",
+                "forked to write its checkpoint; nothing is lost, and the next start resumes from the "
+                "checkpoint without writing any record twice",
                 flush=True,
             )
         elif exc is not None:
