@@ -680,8 +680,11 @@ def variants(work: Path) -> list[Variant]:
     ]
 
 
-def measure(server: Server, rate: int, duration: float, seed: int, body: str) -> dict[str, Any]:
-    """One open-loop run at ``rate``, with the server's CPU time per answered request."""
+def measure(
+    server: Server, rate: int, duration: float, seed: int, body: str = "predict", *extra: str
+) -> dict[str, Any]:
+    """One open-loop run at ``rate`` (``extra``: more load-generator options), with the server's CPU
+    time per answered request."""
     cpu0 = _cpu_seconds(server.proc.pid)
     res, _ = run_client(
         server.port,
@@ -695,6 +698,7 @@ def measure(server: Server, rate: int, duration: float, seed: int, body: str) ->
         str(seed),
         "--body",
         body,
+        *extra,
     )
     cpu = _cpu_seconds(server.proc.pid) - cpu0
     res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
@@ -1041,23 +1045,8 @@ def ensemble_sweeps(
             for mode, srv in servers.items():
                 if mode not in live:
                     continue
-                cpu0 = _cpu_seconds(srv.proc.pid)
-                res, _ = run_client(
-                    srv.port,
-                    "--mode",
-                    "open",
-                    "--rate",
-                    str(rate),
-                    "--duration",
-                    str(duration),
-                    "--seed",
-                    str(100 * r + i),
-                    *WIDTH_ARGS,
-                )
-                cpu = _cpu_seconds(srv.proc.pid) - cpu0
+                res = measure(srv, rate, duration, 100 * r + i, "predict", *WIDTH_ARGS)
                 res["ok_rps"] = round(res["ok"] / duration, 1)
-                res["server_cpu_us_per_ok_request"] = round(cpu / res["ok"] * 1e6, 1) if res["ok"] else None
-                res["loadavg_1m"] = _loadavg()
                 runs[mode].append(res["p99_ms"])
                 if mode not in best or _p99_key(res) < _p99_key(best[mode]):
                     best[mode] = res
