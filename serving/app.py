@@ -30,22 +30,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from serving.config import ServeConfig
 from serving.errors import (
     BadRequest,
     BodyTooLarge,
+    MethodNotAllowed,
     NotFound,
     RequestError,
     RequestTimeout,
     Unauthorized,
 )
+from serving.kserve import V2Request, allowed_method, metadata, output_fields, outputs_of, rows_from_request
 from serving.metrics import Metrics, merge_exposition
-from serving.model import ModelRunner, Row
+from serving.model import ModelRunner
 from serving.service import Instance, Service
 from serving.versions import ModelVersion
-from udfs.core import ERROR, MODEL_VERSION, PREDICTION, output_schema, short_reason
+from udfs.core import short_reason
 from udfs.spec import ResolvedModel
 
 log = logging.getLogger("serving.http")
@@ -68,26 +69,6 @@ class Body(Instance, forbid_unknown_fields=True):
     instances: list[Instance] | None = None
 
 
-class V2Tensor(msgspec.Struct):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any] | None = None  # absent when the values come as binary data
-    parameters: dict[str, Any] | None = None
-
-
-class V2Output(msgspec.Struct):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class V2Request(msgspec.Struct):
-    inputs: list[V2Tensor]
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[V2Output] | None = None
-
-
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /v2/repository/models/{name}/load``: optional ``parameters.path`` / ``parameters.version``."""
 
@@ -100,20 +81,7 @@ _v2_decoder = msgspec.json.Decoder(V2Request)
 _load_decoder = msgspec.json.Decoder(LoadRequest)
 _encode = msgspec.json.Encoder().encode
 
-# The model reads floats: these are the datatypes an input accepts (the metadata says so);
-# an integer or boolean tensor is refused rather than silently converted.
-V2_FLOAT = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
-V2_BINARY_OUT = {"FP64": "<f8", "FP32": "<f4", "INT32": "<i4", "INT64": "<i8", "BOOL": "?"}
-MAX_RANK = 8  # tensor dimensions (this model reads [N] or [N, width])
 MAX_JSON_DEPTH = 64  # deeper non-strict JSON is refused before Python's json module recurses into it
-ARROW_TO_V2 = {
-    "double": "FP64",
-    "float": "FP32",
-    "int32": "INT32",
-    "int64": "INT64",
-    "bool": "BOOL",
-    "string": "BYTES",
-}
 
 
 def decode(body: bytes, decoder: msgspec.json.Decoder, tp: Any) -> Any:
@@ -172,12 +140,7 @@ class App:
         # The other worker processes (serving.workers.Peers), when there are several.
         self.peers = peers
         self.name = service.name
-        schema = output_schema(service.runner.model)
-        self.v2_outputs = [
-            ("score" if f.name == PREDICTION else f.name, f.type)
-            for f in schema
-            if f.name not in (ERROR, MODEL_VERSION)
-        ]
+        self.v2_outputs = output_fields(service.runner.model)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -219,7 +182,7 @@ class App:
                 self.check_token(scope)
             if path == "/predict":
                 if method != "POST":
-                    raise RequestError("use POST /predict", status=405)
+                    raise MethodNotAllowed("use POST /predict", allow="POST")
                 timed = True
                 status, body = await self.predict(scope, receive, started)
             elif path.startswith("/v2"):
@@ -232,7 +195,9 @@ class App:
                         self.metrics.request_duration.observe((time.monotonic() - started) * 1e6)
                     await _send(send, status, body, answer[2])  # type: ignore[misc]
                     return
-            elif path == "/metrics" and method == "GET":
+            elif path == "/metrics":
+                if method != "GET":
+                    raise MethodNotAllowed("use GET /metrics", allow="GET")
                 text = self.metrics.render()
                 if self.peers is not None:
                     text = merge_exposition([text, *await self.peers.gather_metrics()])
@@ -250,6 +215,8 @@ class App:
                 headers.append((b"retry-after", str(exc.retry_after).encode()))
             if exc.status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
+            if isinstance(exc, MethodNotAllowed):
+                headers.append((b"allow", exc.allow.encode()))
         except Exception as exc:  # one request's bug must not kill the server
             log.exception("unhandled error on %s %s", method, path)
             if timed:
@@ -415,6 +382,9 @@ class App:
                 return self._ready()
             if rest == ["infer"] and method == "POST":
                 return await self.v2_infer(scope, receive, started, mv)
+        allow = allowed_method(parts, self.name)
+        if allow is not None and allow != method:
+            raise MethodNotAllowed(f"use {allow} {path}", allow=allow)
         raise NotFound(f"no route {method} {path} in the KServe v2 protocol")
 
     async def repository(self, scope: Scope, receive: Receive, rest: list[str]) -> tuple[int, bytes]:
@@ -449,119 +419,13 @@ class App:
         raise NotFound(f"no route POST /v2/repository/{'/'.join(rest)}")
 
     def _ready(self) -> tuple[int, bytes]:
-        svc = self.service
-        if svc.ready:
+        # The protocol: 200 when ready, else a 4xx with an empty body (as Triton answers).
+        if self.service.ready:
             return 200, _encode({"ready": True})
-        return 503, _encode({"ready": False, "error": svc.load_error or "the model is still loading"})
+        return 400, b""
 
     def v2_metadata(self) -> dict[str, Any]:
-        runner = self.service.runner
-        model: ResolvedModel = runner.model
-        accepted = {"accepted_datatypes": sorted(V2_FLOAT)}
-        if runner.array_layout:
-            inputs = [
-                {
-                    "name": runner.columns[0],
-                    "datatype": "FP32",
-                    "shape": [-1, runner.width],
-                    "parameters": accepted,
-                }
-            ]
-        else:
-            inputs = [
-                {"name": c, "datatype": "FP64", "shape": [-1], "parameters": accepted} for c in runner.columns
-            ]
-        outputs = []
-        for name, t in self.v2_outputs:
-            if hasattr(t, "value_type"):
-                outputs.append({"name": name, "datatype": ARROW_TO_V2[str(t.value_type)], "shape": [-1, -1]})
-            else:
-                outputs.append({"name": name, "datatype": ARROW_TO_V2.get(str(t), "BYTES"), "shape": [-1]})
-        return {
-            "name": self.name,
-            "versions": self.service.versions(),
-            "platform": f"pytorch_{model.format}",
-            "inputs": inputs,
-            "outputs": outputs,
-        }
-
-    def v2_rows(self, req: V2Request, binary: memoryview | None = None) -> list[Row]:
-        """Rows in input-column order from named tensors (or one [N, width] tensor).
-
-        Values come from ``data`` (flat or nested to the tensor's rank) or, with the binary
-        tensor data extension, from ``binary`` in input order (``parameters.binary_data_size``).
-        """
-        runner = self.service.runner
-        cols = runner.columns
-        tensors: dict[str, tuple[list[int], list[Any]]] = {}
-        offset = 0
-        for t in req.inputs:
-            if t.datatype not in V2_FLOAT:
-                raise BadRequest(
-                    f"inputs[{t.name}].datatype: {t.datatype!r} is not accepted; "
-                    f"this model reads floats: {', '.join(sorted(V2_FLOAT))}"
-                )
-            if any(d < 0 for d in t.shape) or len(t.shape) > MAX_RANK:
-                raise BadRequest(
-                    f"inputs[{t.name}].shape: {t.shape} has a negative dimension or more than {MAX_RANK}"
-                )
-            size = int(np.prod(t.shape)) if t.shape else 1
-            nbytes = (t.parameters or {}).get("binary_data_size")
-            if nbytes is not None:
-                if binary is None or t.data is not None:
-                    raise BadRequest(
-                        f"inputs[{t.name}]: binary_data_size needs the Inference-Header-Content-Length "
-                        "header and no data field"
-                    )
-                itemsize = np.dtype(V2_FLOAT[t.datatype]).itemsize
-                if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes != size * itemsize:
-                    raise BadRequest(
-                        f"inputs[{t.name}]: shape {t.shape} of {t.datatype} needs {size * itemsize} bytes, "
-                        f"binary_data_size says {nbytes!r}"
-                    )
-                chunk = binary[offset : offset + nbytes]
-                if len(chunk) != nbytes:
-                    raise BadRequest(
-                        f"inputs[{t.name}]: the body ends before its {nbytes} bytes of binary data"
-                    )
-                offset += nbytes
-                flat = np.frombuffer(chunk, dtype=V2_FLOAT[t.datatype]).astype(np.float64).tolist()
-            else:
-                if t.data is None:
-                    raise BadRequest(f"inputs[{t.name}]: no data (and no parameters.binary_data_size)")
-                flat = _flatten(t.data, max(1, len(t.shape)), t.name)
-                if size != len(flat):
-                    raise BadRequest(
-                        f"inputs[{t.name}]: shape {t.shape} needs {size} values, got {len(flat)}"
-                    )
-                for v in flat:
-                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                        raise BadRequest(f"inputs[{t.name}].data: expected numbers, got {v!r}")
-            tensors[t.name] = (t.shape, flat)
-        if binary is not None and offset != len(binary):
-            raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
-        if runner.array_layout or (len(tensors) == 1 and set(tensors) - set(cols)):
-            if len(tensors) != 1:
-                raise BadRequest(f"inputs: expected one tensor {cols[0]!r} of shape [N, {runner.width}]")
-            ((name, (shape, flat)),) = tensors.items()
-            if len(shape) != 2:
-                raise BadRequest(f"inputs[{name}]: expected shape [N, {runner.width}], got {shape}")
-            n, d = shape
-            matrix = [flat[i * d : (i + 1) * d] for i in range(n)]
-            if runner.array_layout:
-                return [(vec,) for vec in matrix]
-            if d != len(cols):
-                raise BadRequest(f"inputs[{name}]: expected {len(cols)} columns ({', '.join(cols)}), got {d}")
-            return [tuple(vec) for vec in matrix]
-        missing = [c for c in cols if c not in tensors]
-        unknown = sorted(set(tensors) - set(cols))
-        if missing or unknown:
-            raise BadRequest(f"inputs: missing {missing}, unknown {unknown}; the model reads {list(cols)}")
-        lengths = {c: len(tensors[c][1]) for c in cols}
-        if len(set(lengths.values())) != 1:
-            raise BadRequest(f"inputs: every input needs the same number of rows, got {lengths}")
-        columns = [tensors[c][1] for c in cols]
-        return list(zip(*columns, strict=True))
+        return metadata(self.name, self.service.versions(), self.service.runner, self.v2_outputs)
 
     async def v2_infer(
         self, scope: Scope, receive: Receive, started: float, mv: ModelVersion | None
@@ -583,13 +447,12 @@ class App:
             binary = memoryview(raw)[n:]
             raw = raw[:n]
         req = decode(raw, _v2_decoder, V2Request)
-        rows = self.v2_rows(req, binary)
+        limit = self.cfg.server.max_instances
+        rows = rows_from_request(svc.runner, req, binary, limit)
         if not rows:
             raise BadRequest("inputs: no rows")
-        if len(rows) > self.cfg.server.max_instances:
-            raise BadRequest(
-                f"inputs: at most {self.cfg.server.max_instances} rows per request, got {len(rows)}"
-            )
+        if len(rows) > limit:
+            raise BadRequest(f"inputs: at most {limit} rows per request, got {len(rows)}")
         params = req.parameters or {}
         timeout = params.get("timeout_ms")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
@@ -620,38 +483,7 @@ class App:
         self, req: V2Request, results: list[dict[str, Any]], version: str, started: float
     ) -> tuple[int, bytes] | tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """The outputs asked for (all by default), as JSON data or binary tensor data."""
-        n = len(results)
-        params = req.parameters or {}
-        wanted: dict[str, bool] | None = None
-        if req.outputs:
-            wanted = {o.name: bool((o.parameters or {}).get("binary_data", False)) for o in req.outputs}
-            unknown = sorted(set(wanted) - {name for name, _ in self.v2_outputs})
-            if unknown:
-                raise BadRequest(
-                    f"outputs: unknown {unknown}; this model has {[n for n, _ in self.v2_outputs]}"
-                )
-        all_binary = bool(params.get("binary_data_output", False))
-        outputs: list[dict[str, Any]] = []
-        chunks: list[bytes] = []
-        for name, t in self.v2_outputs:
-            if wanted is not None and name not in wanted:
-                continue
-            values = [r.get(name) for r in results]
-            if hasattr(t, "value_type"):
-                k = len(values[0]) if values and values[0] is not None else 0
-                dtype, shape, flat = ARROW_TO_V2[str(t.value_type)], [n, k], _flatten(values, 2, name)
-            else:
-                dtype, shape, flat = ARROW_TO_V2.get(str(t), "BYTES"), [n], values
-                if dtype == "BYTES":
-                    flat = ["" if v is None else str(v) for v in flat]
-            out: dict[str, Any] = {"name": name, "datatype": dtype, "shape": shape}
-            if wanted[name] if wanted is not None else all_binary:
-                data = _to_binary(flat, dtype)
-                out["parameters"] = {"binary_data_size": len(data)}
-                chunks.append(data)
-            else:
-                out["data"] = flat
-            outputs.append(out)
+        outputs, chunks = outputs_of(req, self.v2_outputs, results)
         body: dict[str, Any] = {"model_name": self.name, "model_version": version, "outputs": outputs}
         if req.id is not None:
             body["id"] = req.id
@@ -680,32 +512,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if k == name:
             return bytes(v)
     return None
-
-
-def _flatten(data: list[Any], rank: int, name: str) -> list[Any]:
-    """Row-major values of a tensor given flat or nested up to ``rank`` levels (deeper is a 422)."""
-    if not any(isinstance(v, list) for v in data):
-        return data
-    if rank <= 1:
-        raise BadRequest(f"{name}: data is nested deeper than the tensor's {rank} dimension(s)")
-    out: list[Any] = []
-    for v in data:
-        if isinstance(v, list):
-            out.extend(_flatten(v, rank - 1, name))
-        else:
-            out.append(v)
-    return out
-
-
-def _to_binary(values: list[Any], dtype: str) -> bytes:
-    """Tensor values in the binary tensor data encoding (little-endian; BYTES length-prefixed)."""
-    if dtype == "BYTES":
-        parts = []
-        for v in values:
-            b = str(v).encode()
-            parts.append(len(b).to_bytes(4, "little") + b)
-        return b"".join(parts)
-    return np.asarray([0 if v is None else v for v in values], dtype=V2_BINARY_OUT[dtype]).tobytes()
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -32,6 +32,17 @@ class NotFound(RequestError):
     reason = "not_found"
 
 
+class MethodNotAllowed(RequestError):
+    """A known route asked with the wrong method; ``allow`` is the one it takes."""
+
+    status = 405
+    reason = "method"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
 class Unauthorized(RequestError):
     status = 401
     reason = "unauthorized"

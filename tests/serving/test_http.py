@@ -137,7 +137,7 @@ def test_503_until_the_model_is_loaded_and_warmed_up(serve, ctr_model):
     runner = GatedRunner(ctr_model, hold_load=True)
     srv = serve(runner=runner, ready=False)
     assert srv.get("/v2/health/live").status_code == 200
-    assert srv.get("/v2/health/ready").status_code == 503
+    assert srv.get("/v2/health/ready").status_code == 400  # KServe v2: 4xx, empty body
     resp = srv.post("/predict", {"features": ROW})
     assert resp.status_code == 503
     assert resp.headers["retry-after"] == "1"
