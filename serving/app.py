@@ -381,7 +381,14 @@ class App:
             if rest == ["ready"] and method == "GET":
                 return self._ready()
             if rest == ["infer"] and method == "POST":
-                return await self.v2_infer(scope, receive, started, mv)
+                if mv is None:
+                    return await self.v2_infer(scope, receive, started, None)
+                # A versioned request holds its version from here, before its body arrives.
+                mv.holds += 1
+                try:
+                    return await self.v2_infer(scope, receive, started, mv)
+                finally:
+                    mv.holds -= 1
         allow = allowed_method(parts, self.name)
         if allow is not None and allow != method:
             raise MethodNotAllowed(f"use {allow} {path}", allow=allow)
@@ -462,9 +469,13 @@ class App:
             # A canary takes a whole request: sticky by parameters.user_id when given.
             mv = svc.route(params.get("user_id"))
         gone = _connection(receive)
-        outcomes = await asyncio.gather(
-            *(svc.predict_row(r, deadline, mv, gone) for r in rows), return_exceptions=True
-        )
+        mv.holds += 1
+        try:
+            outcomes = await asyncio.gather(
+                *(svc.predict_row(r, deadline, mv, gone) for r in rows), return_exceptions=True
+            )
+        finally:
+            mv.holds -= 1
         for o in outcomes:
             if isinstance(o, BaseException) and not isinstance(o, RequestError):
                 raise o

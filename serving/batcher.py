@@ -104,6 +104,7 @@ class Batcher:
         self._watch_timer: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
         self.computing = 0  # requests inside batches being scored
+        self.stopped = False
         self.batches_running = 0
         metrics.gauge(
             "nv_inference_pending_request_count", "Requests queued, not yet in a micro-batch", self.queued
@@ -125,6 +126,7 @@ class Batcher:
         self._task = self._loop.create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -144,8 +146,12 @@ class Batcher:
         Raises :class:`QueueFull` at once when the queue is full. ``gone``: see :class:`_Pending`.
         """
         loop = self._loop
-        if loop is None:
-            raise NotReady("the batcher is not running")
+        if loop is None or self.stopped:
+            raise NotReady(
+                "this model version's batcher is stopped (replaced or shutting down); retry"
+                if self.stopped
+                else "the batcher is not running"
+            )
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
         pending = self._inflight.get(key) if key is not None else None

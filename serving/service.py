@@ -397,16 +397,23 @@ class Service:
         if not self.ready:
             self.check_ready()
         mv = self.primary if self.traffic <= 0 else self.route(inst.user_id)
-        key, row = self.key_of(inst, mv.version)
-        out, status = self.lookup(key)
-        if out is not None:
-            return out
-        return await self.compute(mv, key, deadline, row, inst, status, gone)
+        # Held from the choice to the answer: a swap meanwhile does not stop this version under us.
+        mv.holds += 1
+        try:
+            key, row = self.key_of(inst, mv.version)
+            out, status = self.lookup(key)
+            if out is not None:
+                return out
+            return await self.compute(mv, key, deadline, row, inst, status, gone)
+        finally:
+            mv.holds -= 1
 
     async def predict_row(
         self, row: Row, deadline: float, mv: ModelVersion | None = None, gone: Any = None
     ) -> dict[str, Any]:
-        """Score one row of feature values (the KServe v2 path) with ``mv`` (default: the primary)."""
+        """Score one row of feature values (the KServe v2 path) with ``mv`` (default: the primary).
+
+        The caller holds ``mv`` (see :attr:`ModelVersion.holds`) until every row is answered."""
         self.check_ready()
         mv = mv or self.primary
         key = self._row_key(row, mv.version)

@@ -2,8 +2,12 @@
 
 A :class:`ModelVersion` is a loaded :class:`~serving.model.ModelRunner` with its own
 :class:`~serving.batcher.Batcher` and per-version metrics. A swap starts a new
-version next to the old one and points new requests at it; the old one finishes
-what it has queued and computing, then stops (:meth:`ModelVersion.retire`).
+version next to the old one and points new requests at it. Every request holds the
+version it was routed to (``holds``) from the moment it is chosen (for a versioned
+KServe path: before its body is read) until it is answered, across any await (the
+prediction cache, the feature store). The old version stops only once no request
+holds it (:meth:`ModelVersion.retire`); a stopped version's batcher refuses work
+with a 503, so nothing is ever queued where nothing runs it.
 
 A :class:`Shadow` scores a copy of each primary micro-batch with the candidate on
 a thread of its own, after the primary's answers have been delivered, and keeps
@@ -43,6 +47,8 @@ class ModelVersion:
         self.role = role
         self.metrics = metrics
         self.batcher = Batcher(runner.score, cfg, metrics)
+        self.holds = 0  # requests routed to this version and not yet answered
+        self.retired = False
 
     async def load(self) -> None:
         """Load and warm up on a worker thread (the event loop keeps serving meanwhile)."""
@@ -56,11 +62,13 @@ class ModelVersion:
         self.runner.close()
 
     async def retire(self, grace_s: float) -> None:
-        """Stop once everything queued or computing on this version is answered (or after ``grace_s``)."""
+        """Stop once no request holds this version and its batcher is idle (or after ``grace_s``:
+        the longest deadline a request may have; one still holding it then gets a 503)."""
         end = time.monotonic() + grace_s
-        while not self.batcher.idle() and time.monotonic() < end:
+        while (self.holds > 0 or not self.batcher.idle()) and time.monotonic() < end:
             await asyncio.sleep(0.01)
         await self.stop()
+        self.retired = True
         log.info("retired model %s version %s", self.model.name, self.version)
 
 

@@ -177,3 +177,21 @@ def test_a_queued_request_whose_client_disconnected_never_reaches_the_model(serv
     ages = [r[0] for r in runner.rows_seen()]
     assert 67.0 in ages and 66.0 not in ages
     assert srv.metric("sparkscore_canceled_requests_total") == 1
+
+
+def test_a_stopped_batcher_refuses_work_instead_of_accepting_what_nothing_will_run(ctr_model):
+    import asyncio
+
+    from serving.batcher import Batcher
+    from serving.config import BatcherConfig
+    from serving.errors import NotReady
+    from serving.metrics import VersionMetrics
+
+    async def scenario() -> None:
+        b = Batcher(lambda rows: rows, BatcherConfig(), VersionMetrics("m", "v1"))
+        await b.start()
+        await b.stop()
+        with pytest.raises(NotReady, match="stopped"):
+            await asyncio.wait_for(b.submit((1.0,), 1000.0), 5)
+
+    asyncio.run(scenario())

@@ -3,16 +3,23 @@ a broken file leaves the old version serving; cache keys carry the version."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
 import torch
 
-from tests.serving.conftest import wait_until
+from serving.model import ModelRunner
+from serving.service import Instance, Service
+from tests.serving.conftest import make_config, wait_until
 from tests.serving.test_http import core
 from udfs.demo import CTR_FEATURES
 from udfs.spec import ModelSpec, ResolvedModel, resolve
@@ -159,3 +166,82 @@ def test_the_opt_in_file_watch_swaps_a_changed_file_and_skips_a_broken_one(serve
     replace_file(path, b"half-written garbage")
     wait_until(lambda: srv.metric("sparkscore_model_loads_total", result="failure") == 1, "the failed load")
     assert version() == version_of(versions["b"])
+
+
+def _raw_post_head(path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+def test_a_versioned_request_whose_body_straddles_a_swap_is_answered_by_that_version(
+    serve, versions, tmp_path
+):
+    path, model = served(tmp_path, versions["a"])
+    srv = serve(model=model)
+    old = model.version
+    body = json.dumps(
+        {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [ROW]}]}
+    ).encode()
+    url = urlparse(srv.url)
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(_raw_post_head(f"/v2/models/demo_ctr/versions/{old}/infer", body) + body[:10])
+        held = srv.app.service.primary
+        wait_until(lambda: getattr(held, "holds", 0) == 1, "the request to hold its version")
+        replace_file(path, versions["b"])
+        swapped = srv.post(LOAD)
+        assert swapped.status_code == 200 and swapped.json()["model_version"] == version_of(versions["b"])
+        sock.sendall(body[10:])
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # the 20 s socket timeout fails a request that hangs
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["model_version"] == old
+    # Released, the old version retires; the new one answers.
+    wait_until(lambda: held.retired, "the old version to retire once released")
+    assert srv.post("/predict", {"features": ROW}).json()["model_version"] == version_of(versions["b"])
+
+
+def test_a_request_awaiting_the_feature_store_during_a_swap_is_answered_not_left_hanging(
+    versions, tmp_path
+):
+    path, model = served(tmp_path, versions["a"])
+    cfg = make_config(model)
+
+    class SlowStore:
+        """A feature store that answers when the test says so (the request is mid-await meanwhile)."""
+
+        def __init__(self) -> None:
+            self.asked = asyncio.Event()
+            self.answer = asyncio.Event()
+
+        async def fetch(self, user_id: str, item_id: str):
+            self.asked.set()
+            await self.answer.wait()
+            keys = dict(zip(CTR_FEATURES, (str(v).encode() for v in ROW), strict=True))
+            return keys, {"x": b"1"}
+
+    async def scenario() -> dict:
+        svc = Service(cfg, ModelRunner(model))
+        await svc.start(wait=True)
+        store = SlowStore()
+        svc.store = store
+        try:
+            pending = asyncio.ensure_future(
+                svc.predict(Instance(user_id="u", item_id="i"), time.monotonic() + 20)
+            )
+            await store.asked.wait()
+            replace_file(path, versions["b"])
+            await svc.reload()
+            await asyncio.sleep(0.2)  # the old version's retire task runs meanwhile
+            store.answer.set()
+            return await asyncio.wait_for(pending, 20)
+        finally:
+            await svc.stop()
+
+    out = asyncio.run(scenario())
+    assert out["model_version"] == model.version
