@@ -93,7 +93,15 @@ def decode(body: bytes, decoder: msgspec.json.Decoder, tp: Any) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request: {exc}") from None
+        if _depth(body) > MAX_JSON_DEPTH:
+            raise BadRequest(
+                f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400
+            ) from None
+        if not str(exc).startswith("Number out of range"):
+            raise BadRequest(f"invalid request: {exc}") from None
+        # A number beyond float64 (1e400): Python's json reads it as inf, so the scoring core
+        # gives the reason it gives on every other path ("non-finite feature: ...").
+        return _convert(body, tp, exc)
     except UnicodeDecodeError as exc:
         raise BadRequest(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})", status=400) from None
     except RecursionError:
@@ -103,14 +111,19 @@ def decode(body: bytes, decoder: msgspec.json.Decoder, tp: Any) -> Any:
             raise BadRequest(
                 f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400
             ) from None
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):
-            raise BadRequest(f"malformed JSON: {exc}", status=400) from None
-        try:
-            return msgspec.convert(obj, tp)
-        except msgspec.ValidationError as exc2:
-            raise BadRequest(f"invalid request: {exc2}") from None
+        return _convert(body, tp, exc)
+
+
+def _convert(body: bytes, tp: Any, exc: Exception) -> Any:
+    """``body`` read by Python's json module (NaN, Infinity, 1e400 allowed), then typed by msgspec."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"malformed JSON: {exc}", status=400) from None
+    try:
+        return msgspec.convert(obj, tp)
+    except msgspec.ValidationError as exc2:
+        raise BadRequest(f"invalid request: {exc2}") from None
 
 
 def _depth(body: bytes) -> int:

@@ -219,10 +219,13 @@ class Metrics(MetricSet):
         self.extra: list[MetricSet] = []  # shadow comparison and the like
 
     def for_version(self, version: str, role: str = "primary") -> VersionMetrics:
-        """A version's metric set, kept (the last few) so its counters outlive a model swap."""
+        """A version's metric set, kept so its counters outlive a model swap: every candidate's
+        (canary, shadow) for good, and the last few primaries'."""
         vm = VersionMetrics(self.model, version, role, self.worker)
         self.version_sets.append(vm)
-        del self.version_sets[:-6]
+        primaries = [s for s in self.version_sets if s.base.get("role") == "primary"]
+        for old in primaries[:-6]:
+            self.version_sets.remove(old)
         return vm
 
     def fail(self, reason: str, *, shed: bool = False) -> None:

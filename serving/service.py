@@ -497,6 +497,7 @@ class Service:
         error = result.get(ERROR)
         if error is not None:
             raise BadRequest(error)
+        mv.metrics.predictions.inc()
         public = {("score" if k == PREDICTION else k): v for k, v in result.items() if k != ERROR}
         if status == OFF:
             public["cache_hit"] = False

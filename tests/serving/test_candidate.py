@@ -131,3 +131,16 @@ def test_a_candidate_inherits_the_primary_spec_but_its_own_file():
     assert cfg.candidate is not None
     assert (cfg.candidate.model.path, cfg.candidate.model.version) == ("c.pt", None)
     assert cfg.candidate.model.input_columns == tuple(CTR_FEATURES)
+
+
+def test_a_canarys_metrics_survive_many_swaps_of_the_primary(serve, versions, tmp_path):  # noqa: F811
+    from tests.serving.test_model_swap import LOAD, replace_file, served
+
+    path, primary = served(tmp_path, versions["a"])
+    candidate = resolve(spec(versions["b"]))
+    srv = serve(model=primary, candidate=CandidateConfig(model=candidate.spec, traffic=1.0))
+    assert srv.post("/predict", {"features": rows(1)[0]}).json()["model_version"] == candidate.version
+    for swap in range(7):
+        replace_file(path, versions["b" if swap % 2 == 0 else "a"])
+        assert srv.post(LOAD).status_code == 200
+    assert srv.metric("nv_inference_count", version=candidate.version, role="canary") == 1

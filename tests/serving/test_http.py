@@ -223,3 +223,10 @@ def test_unknown_route_is_404_and_wrong_method_405(serve):
     srv = serve()
     assert srv.get("/nope").status_code == 404
     assert srv.get("/predict").status_code == 405
+
+
+def test_predictions_total_counts_model_answers_but_not_cache_hits(serve, ctr_model):
+    srv = serve()
+    for features in (ROW, [50.0, 1.0, 80.0, 2.0], ROW):
+        assert srv.post("/predict", {"features": features}).status_code == 200
+    assert srv.metric("sparkscore_predictions_total", version=ctr_model.version) == 2

@@ -31,8 +31,14 @@ def v2_inputs(datatype: str, values: list) -> dict:
         (
             "/predict",
             b'{"features": [1, 2, 3, 4], "context": ' + b"[" * 1000 + b"NaN" + b"]" * 1000 + b"}",
-            422,
-            "$.context",
+            400,
+            "nested deeper than 64",
+        ),
+        (
+            "/predict",
+            b'{"features": [1, 2, 3, 4], "context": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}",
+            400,
+            "nested deeper than 64",
         ),
         (
             "/v2/models/demo_ctr/infer",
@@ -42,7 +48,7 @@ def v2_inputs(datatype: str, values: list) -> dict:
         ),
         ("/v2/models/demo_ctr/infer", b'{"id": "\xc3\x28", "inputs": []}', 400, "not valid UTF-8"),
     ],
-    ids=["invalid-utf8", "deep-nan-predict", "deep-nan-v2", "invalid-utf8-v2"],
+    ids=["invalid-utf8", "deep-nan-predict", "deep-strict-predict", "deep-nan-v2", "invalid-utf8-v2"],
 )
 def test_undecodable_or_absurdly_nested_json_is_a_4xx(serve, path, body, status, says):
     srv = serve()
@@ -94,3 +100,17 @@ def test_a_body_shorter_than_its_content_length_gets_408_and_the_connection_clos
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
     assert b"did not arrive within 0.5 s" in received
     assert srv.metric("nv_inference_request_failure", reason="body_timeout") == 1
+
+
+@pytest.mark.parametrize("literal", [b"1e400", b"-1e400"])
+def test_a_number_beyond_float64_gets_the_scoring_cores_non_finite_reason(serve, ctr_model, literal):
+    from tests.serving.test_http import core
+
+    srv = serve()
+    body = b'{"features": [31.0, 4.0, ' + literal + b", 7.0]}"
+    resp = srv.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    value = float(literal)  # inf or -inf, as Python's json reads it
+    expected = core(ctr_model, [[31.0, 4.0, value, 7.0]]).column("error")[0].as_py()
+    assert expected.startswith("non-finite feature")
+    assert resp.json()["error"] == expected

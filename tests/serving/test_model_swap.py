@@ -206,9 +206,7 @@ def test_a_versioned_request_whose_body_straddles_a_swap_is_answered_by_that_ver
     assert srv.post("/predict", {"features": ROW}).json()["model_version"] == version_of(versions["b"])
 
 
-def test_a_request_awaiting_the_feature_store_during_a_swap_is_answered_not_left_hanging(
-    versions, tmp_path
-):
+def test_a_request_awaiting_the_feature_store_during_a_swap_is_answered_not_left_hanging(versions, tmp_path):
     path, model = served(tmp_path, versions["a"])
     cfg = make_config(model)
 
