@@ -24,7 +24,7 @@ from dataclasses import replace
 # spark-submit puts only this file's folder on sys.path; the packages live one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from udfs.batch import BatchConfig, JobConfig, Summary
+from udfs.batch import BatchConfig, Summary
 from udfs.config import from_dict, load_toml
 from udfs.errors import ConfigError, SparkscoreError
 from udfs.spec import with_overrides
@@ -73,11 +73,10 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
             out = replace(out, table=args.output_table, path=None, options={})
         if args.mode:
             out = replace(out, mode=args.mode)
-        if args.max_error_rate is not None or args.quarantine is not None:
-            job = JobConfig(
-                max_error_rate=args.max_error_rate if args.max_error_rate is not None else job.max_error_rate,
-                quarantine=args.quarantine or job.quarantine,
-            )
+        if args.max_error_rate is not None:
+            job = replace(job, max_error_rate=args.max_error_rate)
+        if args.quarantine:
+            job = replace(job, quarantine=args.quarantine)
     except ValueError as exc:
         raise ConfigError(f"command line: {exc}") from None
     model = with_overrides(cfg.model, path=args.model, member_outputs=args.member_outputs or None)
@@ -86,13 +85,18 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
 
 def run(cfg: BatchConfig) -> Summary:
     """Score ``cfg.input`` into ``cfg.output``; returns the run's counts."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
     from udfs.batch import check_local_paths, check_output_target, observe_rows, read_input, write_scored
     from udfs.core import check_model, output_schema
     from udfs.features import check_columns
     from udfs.session import build_session
-    from udfs.spark import check_device, model_load_tracker, with_predictions
+    from udfs.spark import (
+        check_device,
+        check_keep_columns,
+        feature_schema,
+        model_load_tracker,
+        session_time_zone,
+        with_predictions,
+    )
     from udfs.spec import resolve
 
     started = time.monotonic()
@@ -100,12 +104,15 @@ def run(cfg: BatchConfig) -> Summary:
     model = resolve(cfg.model)
     # A model that does not load or does not fit its config is refused before Spark starts.
     check_model(model)
-    spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.model.batch_size)
+    spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows)
 
     # Everything a run can be refused for is checked before a row of data is read.
     df = read_input(spark, cfg.input)
-    check_columns(to_arrow_schema(df.schema), model.spec.input_columns, model.spec.num_features)
+    features = feature_schema(df.schema, model.spec.input_columns, session_time_zone(df))
+    check_columns(features, model.spec.input_columns, model.spec.num_features)
     keep = list(cfg.output.keep_columns) or list(df.columns)
+    # Checked here too: in quarantine mode the transform keeps every column, so it would not.
+    check_keep_columns(df.schema, model, keep)
     predictions = output_schema(model).names
     check_output_target(spark, cfg.output, [*keep, *predictions])
     device = check_device(spark, model)

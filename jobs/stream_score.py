@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from streaming.backends import launch_jvm
 
         launch_jvm(cfg.spark)  # [spark] "spark.jars" must be on the JVM's class path from its start
-        spark = build_session(
-            "sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark}, arrow_batch_rows=cfg.model.batch_size
-        )
+        spark = build_session("sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark})
         summary = run(spark, cfg, model, available_now=args.available_now, duration_s=args.duration)
     except SparkscoreError as exc:
         print(f"[sparkscore] error: {exc}", file=sys.stderr, flush=True)

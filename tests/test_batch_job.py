@@ -94,6 +94,31 @@ def test_quarantine_holds_exactly_the_bad_rows_with_reasons(spark, models, table
 
 
 @pytest.mark.spark
+def test_quarantine_mode_still_checks_the_columns_to_keep(models, table, tmp_path, capsys):
+    cfg = write_config(tmp_path, models["torchscript"])
+    cfg.write_text(cfg.read_text().replace('keep_columns = ["user_id"]', 'keep_columns = ["user_id", "nope"]'))
+    assert run_job("--config", str(cfg), "--quarantine", str(tmp_path / "q")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "columns to keep ['nope'] are not in the data" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "q").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.spark
+def test_arrow_batches_follow_their_own_option_not_the_model_batch_size(spark, models, table, tmp_path):
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    try:
+        cfg = write_config(tmp_path, models["torchscript"])  # batch_size = 64
+        assert run_job("--config", str(cfg)) == 0
+        assert spark.conf.get(key) == "10000"
+        cfg.write_text(cfg.read_text() + "\n[job]\narrow_batch_rows = 700\n")
+        assert run_job("--config", str(cfg), "--mode", "overwrite") == 0
+        assert spark.conf.get(key) == "700"
+    finally:
+        spark.conf.set(key, before)
+
+
+@pytest.mark.spark
 def test_error_rate_above_limit_fails_and_writes_nothing(models, table, tmp_path, capsys):
     cfg = write_config(tmp_path, models["torchscript"])
     assert run_job("--config", str(cfg), "--max-error-rate", "0.001") == 2

@@ -114,14 +114,12 @@ def test_an_ensemble_larger_than_the_cache_loads_each_member_once(tmp_path):
 
 def test_a_scoring_task_that_loses_a_row_fails_before_anything_is_committed(monkeypatch, models):
     from udfs import spark as spark_api
-    from udfs.core import output_schema
 
     model = resolve(ModelSpec(path=models["torchscript"], input_columns=CTR))
     real = spark_api.score_batch
     monkeypatch.setattr(spark_api, "score_batch", lambda batch, scorer: real(batch, scorer).slice(1))
     batch = pa.record_batch({"id": pa.array([1, 2])} | {c: pa.array([1.0, 2.0]) for c in CTR})
-    out_schema = pa.schema([pa.field("id", pa.int64()), *output_schema(model)])
-    score_partition = spark_api._score_partitions(model, ["id"], out_schema, None)
+    score_partition = spark_api._score_partitions(model, ["id", *CTR], ["id"], None)
     with pytest.raises(spark_api.RowCountError, match="returned 1 rows for a batch of 2"):
         list(score_partition(iter([batch])))
 

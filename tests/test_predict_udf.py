@@ -136,3 +136,24 @@ def test_a_wrong_model_fails_when_the_udf_is_made_not_inside_a_task(models):
 
     with pytest.raises(ModelLoadError, match="output = 'probabilities'"):
         predict_udf(ModelSpec(path=models["classifier"], input_columns=("f",), num_features=6))
+
+
+def test_the_udf_is_named_after_the_model_in_plans_and_column_names(spark, ctr):
+    df = spark.createDataFrame(ROWS, SCHEMA)
+    scored = df.select(predict_udf(ctr)(*CTR))
+    assert scored.columns == ["sparkscore_ctr(age, purchase_count, price, category_id)"]
+    plan = scored._jdf.queryExecution().executedPlan().toString()
+    assert "sparkscore_ctr(" in plan and "score(" not in plan.replace("sparkscore_ctr(", "")
+
+
+def test_a_nondeterministic_udf_keeps_the_argument_checks_and_scores_the_same(spark, ctr):
+    score = predict_udf(ctr).asNondeterministic()
+    assert score.deterministic is False
+    with pytest.raises(ArgumentCountError, match=r"takes 4 column\(s\)"):
+        score("age")
+    df = spark.createDataFrame(ROWS, SCHEMA)
+    actual = df.select("id", score().alias("p")).select("id", "p.*")
+    expected = df.transform(with_predictions(ctr, keep=["id"]))
+    assert_approx_df_equality(actual, expected, 1e-6, ignore_row_order=True)
+    spark.udf.register("ctr_score_nd", score)
+    assert spark.sql("SELECT ctr_score_nd(30d, 1d, 5d, 1d).error AS e").first()["e"] is None

@@ -88,10 +88,15 @@ class OutputConfig:
 class JobConfig:
     max_error_rate: float | None = None
     quarantine: str | None = None
+    # Rows per Arrow batch between the JVM and Python (spark.sql.execution.arrow.maxRecordsPerBatch),
+    # apart from the model's batch_size: a GPU batch of 32 rows need not mean Arrow batches of 32.
+    arrow_batch_rows: int = 10_000
 
     def __post_init__(self) -> None:
         if self.max_error_rate is not None and not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
+        if self.arrow_batch_rows < 1:
+            raise ValueError(f"arrow_batch_rows must be >= 1, got {self.arrow_batch_rows}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ prediction columns, for ``select`` / ``withColumn`` and, once registered with
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,13 +25,14 @@ from typing import Any
 import pyarrow as pa
 from pyspark import Accumulator, AccumulatorParam
 from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
-from pyspark.sql.types import StructType
+from pyspark.sql.types import StructField, StructType
 
 from udfs import model_cache
 from udfs.core import Scorer, check_model, load_scorer, output_schema, score_batch
 from udfs.device import resolve_device
-from udfs.errors import DeviceError, SparkscoreError
+from udfs.errors import ColumnTypeError, DeviceError, MissingColumnsError, SparkscoreError
 from udfs.features import check_columns
 from udfs.spec import ModelSpec, ResolvedModel, resolve
 
@@ -46,6 +48,58 @@ class ArgumentCountError(SparkscoreError):
 class RowCountError(RuntimeError):
     """A scoring task produced a different number of rows than it read (fails the task, so the
     write is never committed)."""
+
+
+def quoted(name: str) -> Column:
+    """The column called ``name`` exactly, even when the name holds dots or backticks."""
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def _arrow_field(field: StructField, timezone: str) -> pa.Field | None:
+    """The Arrow field Spark hands Python for ``field``, or None when Spark cannot send that type
+    through Arrow (``interval year to month``, ``interval``)."""
+    try:
+        return to_arrow_schema(StructType([field]), timezone=timezone).field(0)
+    except Exception:  # noqa: BLE001 - PySparkTypeError UNSUPPORTED_DATA_TYPE_FOR_ARROW_CONVERSION
+        return None
+
+
+def session_time_zone(df: DataFrame) -> str:
+    return str(df.sparkSession.conf.get("spark.sql.session.timeZone") or "UTC")
+
+
+def feature_schema(df_schema: StructType, input_columns: tuple[str, ...], timezone: str = "UTC") -> pa.Schema:
+    """The Arrow schema of the feature columns only: the other columns never reach the scorer, so
+    their types (timestamps, intervals, variants, maps...) do not matter here."""
+    names = df_schema.names
+    missing = [c for c in input_columns if c not in names]
+    if missing:
+        raise MissingColumnsError(missing, list(names))
+    fields = []
+    for name in dict.fromkeys(input_columns):
+        arrow = _arrow_field(df_schema[name], timezone)
+        if arrow is None:
+            raise ColumnTypeError(
+                f"input column {name!r} has type {df_schema[name].dataType.simpleString()}; features "
+                "must be numeric columns"
+            )
+        fields.append(arrow)
+    return pa.schema(fields)
+
+
+def check_keep_columns(df_schema: StructType, model: ResolvedModel, keep: list[str]) -> None:
+    """The columns to keep exist and none of them is a column scoring adds."""
+    names = df_schema.names
+    missing = [c for c in keep if c not in names]
+    if missing:
+        raise ColumnConflictError(f"columns to keep {missing} are not in the data; it has {names}")
+    clash = [f.name for f in output_schema(model) if f.name in keep]
+    if clash:
+        raise ColumnConflictError(
+            f"the input already has column(s) {clash} that scoring adds; drop or rename them first"
+        )
 
 
 class _DictSum(AccumulatorParam):  # type: ignore[type-arg]
@@ -102,17 +156,31 @@ def check_row_count(batch: pa.RecordBatch, preds: pa.RecordBatch) -> None:
 
 def _score_partitions(
     model: ResolvedModel,
+    names: list[str],
     keep: list[str],
-    out_schema: pa.Schema,
     tracker: Accumulator | None,  # type: ignore[type-arg]
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The mapInArrow body: batches of the columns ``names`` (in that order, under placeholder
+    names) -> the ``keep`` columns as Spark sent them, then the prediction columns."""
+    index = {name: i for i, name in enumerate(names)}
+    positions = [index[name] for name in keep]
+
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         scorer = _task_scorer(model, tracker)
         for batch in rebatch(batches, model.spec.batch_size):
-            preds = score_batch(batch, scorer)
+            named = pa.RecordBatch.from_arrays(batch.columns, names=names)
+            preds = score_batch(named, scorer)
             check_row_count(batch, preds)
-            kept = [batch.column(name) for name in keep]
-            yield pa.RecordBatch.from_arrays(kept + preds.columns, schema=out_schema)
+            # Kept columns go back exactly as Spark sent them: Arrow types, time zones and field
+            # metadata (a variant's) included.
+            kept = [batch.column(i) for i in positions]
+            fields = [
+                batch.schema.field(i).with_name(f"_sparkscore_out_{n}") for n, i in enumerate(positions)
+            ]
+            fields += [
+                f.with_name(f"_sparkscore_out_{len(positions) + n}") for n, f in enumerate(preds.schema)
+            ]
+            yield pa.RecordBatch.from_arrays(kept + preds.columns, schema=pa.schema(fields))
 
     return score_partition
 
@@ -137,22 +205,33 @@ def with_predictions(
     """
 
     def transform(df: DataFrame) -> DataFrame:
-        arrow_schema = to_arrow_schema(df.schema)
-        check_columns(arrow_schema, model.spec.input_columns, model.spec.num_features)
+        timezone = session_time_zone(df)
+        features = feature_schema(df.schema, model.spec.input_columns, timezone)
+        check_columns(features, model.spec.input_columns, model.spec.num_features)
         kept = list(df.columns) if keep is None else list(keep)
-        missing = [c for c in kept if c not in df.columns]
-        if missing:
-            raise ColumnConflictError(f"columns to keep {missing} are not in the data; it has {df.columns}")
-        clash = [f.name for f in output_schema(model) if f.name in kept]
-        if clash:
-            raise ColumnConflictError(
-                f"the input already has column(s) {clash} that scoring adds; drop or rename them first"
-            )
+        check_keep_columns(df.schema, model, kept)
         schema = scored_schema(df.schema, model, kept)
-        out_arrow = to_arrow_schema(schema)
-        # Only the input columns the model reads or the output keeps cross into Python.
+        if any(_arrow_field(df.schema[name], timezone) is None for name in kept):
+            # A kept column Spark cannot send through Arrow (interval year to month) stays in the
+            # JVM: the Column UDF takes only the features and its struct is expanded beside it.
+            udf = predict_udf(model, check=False, tracker=tracker)
+            pred = "__sparkscore_prediction"
+            scored = df.select(
+                *[quoted(c) for c in kept], udf(*[quoted(c) for c in model.spec.input_columns]).alias(pred)
+            )
+            outputs = [F.col(f"{pred}.`{f.name}`").alias(f.name) for f in output_schema(model)]
+            return scored.select(*[quoted(c) for c in kept], *outputs)
+        # Only the input columns the model reads or the output keeps cross into Python, under
+        # plain names (mapInArrow cannot resolve a column whose name holds a dot); Python and the
+        # result get the real names back.
         needed = list(dict.fromkeys(kept + list(model.spec.input_columns)))
-        return df.select(*needed).mapInArrow(_score_partitions(model, kept, out_arrow, tracker), schema)
+        plain = [f"_sparkscore_{i}" for i in range(len(needed))]
+        plain_schema = StructType(
+            [StructField(f"_sparkscore_out_{i}", f.dataType, f.nullable) for i, f in enumerate(schema.fields)]
+        )
+        selected = df.select(*[quoted(c).alias(p) for c, p in zip(needed, plain, strict=True)])
+        scored = selected.mapInArrow(_score_partitions(model, needed, kept, tracker), plain_schema)
+        return scored.toDF(*schema.names)
 
     return transform
 
@@ -240,13 +319,15 @@ class ScoringUDF:
         self.deterministic = udf.deterministic
         self.__name__ = udf.__name__
 
-    def asNondeterministic(self) -> Any:
-        return self._udf.asNondeterministic()
+    def asNondeterministic(self) -> ScoringUDF:
+        """The same scoring UDF marked nondeterministic (Spark then never re-evaluates or
+        reorders it), with the same argument checks."""
+        return ScoringUDF(self._udf.asNondeterministic(), self.model)
 
     def __call__(self, *cols: Column | str) -> Column:
         """The prediction struct for these feature columns (default: the ones input_columns names)."""
         if not cols:
-            cols = self.model.spec.input_columns
+            cols = tuple(quoted(c) for c in self.model.spec.input_columns)
         if len(cols) != len(self.model.spec.input_columns):
             raise ArgumentCountError(_arity_message(self.model, len(cols)))
         return self._udf(*cols)
@@ -276,16 +357,27 @@ def predict_udf(
     if arrow_udf is not None:
         fn = _score_arrays(resolved, tracker)
         _iterator_hints(fn, pa.Array, pa.Array, width)
-        udf = arrow_udf(fn, return_type)
     else:
         import pandas as pd
-        from pyspark.sql.functions import pandas_udf
 
         fn = _score_series(resolved, tracker)
         _iterator_hints(fn, pd.Series, pd.DataFrame, width)
+    # Spark names the UDF in plans and in the default column name after the function, so it is
+    # named before the UDF is made: `sparkscore_ctr(age, ...)`, not `score(...)`.
+    fn.__name__ = udf_name(resolved)
+    fn.__qualname__ = fn.__name__
+    if arrow_udf is not None:
+        udf = arrow_udf(fn, return_type)
+    else:
+        from pyspark.sql.functions import pandas_udf
+
         udf = pandas_udf(fn, return_type)  # type: ignore[call-overload]
-    fn.__name__ = f"predict_{resolved.name}"
     return ScoringUDF(udf, resolved)
+
+
+def udf_name(model: ResolvedModel) -> str:
+    """``sparkscore_<model name>`` with anything but letters, digits and _ turned into _."""
+    return "sparkscore_" + re.sub(r"\W", "_", model.name)
 
 
 def _iterator_hints(fn: Callable[..., Any], column: type, result: type, width: int) -> None:
