@@ -96,7 +96,9 @@ def test_quarantine_holds_exactly_the_bad_rows_with_reasons(spark, models, table
 @pytest.mark.spark
 def test_quarantine_mode_still_checks_the_columns_to_keep(models, table, tmp_path, capsys):
     cfg = write_config(tmp_path, models["torchscript"])
-    cfg.write_text(cfg.read_text().replace('keep_columns = ["user_id"]', 'keep_columns = ["user_id", "nope"]'))
+    cfg.write_text(
+        cfg.read_text().replace('keep_columns = ["user_id"]', 'keep_columns = ["user_id", "nope"]')
+    )
     assert run_job("--config", str(cfg), "--quarantine", str(tmp_path / "q")) == 2
     err = capsys.readouterr().err.strip()
     assert "columns to keep ['nope'] are not in the data" in err and len(err.splitlines()) == 1

@@ -40,7 +40,20 @@ TYPED = """
 """
 # Variant has no equality in Spark and PySpark cannot collect interval year to month: they are
 # compared as text.
-COMPARABLE = ["id", "d", "ts", "tsn", "dec", "bin", "m", "st", "dti", "cast(ymi as string) as ymi", "`a.b`", "to_json(v) as v"]
+COMPARABLE = [
+    "id",
+    "d",
+    "ts",
+    "tsn",
+    "dec",
+    "bin",
+    "m",
+    "st",
+    "dti",
+    "cast(ymi as string) as ymi",
+    "`a.b`",
+    "to_json(v) as v",
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +116,9 @@ def test_a_feature_column_whose_name_has_a_dot_is_read_as_that_column(spark, mod
 
 
 def test_udf_scores_beside_every_type(spark, ctr, typed):
-    scored = typed.selectExpr(*COMPARABLE, *CTR).select("*", predict_udf(ctr)(*CTR).prediction.alias("prediction"))
+    scored = typed.selectExpr(*COMPARABLE, *CTR).select(
+        "*", predict_udf(ctr)(*CTR).prediction.alias("prediction")
+    )
     assert_df_equality(
         scored.select("id", "prediction"), scores(spark, ctr), ignore_row_order=True, ignore_nullable=True
     )
