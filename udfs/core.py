@@ -21,6 +21,7 @@ from udfs.device import resolve_device, set_threads, task_threads
 from udfs.errors import ModelLoadError, whole_sentences
 from udfs.features import Features, extract_features
 from udfs.onnx_engine import OnnxModel
+from udfs.pyfunc_engine import PyfuncModel
 from udfs.spec import ResolvedModel
 
 PREDICTION = "prediction"
@@ -145,6 +146,11 @@ class Scorer:
         module = self.modules[index]
         name = self.model.members[index].name
         if isinstance(module, OnnxModel):
+            scores = module.run(
+                x, columns=spec.input_columns, batch_size=spec.batch_size, activation=spec.activation
+            )
+            return member_output(scores, name, spec.output)
+        if isinstance(module, PyfuncModel):
             scores = module.run(
                 x, columns=spec.input_columns, batch_size=spec.batch_size, activation=spec.activation
             )
@@ -292,6 +298,22 @@ def score_batch(
     ``pool`` runs ensemble members in parallel (see :meth:`Scorer.predict`).
     """
     spec = scorer.model.spec
+    engine = scorer.modules[0]
+    if isinstance(engine, PyfuncModel) and not scorer.model.is_ensemble:
+        # pandas in, pandas out: string columns reach the model as they are (udfs.pyfunc_engine).
+        feats, data = engine.extract(batch, spec.input_columns, spec.num_features)
+        pred = None
+        if len(data):
+            y = engine.run_input(data, batch_size=spec.batch_size, activation=spec.activation)
+            values = member_output(y, scorer.model.members[0].name, spec.output)
+            pred = (
+                Prediction(values.astype(np.float64))
+                if spec.output == "score"
+                else Prediction(values, values.argmax(axis=1).astype(np.int32))
+            )
+        return pa.RecordBatch.from_arrays(
+            assemble(scorer.model, feats, pred), schema=output_schema(scorer.model)
+        )
     feats = extract_features(batch, spec.input_columns, spec.num_features)
     pred = scorer.predict(feats.matrix, pool=pool) if len(feats.matrix) else None
     return pa.RecordBatch.from_arrays(assemble(scorer.model, feats, pred), schema=output_schema(scorer.model))
@@ -303,7 +325,7 @@ def check_model(model: ResolvedModel) -> None:
     spec = model.spec
     width = spec.num_features if spec.num_features is not None else len(spec.input_columns)
     modules = tuple(
-        model_cache.load_module(model_cache.locate(m.path), m.format, "cpu") for m in model.members
+        model_cache.load_module(model_cache.member_path(m), m.format, "cpu") for m in model.members
     )
     probe = Scorer(model=model, device="cpu", modules=modules)
     for i, m in enumerate(model.members):
@@ -315,7 +337,16 @@ def check_model(model: ResolvedModel) -> None:
                 "dynamic_shapes=({0: torch.export.Dim('batch')},))"
             )
         try:
-            probe.run_member(i, np.zeros((1, width), dtype=np.float32))
+            module = modules[i]
+            if isinstance(module, PyfuncModel) and not model.is_ensemble:
+                probe_input = module.probe(spec.input_columns, width)
+                member_output(
+                    module.run_input(probe_input, batch_size=1, activation=spec.activation),
+                    m.name,
+                    spec.output,
+                )
+            else:
+                probe.run_member(i, np.zeros((1, width), dtype=np.float32))
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any torch error here is a spec/model mismatch

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from udfs import model_store
 from udfs.errors import ModelLoadError, whole_sentences
 from udfs.spec import ResolvedMember, file_hash
 
@@ -65,13 +66,39 @@ def locate(path: str) -> str:
     )
 
 
+def member_path(member: ResolvedMember) -> str:
+    """The local path to load ``member`` from: a model from a store is fetched into this host's cache
+    (once per host, checked against the driver's hash); a file is located as given."""
+    if member.store is None:
+        return locate(member.path)
+    local = model_store.fetch(member.store)
+    for code in member.store.code_paths:
+        _add_code_path(str(local / code))
+    return model_store.model_path(member.store, local)
+
+
+def _add_code_path(path: str) -> None:
+    """Put the code an MLflow model was logged with (code_paths) on sys.path, once."""
+    import sys
+
+    if os.path.isdir(path) and path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def load_module(path: str, fmt: str, device: str) -> Any:
     """Load a TorchScript or torch.export program onto ``device`` in eval mode (an ONNX model as an
-    ONNX Runtime session)."""
+    ONNX Runtime session, an MLflow pyfunc model as a :class:`udfs.pyfunc_engine.PyfuncModel`, a
+    pickled PyTorch ``nn.Module`` from MLflow's pytorch flavor with ``fmt='pytorch'``)."""
     if fmt == "onnx":
         from udfs import onnx_engine
 
         return onnx_engine.load(path, device)
+    if fmt == "pyfunc":
+        from udfs import pyfunc_engine
+
+        return pyfunc_engine.load(path)
+    if fmt == "pytorch":
+        return load_pickled(path, device)
     import torch
 
     def _jit() -> Any:
@@ -106,6 +133,49 @@ def load_module(path: str, fmt: str, device: str) -> Any:
     return module
 
 
+def load_pickled(path: str, device: str) -> Any:
+    """A PyTorch model MLflow saved with ``serialization_format='pickle'``: a TorchScript module
+    (torch.save writes a TorchScript archive: loaded with ``torch.jit.load``, no pickle) or a pickled
+    ``nn.Module``, whose class must be importable here. Unpickling runs code from the file, so it
+    follows MLflow's own switch, ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (MLflow 3.17 allows it by
+    default; set it to false to refuse pickles)."""
+    import torch
+
+    try:
+        module = torch.jit.load(path, map_location=device)
+        module.eval()
+        return module
+    except Exception:  # noqa: BLE001 - not a TorchScript archive: a pickled module
+        pass
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+
+    if not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():
+        raise ModelLoadError(
+            f"model {path!r} is a pickled PyTorch nn.Module (MLflow serialization_format='pickle') and "
+            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false; log it with serialization_format='pt2' "
+            "(torch.export), or set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true where the job runs if you trust it"
+        )
+    from mlflow.pytorch import pickle_module
+
+    try:
+        module = torch.load(path, map_location=device, weights_only=False, pickle_module=pickle_module)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"pickled PyTorch model {path!r} needs code that is not importable here ({exc}); log it with "
+            "code_paths=[...] or install the package that defines its nn.Module on every node"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ...
+        reason = whole_sentences(str(exc)) or type(exc).__name__
+        raise ModelLoadError(f"pickled PyTorch model {path!r} could not be loaded: {reason}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(
+            f"pickled PyTorch model {path!r} holds a {type(module).__name__}, not an nn.Module; log the "
+            "module itself, or export it with torch.export (serialization_format='pt2')"
+        )
+    module.eval()
+    return module
+
+
 def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> Any:
     """The loaded torch module for one model file on ``device``, loading it at most once."""
     key = (member.content_hash, device)
@@ -113,10 +183,10 @@ def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> An
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        path = locate(member.path)
+        path = member_path(member)
         # The driver hashed the file; a different file on this host would give
-        # predictions under the wrong version, so refuse it.
-        if file_hash(path) != member.content_hash:
+        # predictions under the wrong version, so refuse it (a store's fetch checked its own).
+        if member.store is None and file_hash(path) != member.content_hash:
             raise ModelLoadError(
                 f"model file {path!r} on this host differs from the one the driver checked "
                 f"(version {member.version}); ship the same file to every node"

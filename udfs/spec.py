@@ -17,7 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from udfs import model_store
 from udfs.errors import ConfigError, ModelLoadError
+from udfs.model_store import StoreRef
 
 OutputKind = Literal["score", "probabilities"]
 Activation = Literal["none", "sigmoid", "softmax"]
@@ -50,10 +52,13 @@ class ModelSpec:
     """One model or an ensemble, as configured by the user (``[model]`` in a TOML config).
 
     ``input_columns`` is either a single fixed-length ``array<float>`` column
-    (then ``num_features`` says its length) or a list of numeric columns.
+    (then ``num_features`` says its length) or a list of numeric columns. ``path`` is a model
+    file or a model URI (``models:/ctr@champion``, ``s3://...``: see :mod:`udfs.model_store`);
+    an MLflow model's signature fills ``input_columns`` (and ``num_features``) when they are
+    left out, and is checked against them when they are given.
     """
 
-    input_columns: tuple[str, ...]
+    input_columns: tuple[str, ...] = ()
     path: str | None = None
     name: str = "model"
     version: str | None = None
@@ -70,10 +75,17 @@ class ModelSpec:
     quorum: int | None = None  # members that must answer; default all
     member_timeout_ms: float | None = None  # per member, where members run in parallel
     member_outputs: bool = False  # add each member's prediction as its own column
+    # Models from MLflow / object storage (udfs.model_store).
+    registry_uri: str | None = (
+        None  # default: MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI / sqlite:///mlflow.db
+    )
+    cache_dir: str | None = None  # per-host download cache; default $SPARKSCORE_MODEL_CACHE or ~/.cache
 
     def __post_init__(self) -> None:
-        if not self.input_columns:
-            raise ValueError("input_columns must name at least one column")
+        if not self.input_columns and not (self.path and model_store.is_store_uri(self.path)):
+            raise ValueError(
+                "input_columns must name at least one column (only an MLflow model's signature can fill it)"
+            )
         if len(set(self.input_columns)) != len(self.input_columns):
             raise ValueError(f"input_columns has duplicates: {list(self.input_columns)}")
         if self.batch_size < 1:
@@ -155,6 +167,7 @@ class ResolvedMember:
     version: str
     format: str
     weight: float
+    store: StoreRef | None = None  # a model from MLflow / object storage: where executors fetch it
 
 
 @dataclass(frozen=True)
@@ -227,11 +240,29 @@ def ensemble_version(members: tuple[ResolvedMember, ...], combiner: str) -> str:
 
 
 def resolve(spec: ModelSpec) -> ResolvedModel:
-    """Check every model file exists, hash it and fix the versions (driver side)."""
+    """Check every model file exists, hash it and fix the versions (driver side).
+
+    A model URI is resolved here, once: the registry is asked, an alias becomes a version, the
+    artifacts are downloaded into this host's cache and hashed (:func:`udfs.model_store.resolve_ref`).
+    """
     specs = spec.member_specs
     total = sum(m.weight for m in specs)
     members = []
     for m in specs:
+        if model_store.is_store_uri(m.path):
+            ref, _ = model_store.resolve_ref(m.path, registry_uri=spec.registry_uri, cache_dir=spec.cache_dir)
+            members.append(
+                ResolvedMember(
+                    name=m.name,
+                    path=m.path,
+                    content_hash=ref.content_hash,
+                    version=m.version or ref.version,
+                    format=ref.format if m.format == "auto" else m.format,
+                    weight=m.weight / total,
+                    store=ref,
+                )
+            )
+            continue
         _check_file(m.path)
         digest = file_hash(m.path)
         members.append(
@@ -245,8 +276,67 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
             )
         )
     resolved = tuple(members)
+    if not spec.is_ensemble and resolved[0].store is not None:
+        spec = fill_from_signature(spec, resolved[0].store)
+    elif not spec.input_columns:
+        raise ConfigError("input_columns must name at least one column for an ensemble")
     version = ensemble_version(resolved, spec.combiner) if spec.is_ensemble else resolved[0].version
     return ResolvedModel(spec=spec, version=version, members=resolved)
+
+
+def fill_from_signature(spec: ModelSpec, ref: StoreRef) -> ModelSpec:
+    """The spec with ``input_columns`` / ``num_features`` filled from the model's MLflow signature,
+    or checked against it when the config gives them; one sentence when they do not fit."""
+    sig = model_store.parse_signature(ref)
+    where = f"model {ref.describe}"
+    if sig is None:
+        if not spec.input_columns:
+            raise ModelLoadError(
+                f"{where} was logged without a signature; set input_columns (and num_features for an "
+                "array column) in [model], or log it with a signature"
+            )
+        return spec
+    if sig.output_width is not None and sig.output_width > 1 and spec.output == "score":
+        raise ModelLoadError(
+            f"{where} returns {sig.output_width} values per row by its signature; set output = 'probabilities'"
+        )
+    if sig.columns:
+        if not spec.input_columns:
+            return replace(spec, input_columns=sig.columns)
+        unknown = [c for c in spec.input_columns if c not in sig.columns]
+        absent = [c for c in sig.columns if c not in spec.input_columns]
+        if unknown or absent:
+            raise ModelLoadError(
+                f"{where} takes columns {list(sig.columns)} by its signature, but input_columns is "
+                f"{list(spec.input_columns)}; drop input_columns to use the signature's, or match it"
+            )
+        return spec
+    width = sig.tensor_width
+    if width is None:
+        if not spec.input_columns:
+            raise ModelLoadError(
+                f"{where} has a tensor signature without a fixed width; set input_columns (and num_features)"
+            )
+        return spec
+    if not spec.input_columns:
+        raise ModelLoadError(
+            f"{where} takes one [batch, {width}] tensor by its signature, which names no columns; set "
+            f"input_columns to one array column (num_features is filled from the signature) or {width} "
+            "numeric columns"
+        )
+    if len(spec.input_columns) == 1 and width > 1:
+        if spec.num_features not in (None, width):
+            raise ModelLoadError(
+                f"{where} takes {width} features by its signature, but num_features = {spec.num_features}"
+            )
+        return replace(spec, num_features=width)
+    got = spec.num_features or len(spec.input_columns)
+    if got != width:
+        raise ModelLoadError(
+            f"{where} takes {width} features by its signature, but the config gives {got} "
+            f"(input_columns = {list(spec.input_columns)})"
+        )
+    return spec
 
 
 def with_overrides(
@@ -260,7 +350,7 @@ def with_overrides(
     if path is None:
         return spec
     if not path:
-        raise ConfigError("--model must name a file")
+        raise ConfigError("--model must name a model file or URI")
     if spec.is_ensemble:
         raise ConfigError(
             "--model replaces a single model; this config is an ensemble, edit [[model.members]]"
@@ -268,5 +358,6 @@ def with_overrides(
     if spec.path == path:
         return spec
     # A new file drops the pinned version; a known suffix decides its format again.
-    fmt = spec.format if model_format(path) == "auto" else "auto"
+    # A URI's format comes from its MLflow flavor or suffix.
+    fmt = spec.format if model_format(path) == "auto" and not model_store.is_store_uri(path) else "auto"
     return replace(spec, path=path, version=None, format=fmt)
