@@ -105,6 +105,64 @@ def test_partitioned_output_overwrite_replaces_only_the_partitions_written(
         assert partitions == ["ds"]
 
 
+@pytest.fixture(scope="module")
+def poison_model(tmp_path_factory) -> str:
+    """A model whose call fails (and with it the scoring task) on a batch holding age == 666."""
+    import torch
+
+    class Poison(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x[:, 0] == 666.0).any()):
+                raise RuntimeError("poisoned batch")
+            return x.sum(dim=1, keepdim=True)
+
+    path = tmp_path_factory.mktemp("poison") / "poison.pt"
+    torch.jit.save(torch.jit.script(Poison()), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("target", ["path", "table"])
+def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(
+    spark, models, poison_model, tmp_path, target
+):
+    rows = [(i, 30.0 + i, 1.0, 5.0, 1.0) for i in range(20)]
+    schema = "user_id long, age double, purchase_count double, price double, category_id double"
+    spark.createDataFrame(rows, schema).write.parquet(str(tmp_path / "good"))
+    spark.createDataFrame([*rows, (99, 666.0, 1.0, 1.0, 1.0)], schema).write.parquet(str(tmp_path / "bad"))
+    name = f"{DB}.overwritten_{target}"
+    out = f'table = "{name}"' if target == "table" else f'path = "{tmp_path / "preds"}"'
+    out += '\nkeep_columns = ["user_id"]\nmode = "overwrite"'
+    good = config(tmp_path, poison_model, input=f'path = "{tmp_path / "good"}"', output=out)
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {DB}")
+    assert run_job(good) == 0
+
+    def read():
+        return spark.table(name) if target == "table" else spark.read.parquet(str(tmp_path / "preds"))
+
+    before = sorted(read().collect())
+    assert len(before) == 20
+    bad = config(tmp_path, poison_model, input=f'path = "{tmp_path / "bad"}"', output=out, name="bad.toml")
+    with pytest.raises(Exception, match="poisoned batch"):
+        run_job(bad)
+    if target == "table":
+        spark.catalog.refreshTable(name)
+    assert sorted(read().collect()) == before
+    # Nothing staged is left beside the output.
+    parent = (
+        tmp_path
+        if target == "path"
+        else Path(spark.conf.get("spark.sql.warehouse.dir").removeprefix("file:"))
+    )
+    assert not [p.name for p in parent.rglob("*sparkscore-*")]
+    # A run that succeeds replaces the output whole.
+    again = config(
+        tmp_path, models["torchscript"], input=f'path = "{tmp_path / "good"}"', output=out, name="again.toml"
+    )
+    assert run_job(again) == 0
+    assert read().count() == 20 and read().filter("error is not null").count() == 0
+    assert sorted(read().collect()) != before
+
+
 def test_append_adds_rows_to_an_existing_table(spark, models, events, tmp_path, capsys):
     out = f'table = "{DB}.appended"\nkeep_columns = ["user_id", "ds"]'
     cfg = config(tmp_path, models["torchscript"], input=f'table = "{DB}.events"', output=out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -291,18 +292,89 @@ def _dynamic_partition_overwrite(spark: SparkSession) -> Iterator[None]:
                 spark.conf.set(k, old)
 
 
-def _exists(spark: SparkSession, path: str) -> bool:
+def _fs(spark: SparkSession, path: str) -> tuple[object, object]:
+    """(Hadoop FileSystem, Path) for ``path``."""
     jvm = spark.sparkContext._jvm
     assert jvm is not None
     p = jvm.org.apache.hadoop.fs.Path(path)
-    return bool(p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(p))  # type: ignore[union-attr]
+    return p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), p  # type: ignore[union-attr]
+
+
+def _exists(spark: SparkSession, path: str) -> bool:
+    fs, p = _fs(spark, path)
+    return bool(fs.exists(p))  # type: ignore[attr-defined]
 
 
 def _delete(spark: SparkSession, path: str) -> None:
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(p, True)  # type: ignore[union-attr]
+    fs, p = _fs(spark, path)
+    fs.delete(p, True)  # type: ignore[attr-defined]
+
+
+def _rename(spark: SparkSession, src: str, dst: str) -> None:
+    fs, p = _fs(spark, src)
+    _, q = _fs(spark, dst)
+    if not fs.rename(p, q):  # type: ignore[attr-defined]
+        raise OSError(f"could not rename {src} to {dst}")
+
+
+def _beside(path: str, what: str) -> str:
+    """A sibling of ``path`` (same filesystem, so a rename is a metadata operation)."""
+    return f"{path.rstrip('/')}.sparkscore-{what}-{uuid.uuid4().hex[:12]}"
+
+
+def swap_in(spark: SparkSession, staged: str, target: str) -> None:
+    """Replace ``target`` by the complete ``staged`` output: two renames, then the old copy goes.
+
+    Until the first rename the old output is untouched; a failure between the two renames leaves it
+    whole beside the target (the error names where).
+    """
+    aside = _beside(target, "previous")
+    _rename(spark, target, aside)
+    try:
+        _rename(spark, staged, target)
+    except BaseException:
+        try:
+            _rename(spark, aside, target)
+        except Exception:  # noqa: BLE001 - reported below, the old output is intact at `aside`
+            raise OSError(f"the previous output of {target} is intact at {aside}; move it back") from None
+        raise
+    _delete(spark, aside)
+
+
+def _table_location(spark: SparkSession, table: str) -> tuple[str, str]:
+    """(provider, location) of a catalog table."""
+    info = {r["col_name"]: r["data_type"] for r in spark.sql(f"DESCRIBE TABLE EXTENDED {table}").collect()}
+    return str(info.get("Provider", "")).lower(), str(info.get("Location", ""))
+
+
+def _is_partitioned(spark: SparkSession, table: str) -> bool:
+    return any(c.isPartition for c in spark.catalog.listColumns(table))
+
+
+def _overwrite_table_atomically(df: DataFrame, table: str) -> None:
+    """An unpartitioned file table replaced whole: Spark's insertInto would delete its files before
+    the scoring job runs, so the run writes a complete copy beside the table's folder and swaps."""
+    spark = df.sparkSession
+    provider, location = _table_location(spark, table)
+    columns = spark.table(table).columns
+    staged = _beside(location, "staging")
+    if provider in ("parquet", "orc", "json", "csv", "avro", "text"):
+        try:
+            df.select(*columns).write.format(provider).save(staged)
+            swap_in(spark, staged, location)
+        finally:
+            if _exists(spark, staged):
+                _delete(spark, staged)
+        spark.catalog.refreshTable(table)
+        return
+    # A Hive-format table: score completely into a staging copy first, so a failed scoring task
+    # leaves the table as it was; only the final copy replaces its files.
+    try:
+        df.write.parquet(staged)
+        spark.read.parquet(staged).select(*columns).write.insertInto(table, overwrite=True)
+    finally:
+        if _exists(spark, staged):
+            _delete(spark, staged)
 
 
 def write_output(df: DataFrame, out: OutputConfig) -> None:
@@ -310,7 +382,9 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
 
     An existing table gets ``insertInto`` (columns matched by name first); a new one is created
     with ``saveAsTable``. A path that a failed write created is removed again, so a rerun does not
-    stop on "already exists".
+    stop on "already exists". ``overwrite`` never removes the old output before the new one is
+    complete: partitions are replaced by Spark's dynamic partition overwrite (staged, then moved),
+    an unpartitioned path or file table is written beside it and swapped in.
     """
     from pyspark.errors import AnalysisException
 
@@ -320,6 +394,9 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
             if spark.catalog.tableExists(out.table):
                 if out.mode == "errorifexists":
                     raise OutputExistsError(f"output table {out.table!r} already exists")
+                if out.mode == "overwrite" and not _is_partitioned(spark, out.table):
+                    _overwrite_table_atomically(df, out.table)
+                    return
                 columns = spark.table(out.table).columns
                 df.select(*columns).write.insertInto(out.table, overwrite=out.mode == "overwrite")
                 return
@@ -332,15 +409,19 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
             return
         assert out.path is not None
         fmt = out.format or "parquet"
-        writer = df.write.format(fmt).mode(out.mode).options(**out.options)
+        existed = _exists(spark, out.path)
+        swap = out.mode == "overwrite" and not out.partition_by and existed
+        target = _beside(out.path, "staging") if swap else out.path
+        writer = df.write.format(fmt).mode("errorifexists" if swap else out.mode).options(**out.options)
         if out.partition_by:
             writer = writer.partitionBy(*out.partition_by)
-        existed = _exists(spark, out.path)
         try:
-            writer.save(out.path)
+            writer.save(target)
+            if swap:
+                swap_in(spark, target, out.path)
         except BaseException as exc:
-            if not existed and _exists(spark, out.path):
-                _delete(spark, out.path)
+            if (swap or not existed) and _exists(spark, target):
+                _delete(spark, target)
             if isinstance(exc, AnalysisException) and "PATH_ALREADY_EXISTS" in _condition(exc):
                 raise OutputExistsError(
                     f"output path {out.path!r} already exists; pass --mode overwrite or choose another path"
