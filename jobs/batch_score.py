@@ -86,8 +86,7 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
 def run(cfg: BatchConfig) -> Summary:
     """Score ``cfg.input`` into ``cfg.output``; returns the run's counts."""
     from udfs.batch import check_local_paths, check_output_target, observe_rows, read_input, write_scored
-    from udfs.core import check_model, output_schema
-    from udfs.features import check_columns
+    from udfs.core import check_input, check_model, output_schema
     from udfs.session import build_session
     from udfs.spark import (
         check_device,
@@ -108,8 +107,8 @@ def run(cfg: BatchConfig) -> Summary:
 
     # Everything a run can be refused for is checked before a row of data is read.
     df = read_input(spark, cfg.input)
-    features = feature_schema(df.schema, model.spec.input_columns, session_time_zone(df))
-    check_columns(features, model.spec.input_columns, model.spec.num_features)
+    features = feature_schema(df.schema, model.spec.columns, session_time_zone(df))
+    check_input(features, model)
     keep = list(cfg.output.keep_columns) or list(df.columns)
     # Checked here too: in quarantine mode the transform keeps every column, so it would not.
     check_keep_columns(df.schema, model, keep)

@@ -61,7 +61,7 @@ def check_event_schema(schema: StructType, *, user_id: str, timestamp: str, mode
         raise ConfigError(
             f"[events] field {timestamp!r} must be TIMESTAMP for event-time windows, got {schema[timestamp].dataType.simpleString()}"
         )
-    missing = [c for c in model.spec.input_columns if c not in names]
+    missing = [c for c in model.spec.columns if c not in names]
     if missing:
         raise ConfigError(f"model input columns {missing} are not fields of the event schema; it has {names}")
     clash = [c for c in output_schema(model).names if c in names]

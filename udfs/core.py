@@ -7,6 +7,7 @@ the same prediction, and a bad row the same error reason, on every path.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Executor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,12 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from udfs import model_cache
+from udfs import engines, model_cache
 from udfs.device import resolve_device, set_threads, task_threads
 from udfs.errors import ModelLoadError, whole_sentences
-from udfs.features import Features, extract_features
+from udfs.features import Features, check_columns, extract_features
 from udfs.onnx_engine import OnnxModel
 from udfs.pyfunc_engine import PyfuncModel
+from udfs.signature import OutputSpec, Signature, check_schema, decode_arrow, lengths_of, take
 from udfs.spec import ResolvedModel
 
 PREDICTION = "prediction"
@@ -34,8 +36,33 @@ MISSING_MEMBERS = "missing_members"
 MEMBER_PREFIX = "member_"
 
 
+MODEL_ERROR = "model error: "
+
+
 class QuorumError(RuntimeError):
     """Fewer ensemble members answered than the quorum needs."""
+
+
+class _Stats:
+    """What this process's bisections cost: rows that got a model error, and the extra model calls
+    made to find them (the Spark wrappers and the scorer's metrics report these)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.model_errors = 0
+        self.bisect_calls = 0
+
+    def add(self, model_errors: int, bisect_calls: int) -> None:
+        with self._lock:
+            self.model_errors += model_errors
+            self.bisect_calls += bisect_calls
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.model_errors, self.bisect_calls
+
+
+STATS = _Stats()
 
 
 def short_reason(exc: BaseException) -> str:
@@ -47,9 +74,25 @@ def short_reason(exc: BaseException) -> str:
     return line if "Error" in line else f"{type(exc).__name__}: {line}"
 
 
+# The column type of each output kind (typed signatures).
+OUTPUT_TYPES = {
+    "score": pa.float64(),
+    "probabilities": pa.list_(pa.float32()),
+    "label": pa.int32(),
+    "vector": pa.list_(pa.float32()),
+}
+
+
 def output_schema(model: ResolvedModel) -> pa.Schema:
     """The columns :func:`score_batch` adds, in order."""
     spec = model.spec
+    sig = spec.signature
+    if sig is not None:
+        fields = [pa.field(o.name, OUTPUT_TYPES[o.kind]) for o in sig.outputs]
+        fields += [pa.field(MODEL_VERSION, pa.string()), pa.field(ERROR, pa.string())]
+        if model.is_ensemble:
+            fields += [pa.field(DEGRADED, pa.bool_()), pa.field(MISSING_MEMBERS, pa.string())]
+        return pa.schema(fields)
     if spec.output == "score":
         fields = [pa.field(PREDICTION, pa.float64())]
     else:
@@ -125,6 +168,95 @@ def member_output(y: np.ndarray, name: str, output: str) -> np.ndarray:
     return y
 
 
+@dataclass(frozen=True)
+class TypedPrediction:
+    """A typed model's (or ensemble's) outputs for some good rows, by output name."""
+
+    values: dict[str, np.ndarray]
+    missing: tuple[str, ...] = ()
+
+
+def typed_output(o: OutputSpec, y: np.ndarray, rows: int, model: str) -> np.ndarray:
+    """One model output as ``o`` wants it: score (rows,) float64; probabilities / vector (rows, k)
+    float32; label: the class scores (rows, k) float32, or the labels (rows,) when the model gives them."""
+    where = f"model {model!r}, output {o.name!r}"
+    if len(y) != rows:
+        raise ValueError(f"{where}: the model returned {len(y)} rows for {rows}")
+    if o.kind == "label" and (y.ndim == 1 or not np.issubdtype(y.dtype, np.floating)):
+        return y.reshape(rows).astype(np.int64)
+    y = np.asarray(y, dtype=np.float32) if y.dtype != np.float64 else y
+    if o.activation != "none":
+        from udfs.onnx_engine import apply_activation
+
+        y = apply_activation(y, o.activation)
+    if o.kind == "score":
+        if o.index is not None:
+            if y.ndim != 2 or o.index >= y.shape[1]:
+                raise ValueError(
+                    f"{where}: index {o.index} needs a [batch, classes] output, got shape {list(y.shape)}"
+                )
+            return y[:, o.index].astype(np.float64)
+        if y.size != rows:
+            raise ValueError(
+                f"{where} is a score but the model returns shape {list(y.shape)}; use kind = 'vector' "
+                "or 'probabilities', or index to take one column"
+            )
+        return y.reshape(rows).astype(np.float64)
+    if y.ndim < 2:
+        raise ValueError(f"{where} ({o.kind}) needs a [batch, n] output, got shape {list(y.shape)}")
+    return np.ascontiguousarray(y.reshape(rows, -1), dtype=np.float32)
+
+
+def combine_typed(model: ResolvedModel, outputs: dict[str, dict[str, np.ndarray]]) -> TypedPrediction:
+    """Combine the answering members' outputs, output by output.
+
+    ``weighted_mean``: the weighted mean (weights renormalised over the members that answered) of
+    scores, probabilities, vectors (e.g. embeddings), and of the class scores a label is the argmax
+    of. ``majority_vote``: each member's label (argmax) is a vote; a probabilities output becomes each
+    class's share of the weighted votes (scores and vectors cannot be voted on: a config error).
+    """
+    sig = model.spec.signature
+    assert sig is not None
+    answered = [m for m in model.members if m.name in outputs]
+    missing = tuple(m.name for m in model.members if m.name not in outputs)
+    total = sum(m.weight for m in answered)
+    weights = {m.name: (m.weight / total if total > 0 else 1 / len(answered)) for m in answered}
+    combined: dict[str, np.ndarray] = {}
+    for o in sig.outputs:
+        arrays = {m.name: outputs[m.name][o.name] for m in answered}
+        first = arrays[answered[0].name]
+        if model.spec.combiner == "majority_vote":
+            labels = {n: (a.argmax(axis=1) if a.ndim == 2 else a).astype(np.int64) for n, a in arrays.items()}
+            classes = (
+                first.shape[1]
+                if first.ndim == 2
+                else int(max(int(v.max(initial=0)) for v in labels.values())) + 1
+            )
+            rows = len(first)
+            votes = np.zeros((rows, classes))
+            share = np.zeros((rows, classes))
+            idx = np.arange(rows)
+            for n, lab in labels.items():
+                votes[idx, lab] += 1
+                share[idx, lab] += weights[n]
+            combined[o.name] = (
+                (votes + 0.5 * share).argmax(axis=1) if o.kind == "label" else share.astype(np.float32)
+            )
+        elif o.kind == "label" and first.ndim == 1:
+            combined[o.name] = first  # labels given by the model: a mean of labels means nothing
+        else:
+            mean = sum(weights[n] * a.astype(np.float64) for n, a in arrays.items())
+            combined[o.name] = np.asarray(mean, dtype=first.dtype)
+    return TypedPrediction(combined, missing)
+
+
+def finish_output(o: OutputSpec, y: np.ndarray) -> np.ndarray:
+    """A combined output as its column holds it (a label is the argmax of class scores)."""
+    if o.kind == "label":
+        return (y.argmax(axis=1) if y.ndim == 2 else y).astype(np.int32)
+    return y
+
+
 @dataclass
 class Scorer:
     """Loaded model(s) bound to a device: what executors and the server hold."""
@@ -160,8 +292,10 @@ class Scorer:
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), spec.batch_size):
-                # One host->device copy per chunk; the model never writes to its input.
-                t = torch.from_numpy(x[start : start + spec.batch_size]).to(self.device)
+                chunk = x[start : start + spec.batch_size]
+                # A CPU tensor would share the caller's buffer (an Arrow column the output keeps, the
+                # next member's input): a model that writes into its input gets its own copy.
+                t = torch.from_numpy(chunk.copy() if self.device == "cpu" else chunk).to(self.device)
                 y = module(t)
                 if isinstance(y, (tuple, list)):
                     y = y[0]
@@ -181,18 +315,25 @@ class Scorer:
         A member that fails or times out is dropped while ``quorum`` members
         still answer; below quorum this raises :class:`QuorumError`.
         """
-        members = self.model.members
         if not self.model.is_ensemble:
             values = self.run_member(0, x)
             if self.model.spec.output == "score":
                 return Prediction(values.astype(np.float64))
             return Prediction(values, values.argmax(axis=1).astype(np.int32))
-        outputs: dict[str, np.ndarray] = {}
+        outputs = self.run_members(lambda i: self.run_member(i, x), pool)
+        return combine(self.model, outputs)
+
+    def run_members(self, fn: Any, pool: Executor | None) -> dict[str, Any]:
+        """``fn(i)`` for every member: one after another, or in parallel on ``pool`` with
+        ``member_timeout_ms``. Failing members are dropped while ``quorum`` still answer; below it
+        this raises :class:`QuorumError`."""
+        members = self.model.members
+        outputs: dict[str, Any] = {}
         failures: dict[str, str] = {}
         if pool is None:
             for i, m in enumerate(members):
                 try:
-                    outputs[m.name] = self.run_member(i, x)
+                    outputs[m.name] = fn(i)
                 except Exception as exc:  # noqa: BLE001 - a failing member degrades, quorum decides
                     failures[m.name] = short_reason(exc)
         else:
@@ -200,9 +341,9 @@ class Scorer:
             # Each member's clock starts when it starts running, not while it waits for a pool thread.
             started: list[float | None] = [None] * len(members)
 
-            def run(i: int) -> np.ndarray:
+            def run(i: int) -> Any:
                 started[i] = time.monotonic()
-                return self.run_member(i, x)
+                return fn(i)
 
             futures = {m.name: pool.submit(run, i) for i, m in enumerate(members)}
             for i, (name, fut) in enumerate(futures.items()):
@@ -224,7 +365,47 @@ class Scorer:
                 f"ensemble {self.model.name!r}: {len(outputs)} of {len(members)} members answered, "
                 f"quorum is {self.model.quorum}; failing: {detail}"
             )
-        return combine(self.model, outputs)
+        return outputs
+
+    # -- typed signatures ---------------------------------------------------------------------
+
+    @property
+    def bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Id ranges checked before the model, from ``range`` or the embedding tables' sizes (the
+        smallest table over the members)."""
+        cached = getattr(self, "_bounds", None)
+        if cached is None:
+            sig = self.model.spec.signature
+            cached = {}
+            if sig is not None:
+                for module, m in zip(self.modules, self.model.members, strict=True):
+                    got = engines.id_bounds(module, model_cache.member_path(m), sig, f"model {m.name!r}")
+                    for name, (lo, hi) in got.items():
+                        if name in cached:
+                            lo, hi = np.maximum(lo, cached[name][0]), np.minimum(hi, cached[name][1])
+                        cached[name] = (lo, hi)
+            self._bounds = cached
+        return cached
+
+    def run_typed(self, index: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One member's outputs for one call, by output name (labels still as class scores)."""
+        sig = self.model.spec.signature
+        assert sig is not None
+        name = self.model.members[index].name
+        raw = engines.call(self.modules[index], arrays, sig, self.device)
+        rows = len(next(iter(arrays.values())))
+        return {
+            o.name: typed_output(o, raw.get(o.source if o.source is not None else pos, name), rows, name)
+            for pos, o in enumerate(sig.outputs)
+        }
+
+    def predict_typed(
+        self, arrays: dict[str, np.ndarray], *, pool: Executor | None = None
+    ) -> TypedPrediction:
+        if not self.model.is_ensemble:
+            return TypedPrediction(self.run_typed(0, arrays))
+        outputs = self.run_members(lambda i: self.run_typed(i, arrays), pool)
+        return combine_typed(self.model, outputs)
 
 
 def load_scorer(model: ResolvedModel, *, ctx: Any = None) -> Scorer:
@@ -288,16 +469,61 @@ def assemble(model: ResolvedModel, feats: Features, pred: Prediction | None) -> 
     return cols
 
 
+@dataclass
+class _Budget:
+    """The extra model calls a batch may still make to bisect a failure."""
+
+    left: int
+    used: int = 0
+
+
+def bisect(run: Any, rows: np.ndarray, budget: _Budget) -> list[tuple[np.ndarray, Any, str | None]]:
+    """``run(rows)``; when it raises, split the rows in halves and retry each, down to single rows,
+    within ``budget``. Returns (rows, result, None) for the parts that scored and (rows, None,
+    reason) for the rows that fail (or that were left when the budget ran out). A
+    :class:`QuorumError` (members down, not rows bad) is not bisected: it fails the batch."""
+    try:
+        return [(rows, run(rows), None)]
+    except QuorumError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error becomes the rows' reason
+        reason = MODEL_ERROR + short_reason(exc)
+        if len(rows) == 1 or budget.left < 2:
+            return [(rows, None, reason)]
+        budget.left -= 2
+        budget.used += 2
+        mid = len(rows) // 2
+        return bisect(run, rows[:mid], budget) + bisect(run, rows[mid:], budget)
+
+
+def chunks(
+    sig: Signature, inputs: dict[str, Any], good: int, batch_size: int, bucket: bool
+) -> list[np.ndarray]:
+    """The model calls for ``good`` rows: ``batch_size`` rows each; with variable-length inputs and
+    ``bucket``, the rows are sorted by length first so each call pads to its own longest row."""
+    order = np.arange(good)
+    if bucket:
+        lengths = lengths_of(sig, inputs)
+        if lengths is not None and len(lengths) > batch_size:
+            order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, good, batch_size)]
+
+
 def score_batch(
     batch: pa.RecordBatch | pa.Table, scorer: Scorer, *, pool: Executor | None = None
 ) -> pa.RecordBatch:
-    """Score one batch of feature rows; returns only the prediction columns, row for row.
+    """Score one batch of rows; returns only the prediction columns, row for row.
 
-    Bad rows (null, wrong length, non-numeric, NaN, infinite features) get null
-    predictions and a reason in ``error``; the rest of the batch is scored.
+    Bad rows (null, wrong length or shape, a value the dtype cannot hold, NaN, infinite, an id out
+    of range) get null predictions and a reason in ``error``; the rest of the batch is scored. When
+    the model itself raises, the batch is bisected (at most ``max_bisect_calls`` extra calls) and
+    each failing row gets ``model error: <the model's message>``.
     ``pool`` runs ensemble members in parallel (see :meth:`Scorer.predict`).
     """
     spec = scorer.model.spec
+    sig = spec.signature
+    if sig is not None:
+        return _score_typed(batch, scorer, sig, pool)
     engine = scorer.modules[0]
     if isinstance(engine, PyfuncModel) and not scorer.model.is_ensemble:
         # pandas in, pandas out: string columns reach the model as they are (udfs.pyfunc_engine).
@@ -315,19 +541,140 @@ def score_batch(
             assemble(scorer.model, feats, pred), schema=output_schema(scorer.model)
         )
     feats = extract_features(batch, spec.input_columns, spec.num_features)
-    pred = scorer.predict(feats.matrix, pool=pool) if len(feats.matrix) else None
+    pred = None
+    if len(feats.matrix):
+        budget = _Budget(spec.max_bisect_calls)
+        parts = bisect(
+            lambda r: scorer.predict(feats.matrix[r], pool=pool), np.arange(len(feats.matrix)), budget
+        )
+        if len(parts) == 1 and parts[0][2] is None:
+            pred = parts[0][1]
+        else:
+            feats, pred = _merge_parts(feats, parts, budget)
     return pa.RecordBatch.from_arrays(assemble(scorer.model, feats, pred), schema=output_schema(scorer.model))
+
+
+def _merge_parts(
+    feats: Features, parts: list[tuple[np.ndarray, Any, str | None]], budget: _Budget
+) -> tuple[Features, Prediction | None]:
+    """The scored parts of a bisected batch as one prediction, the failed rows as errors."""
+    good_rows = np.flatnonzero(feats.valid)
+    valid = feats.valid.copy()
+    errors = list(feats.errors) if feats.errors is not None else [None] * len(valid)
+    failed = 0
+    for rows, _, reason in parts:
+        if reason is not None:
+            for r in good_rows[rows]:
+                valid[r] = False
+                errors[r] = reason
+            failed += len(rows)
+    STATS.add(failed, budget.used)
+    scored = [(rows, p) for rows, p, reason in parts if reason is None]
+    matrix = feats.matrix[np.concatenate([r for r, _ in scored])] if scored else feats.matrix[:0]
+    new_feats = Features(matrix, valid, errors)
+    if not scored:
+        return new_feats, None
+    order = np.argsort(np.concatenate([r for r, _ in scored]), kind="stable")
+    preds = [p for _, p in scored]
+    values = np.concatenate([p.values for p in preds])[order]
+    labels = None if preds[0].labels is None else np.concatenate([p.labels for p in preds])[order]
+    members = {k: np.concatenate([p.members[k] for p in preds])[order] for k in preds[0].members}
+    missing = tuple(dict.fromkeys(m for p in preds for m in p.missing))
+    return new_feats, Prediction(values, labels, missing, members)
+
+
+def _score_typed(
+    batch: pa.RecordBatch | pa.Table, scorer: Scorer, sig: Signature, pool: Executor | None
+) -> pa.RecordBatch:
+    spec = scorer.model.spec
+    dec = decode_arrow(batch, sig, scorer.bounds)
+    good_rows = np.flatnonzero(dec.valid)
+    g = len(good_rows)
+    results: dict[str, np.ndarray] = {}
+    errors = list(dec.errors) if dec.errors is not None else None
+    scored = np.zeros(g, dtype=bool)
+    missing: dict[str, None] = {}
+    budget = _Budget(spec.max_bisect_calls)
+    failed = 0
+    for chunk in chunks(sig, dec.inputs, g, spec.batch_size, spec.bucket_by_length):
+        parts = bisect(lambda r: scorer.predict_typed(take(sig, dec.inputs, r), pool=pool), chunk, budget)
+        for rows, pred, reason in parts:
+            if reason is not None:
+                errors = errors if errors is not None else [None] * dec.num_rows
+                for r in good_rows[rows]:
+                    errors[r] = reason
+                failed += len(rows)
+                continue
+            scored[rows] = True
+            missing.update(dict.fromkeys(pred.missing))
+            for o in sig.outputs:
+                y = finish_output(o, pred.values[o.name])
+                if o.name not in results:
+                    results[o.name] = np.zeros((g, *y.shape[1:]), dtype=y.dtype)
+                elif results[o.name].shape[1:] != y.shape[1:]:
+                    raise ValueError(
+                        f"output {o.name!r} is {list(y.shape[1:])} wide for some rows and "
+                        f"{list(results[o.name].shape[1:])} for others; a vector output needs a fixed width"
+                    )
+                results[o.name][rows] = y
+    if failed or budget.used:
+        STATS.add(failed, budget.used)
+    n = dec.num_rows
+    ok = np.zeros(n, dtype=bool)
+    ok[good_rows[scored]] = True
+    invalid = None if ok.all() else ~ok
+    cols: list[pa.Array] = []
+    for o in sig.outputs:
+        t = OUTPUT_TYPES[o.kind]
+        got = results.get(o.name)
+        if o.kind in ("score", "label"):
+            full = np.zeros(n, dtype=np.float64 if o.kind == "score" else np.int32)
+            if got is not None:
+                full[good_rows] = got
+            cols.append(pa.array(full, t, mask=invalid))
+        else:
+            k = got.shape[1] if got is not None else 0
+            full2 = np.zeros((n, k), dtype=np.float32)
+            if got is not None:
+                full2[good_rows] = got
+            offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
+            cols.append(
+                pa.ListArray.from_arrays(
+                    offsets,
+                    pa.array(full2.reshape(-1), pa.float32()),
+                    mask=None if invalid is None else pa.array(invalid),
+                )
+            )
+    cols.append(pa.repeat(pa.scalar(scorer.model.version, pa.string()), n))
+    cols.append(pa.nulls(n, pa.string()) if errors is None else pa.array(errors, pa.string()))
+    if scorer.model.is_ensemble:
+        lost = tuple(missing)
+        cols.append(pa.array(np.full(n, bool(lost)), pa.bool_(), mask=invalid))
+        cols.append(pa.array([",".join(lost) if lost else None] * n, pa.string(), mask=invalid))
+    return pa.RecordBatch.from_arrays(cols, schema=output_schema(scorer.model))
+
+
+def check_input(schema: pa.Schema, model: ResolvedModel) -> None:
+    """Fail before scoring when data of this Arrow schema cannot feed the model (one sentence)."""
+    spec = model.spec
+    if spec.signature is not None:
+        check_schema(schema, spec.signature)
+    else:
+        check_columns(schema, spec.input_columns, spec.num_features)
 
 
 def check_model(model: ResolvedModel) -> None:
     """Load every model file on the driver's CPU and score one row of zeros, so a corrupt file or
     an output that does not match ``output`` stops the job before any data is read."""
     spec = model.spec
-    width = spec.num_features if spec.num_features is not None else len(spec.input_columns)
     modules = tuple(
         model_cache.load_module(model_cache.member_path(m), m.format, "cpu") for m in model.members
     )
     probe = Scorer(model=model, device="cpu", modules=modules)
+    if spec.signature is not None:
+        _check_typed(probe, spec.signature)
+        return
+    width = spec.num_features if spec.num_features is not None else len(spec.input_columns)
     for i, m in enumerate(model.members):
         fixed = fixed_batch_size(modules[i])
         if fixed is not None:
@@ -359,6 +706,47 @@ def check_model(model: ResolvedModel) -> None:
             feature = "feature" if width == 1 else "features"
             raise ModelLoadError(
                 f"model {m.name!r} ({m.path}) fails on a row of {width} {feature}: {short_reason(exc)}; {hint}"
+            ) from None
+
+
+def probe_inputs(
+    sig: Signature, bounds: dict[str, tuple[np.ndarray, np.ndarray]], rows: int = 1
+) -> dict[str, np.ndarray]:
+    """``rows`` rows of the lowest valid value of every input (length 2 for a variable one)."""
+    from udfs.signature import NUMPY
+
+    out = {}
+    for spec in sig.inputs:
+        dims = tuple(2 if d == -1 else d for d in sig.dims(spec))
+        if spec.mask_of is not None:
+            out[spec.name] = np.ones((rows, *dims), dtype=NUMPY[spec.dtype])
+            continue
+        lo = bounds.get(spec.name, (np.zeros(1), None))[0]
+        out[spec.name] = np.full((rows, *dims), max(0, int(lo.max())), dtype=NUMPY[spec.dtype])
+    return out
+
+
+def _check_typed(probe: Scorer, sig: Signature) -> None:
+    for i, m in enumerate(probe.model.members):
+        what = f"model {m.name!r} ({m.path})"
+        fixed = fixed_batch_size(probe.modules[i])
+        if fixed is not None:
+            raise ModelLoadError(
+                f"{what} was exported with a fixed batch size of {fixed}; export it with a dynamic batch "
+                "dimension (dynamic_shapes with torch.export.Dim('batch') for every input)"
+            )
+        engines.check_declared(probe.modules[i], sig, what)
+    bounds = probe.bounds  # raises for an embedding table the model does not have
+    arrays = probe_inputs(sig, bounds)
+    for i, m in enumerate(probe.model.members):
+        try:
+            probe.run_typed(i, arrays)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - any engine error here is a signature/model mismatch
+            raise ModelLoadError(
+                f"model {m.name!r} ({m.path}) fails on a row of zeros shaped as [[model.inputs]] says: "
+                f"{short_reason(exc)}; check the inputs' order, dtype and shape against the model"
             ) from None
 
 

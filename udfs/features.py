@@ -61,7 +61,9 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def check_columns(schema: pa.Schema, input_columns: tuple[str, ...], num_features: int | None) -> None:
-    """Fail before scoring when the data cannot feed the model (names, types, layout)."""
+    """Fail before scoring when the data cannot feed the model (names, types, layout).
+
+    For a model spec, :func:`udfs.core.check_input` picks this or the typed signature's check."""
     existing = schema.names
     missing = [c for c in input_columns if c not in existing]
     if missing:
@@ -76,6 +78,12 @@ def check_columns(schema: pa.Schema, input_columns: tuple[str, ...], num_feature
                 f"input column {name!r} is an array: set num_features in [model] to its fixed length"
             )
         return
+    if len(input_columns) == 1 and num_features is not None and num_features != 1:
+        name = input_columns[0]
+        raise ColumnTypeError(
+            f"input column {name!r} is a scalar {schema.field(name).type} but num_features = {num_features}; "
+            "name an array column of that length, or list one scalar column per feature and drop num_features"
+        )
     for name in input_columns:
         t = schema.field(name).type
         if is_array_type(t):

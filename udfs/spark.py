@@ -30,10 +30,9 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructField, StructType
 
 from udfs import model_cache
-from udfs.core import Scorer, check_model, load_scorer, output_schema, score_batch
+from udfs.core import Scorer, check_input, check_model, load_scorer, output_schema, score_batch
 from udfs.device import resolve_device
 from udfs.errors import ColumnTypeError, DeviceError, MissingColumnsError, SparkscoreError
-from udfs.features import check_columns
 from udfs.spec import ModelSpec, ResolvedModel, resolve
 
 
@@ -206,8 +205,8 @@ def with_predictions(
 
     def transform(df: DataFrame) -> DataFrame:
         timezone = session_time_zone(df)
-        features = feature_schema(df.schema, model.spec.input_columns, timezone)
-        check_columns(features, model.spec.input_columns, model.spec.num_features)
+        features = feature_schema(df.schema, model.spec.columns, timezone)
+        check_input(features, model)
         kept = list(df.columns) if keep is None else list(keep)
         check_keep_columns(df.schema, model, kept)
         schema = scored_schema(df.schema, model, kept)
@@ -217,14 +216,14 @@ def with_predictions(
             udf = predict_udf(model, check=False, tracker=tracker)
             pred = "__sparkscore_prediction"
             scored = df.select(
-                *[quoted(c) for c in kept], udf(*[quoted(c) for c in model.spec.input_columns]).alias(pred)
+                *[quoted(c) for c in kept], udf(*[quoted(c) for c in model.spec.columns]).alias(pred)
             )
             outputs = [F.col(f"{pred}.`{f.name}`").alias(f.name) for f in output_schema(model)]
             return scored.select(*[quoted(c) for c in kept], *outputs)
         # Only the input columns the model reads or the output keeps cross into Python, under
         # plain names (mapInArrow cannot resolve a column whose name holds a dot); Python and the
         # result get the real names back.
-        needed = list(dict.fromkeys(kept + list(model.spec.input_columns)))
+        needed = list(dict.fromkeys(kept + list(model.spec.columns)))
         plain = [f"_sparkscore_{i}" for i in range(len(needed))]
         plain_schema = StructType(
             [StructField(f"_sparkscore_out_{i}", f.dataType, f.nullable) for i, f in enumerate(schema.fields)]
@@ -244,8 +243,7 @@ def _score_arrays(
     tracker: Accumulator | None,  # type: ignore[type-arg]
 ) -> Callable[[Iterator[Any]], Iterator[pa.Array]]:
     """The UDF body: each Arrow batch of feature columns (one array, or a tuple) -> a struct array."""
-    names = list(model.spec.input_columns)
-    num_features = model.spec.num_features
+    names = list(model.spec.columns)
 
     def score(batches: Iterator[Any]) -> Iterator[pa.Array]:
         scorer = _task_scorer(model, tracker)
@@ -256,7 +254,7 @@ def _score_arrays(
                 raise ArgumentCountError(_arity_message(model, len(arrays)))
             batch = pa.RecordBatch.from_arrays(arrays, names=names)
             if not checked:
-                check_columns(batch.schema, tuple(names), num_features)
+                check_input(batch.schema, model)
                 checked = True
             preds = score_batch(batch, scorer)
             check_row_count(batch, preds)
@@ -289,10 +287,11 @@ def _score_series(
 
 
 def _arity_message(model: ResolvedModel, given: int) -> str:
-    cols = list(model.spec.input_columns)
+    cols = list(model.spec.columns)
+    source = "[[model.inputs]]" if model.spec.signature is not None else "input_columns"
     return (
         f"the scoring UDF of model {model.name!r} takes {len(cols)} column(s), {cols} in that order "
-        f"(input_columns), but was called with {given}"
+        f"({source}), but was called with {given}"
     )
 
 
@@ -327,8 +326,8 @@ class ScoringUDF:
     def __call__(self, *cols: Column | str) -> Column:
         """The prediction struct for these feature columns (default: the ones input_columns names)."""
         if not cols:
-            cols = tuple(quoted(c) for c in self.model.spec.input_columns)
-        if len(cols) != len(self.model.spec.input_columns):
+            cols = tuple(quoted(c) for c in self.model.spec.columns)
+        if len(cols) != len(self.model.spec.columns):
             raise ArgumentCountError(_arity_message(self.model, len(cols)))
         return self._udf(*cols)
 
@@ -353,7 +352,7 @@ def predict_udf(
         check_model(resolved)
     return_type = StructType(from_arrow_schema(output_schema(resolved)).fields)
     arrow_udf = _arrow_udf()
-    width = len(resolved.spec.input_columns)
+    width = len(resolved.spec.columns)
     if arrow_udf is not None:
         fn = _score_arrays(resolved, tracker)
         _iterator_hints(fn, pa.Array, pa.Array, width)

@@ -20,6 +20,7 @@ from typing import Literal
 from udfs import model_store
 from udfs.errors import ConfigError, ModelLoadError
 from udfs.model_store import StoreRef
+from udfs.signature import InputSpec, OutputSpec, Signature
 
 OutputKind = Literal["score", "probabilities"]
 Activation = Literal["none", "sigmoid", "softmax"]
@@ -56,6 +57,8 @@ class ModelSpec:
     file or a model URI (``models:/ctr@champion``, ``s3://...``: see :mod:`udfs.model_store`);
     an MLflow model's signature fills ``input_columns`` (and ``num_features``) when they are
     left out, and is checked against them when they are given.
+    ``[[model.inputs]]`` / ``[[model.outputs]]`` instead give the model's typed signature
+    (:mod:`udfs.signature`): several named inputs of their own dtype and shape, and several outputs.
     """
 
     input_columns: tuple[str, ...] = ()
@@ -80,11 +83,33 @@ class ModelSpec:
         None  # default: MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI / sqlite:///mlflow.db
     )
     cache_dir: str | None = None  # per-host download cache; default $SPARKSCORE_MODEL_CACHE or ~/.cache
+    # The typed signature (instead of input_columns / num_features / output / activation).
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[OutputSpec, ...] = ()
+    call: Literal["positional", "keyword"] = "positional"  # how a torch model takes its inputs
+    # When the model raises for a batch, the batch is bisected to find the failing rows; these are
+    # the most extra model calls one batch may make (the rows still unresolved then get the error).
+    max_bisect_calls: int = 64
+    # Variable-length inputs: sort a batch's rows by length before cutting it into model calls,
+    # so each call pads to its own longest row.
+    bucket_by_length: bool = True
 
     def __post_init__(self) -> None:
-        if not self.input_columns and not (self.path and model_store.is_store_uri(self.path)):
+        if self.inputs:
+            self._check_signature()
+        elif self.outputs:
+            raise ValueError("[[model.outputs]] goes with [[model.inputs]]; list the inputs too")
+        elif not self.input_columns and not (self.path and model_store.is_store_uri(self.path)):
             raise ValueError(
-                "input_columns must name at least one column (only an MLflow model's signature can fill it)"
+                "input_columns must name at least one column (or give [[model.inputs]]; only an MLflow "
+                "model's signature can fill input_columns)"
+            )
+        if self.max_bisect_calls < 0:
+            raise ValueError(f"max_bisect_calls must be >= 0, got {self.max_bisect_calls}")
+        if self.output == "score" and self.activation == "softmax":
+            raise ValueError(
+                "output = 'score' with activation = 'softmax' makes every prediction 1.0 (softmax over "
+                "one value); use activation = 'sigmoid', or output = 'probabilities' for a classifier"
             )
         if len(set(self.input_columns)) != len(self.input_columns):
             raise ValueError(f"input_columns has duplicates: {list(self.input_columns)}")
@@ -106,6 +131,42 @@ class ModelSpec:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._check_ensemble()
+
+    def _check_signature(self) -> None:
+        if self.input_columns or self.num_features is not None:
+            raise ValueError(
+                "give either [[model.inputs]] or input_columns / num_features (the one-input shorthand), not both"
+            )
+        if self.output != "score" or self.activation != "none":
+            raise ValueError(
+                "with [[model.inputs]], set kind and activation on each [[model.outputs]] instead of "
+                "output / activation"
+            )
+        if self.member_outputs:
+            raise ValueError("member_outputs applies to input_columns models; drop it with [[model.inputs]]")
+        sig = self.signature
+        assert sig is not None
+        if self.members and self.combiner == "majority_vote":
+            voted = [o.name for o in sig.outputs if o.kind not in ("probabilities", "label")]
+            if voted:
+                raise ValueError(
+                    f"combiner 'majority_vote' votes on labels; output(s) {voted} are scores or vectors "
+                    "(use combiner = 'weighted_mean')"
+                )
+
+    @property
+    def signature(self) -> Signature | None:
+        """The typed signature, or None for the one-input shorthand."""
+        if not self.inputs:
+            return None
+        outputs = self.outputs or (OutputSpec(name="prediction"),)
+        return _signature(self.inputs, outputs, self.call)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every data column the model reads, in order."""
+        sig = self.signature
+        return sig.columns if sig is not None else self.input_columns
 
     def _check_ensemble(self) -> None:
         if (self.path is None) == (not self.members):
@@ -129,7 +190,7 @@ class ModelSpec:
             raise ValueError(f"ensemble weights sum to {total}; the total weight must be positive")
         if self.quorum is not None and not 1 <= self.quorum <= len(self.members):
             raise ValueError(f"quorum must be between 1 and {len(self.members)} members, got {self.quorum}")
-        if self.combiner == "majority_vote" and self.output != "probabilities":
+        if self.combiner == "majority_vote" and self.output != "probabilities" and not self.inputs:
             raise ValueError("combiner 'majority_vote' votes on labels: set output = 'probabilities'")
         if self.member_timeout_ms is not None and self.member_timeout_ms <= 0:
             raise ValueError(f"member_timeout_ms must be positive, got {self.member_timeout_ms}")
@@ -155,6 +216,16 @@ class ModelSpec:
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(m.path for m in self.member_specs)
+
+
+def _signature(inputs: tuple[InputSpec, ...], outputs: tuple[OutputSpec, ...], call: str) -> Signature:
+    return _SIGNATURES.get((inputs, outputs, call)) or _SIGNATURES.setdefault(
+        (inputs, outputs, call),
+        Signature(inputs, outputs, call),  # type: ignore[arg-type]
+    )
+
+
+_SIGNATURES: dict[tuple, Signature] = {}
 
 
 @dataclass(frozen=True)
