@@ -347,9 +347,9 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
             )
         )
     resolved = tuple(members)
-    if not spec.is_ensemble and resolved[0].store is not None:
+    if not spec.is_ensemble and resolved[0].store is not None and not spec.inputs:
         spec = fill_from_signature(spec, resolved[0].store)
-    elif not spec.input_columns:
+    elif not spec.input_columns and not spec.inputs:
         raise ConfigError("input_columns must name at least one column for an ensemble")
     version = ensemble_version(resolved, spec.combiner) if spec.is_ensemble else resolved[0].version
     return ResolvedModel(spec=spec, version=version, members=resolved)
