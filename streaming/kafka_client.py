@@ -423,12 +423,19 @@ def probe_end_offsets(consumer: Consumer, listed: dict[TP, int], timeout_s: floa
 
 
 class Offsets:
-    """Earliest / latest lookups with the chosen way of finding the log end."""
+    """Earliest / latest lookups with the chosen way of finding the log end.
+
+    "Latest" follows the ``isolation.level`` of ``conf``: with ``read_committed`` it is the
+    last stable offset (where a ``read_committed`` consumer stops while a transaction is open),
+    as the JVM source plans it; otherwise the high watermark. ``fetchProbe`` is for brokers
+    without isolation levels (Tansu), where the two are the same.
+    """
 
     def __init__(self, conf: dict[str, Any], *, latest_by: str = LIST_OFFSETS, timeout_s: float = 30.0):
         self.conf = conf
         self.latest_by = latest_by
         self.timeout_s = timeout_s
+        self.isolation = str(conf.get("isolation.level", READ_UNCOMMITTED))
         self._admin: AdminClient | None = None
         self._consumer: Consumer | None = None
 
@@ -452,7 +459,7 @@ class Offsets:
         return list_offsets(self.admin, tps, "earliest", self.timeout_s)
 
     def latest(self, tps: Iterable[TP]) -> dict[TP, int]:
-        listed = list_offsets(self.admin, tps, "latest", self.timeout_s)
+        listed = list_offsets(self.admin, tps, "latest", self.timeout_s, self.isolation)
         if self.latest_by == FETCH_PROBE:
             return probe_end_offsets(self.consumer, listed, self.timeout_s)
         return listed

@@ -17,10 +17,19 @@ import uuid
 
 import pytest
 from pyspark.errors import StreamingQueryException
+from pyspark.sql.streaming.datasource import ReadAllAvailable
 
 from streaming import kafka_client as kc
 from streaming.backends import JVM, PYTHON, available_backends, choose_backend, read_kafka
-from streaming.source import SourceOptionError, SourceOptions, from_json, kafka_schema, rate_limit, to_json
+from streaming.source import (
+    KafkaStreamReader,
+    SourceOptionError,
+    SourceOptions,
+    from_json,
+    kafka_schema,
+    rate_limit,
+    to_json,
+)
 from tests.streaming.conftest import APACHE, POLL_TIMEOUT_S, TANSU
 
 SENTINEL = b"__end__"
@@ -402,3 +411,41 @@ def test_listing_offsets_of_a_partition_that_is_gone_is_data_loss_at_once():
     with pytest.raises(kc.DataLossError, match="t/0 no longer exists"):
         kc.list_offsets(admin, [("t", 0)], "latest", timeout_s=5)
     assert admin.calls == 1
+
+
+@pytest.mark.kafka
+def test_read_committed_plans_the_batch_end_at_the_last_stable_offset_not_the_high_watermark(apache):
+    """An open transaction (a scoring batch in flight) is not data loss: the batch ends where it begins."""
+    topic = apache.topic(partitions=1)
+    producer = kc.transactional_producer(apache.conf, f"lso-{uuid.uuid4().hex[:8]}", delivery_timeout_s=30)
+    producer.init_transactions(POLL_TIMEOUT_S)
+    producer.begin_transaction()
+    for i in range(5):
+        producer.produce(topic, value=b"committed-%d" % i, partition=0)
+    producer.commit_transaction(POLL_TIMEOUT_S)  # offsets 0-4, the commit marker at 5
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce(topic, value=b"open-%d" % i, partition=0)
+    assert producer.flush(POLL_TIMEOUT_S) == 0  # offsets 6-8, in a transaction left open
+    options = {
+        "kafka.bootstrap.servers": apache.bootstrap,
+        "kafka.isolation.level": "read_committed",
+        "subscribe": topic,
+        "startingOffsets": "earliest",
+        "kafkaConsumer.pollTimeoutMs": "5000",
+    }
+    reader = KafkaStreamReader(SourceOptions.parse(options, streaming=True), kafka_schema())
+    try:
+        start = reader.initialOffset()
+        end = reader.latestOffset(start, ReadAllAvailable())
+        assert end == {topic: {"0": 6}}
+        values = [
+            row
+            for part in reader.partitions(start, end)
+            for batch in reader.read(part)
+            for row in batch.column("value").to_pylist()
+        ]
+        assert values == [b"committed-%d" % i for i in range(5)]
+    finally:
+        reader.stop()
+        producer.abort_transaction(POLL_TIMEOUT_S)
