@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from streaming.kafka_client import FETCH_PROBE, LIST_OFFSETS
+from streaming.kafka_client import FETCH_PROBE, LIST_OFFSETS, check_transaction_timeouts
 from udfs.spec import ModelSpec
 
 Backend = Literal["auto", "kafka", "kafka_py"]
@@ -99,6 +99,7 @@ class OutputConfig:
             raise ValueError(f"topic, dlq_topic and commit_topic must differ, got {names}")
         if self.partitions < 1 or self.replication_factor < 1:
             raise ValueError("partitions and replication_factor must be >= 1")
+        check_transaction_timeouts(self.producer)
 
 
 @dataclass(frozen=True)

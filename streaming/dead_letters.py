@@ -11,6 +11,10 @@ from streaming.plan import H_ERROR, H_OFFSET, H_PARTITION, H_TOPIC, BatchPlan, H
 
 # Bytes a record costs on top of its key, value and header bytes in a one-record batch.
 RECORD_OVERHEAD = 128
+
+# The sink's own header names start with OWN; an input message's headers with it are renamed.
+OWN = "sparkscore."
+PREVIOUS = "sparkscore.previous."
 # librdkafka's own default for the largest message it sends.
 CLIENT_MAX_BYTES = 1_000_000
 
@@ -60,11 +64,19 @@ def dead_letter_oversized(
     return dlq, key, value, headers
 
 
+def previous(key: str) -> str:
+    """An input header's name on a dead letter: ``sparkscore.x`` becomes ``sparkscore.previous.x``."""
+    return PREVIOUS + key[len(OWN) :] if key.startswith(OWN) else key
+
+
 def record_rows(batch: pa.RecordBatch) -> Iterator[Record]:
     """Rows of the pipeline's record layout; the record id is the source ``topic/partition/offset``.
 
     Dead letters also get the input message's own headers (column ``headers``, when the
-    layout has it) and the source position as three headers of their own.
+    layout has it) and the source position as three headers of their own. An input header
+    named ``sparkscore.*`` (a replayed dead-letter topic, another job's output) is kept as
+    ``sparkscore.previous.*``: it must not shadow this sink's own provenance headers, which
+    the recovery scan reads.
     """
     dests = batch.column("dest").to_numpy(zero_copy_only=False)
     keys, values, rids = (batch.column(name).to_pylist() for name in ("key", "value", "rid"))
@@ -78,6 +90,6 @@ def record_rows(batch: pa.RecordBatch) -> Iterator[Record]:
         extra: list[Header] = []
         if error is not None:
             topic, part, off = rid.rsplit("/", 2)
-            extra = [(h["key"], h["value"]) for h in hs or ()]
+            extra = [(previous(h["key"]), h["value"]) for h in hs or ()]
             extra += [(H_TOPIC, topic.encode()), (H_PARTITION, part.encode()), (H_OFFSET, off.encode())]
         yield int(dest), key, value, error, rid, extra

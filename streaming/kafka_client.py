@@ -165,18 +165,59 @@ def transactional_producer(
     """A transactional producer (``init_transactions`` is the caller's: it fences older ones with the id).
 
     ``delivery_timeout_s`` bounds how long a record may stay unacknowledged
-    (``message.timeout.ms``); librdkafka's default is 300 s, so a ``flush`` with a
-    shorter timeout could return with records still queued, to be delivered later.
+    (``message.timeout.ms``) unless ``conf`` sets it; librdkafka's default is 300 s, so a
+    ``flush`` with a shorter timeout could return with records still queued, to be delivered
+    later. ``transaction.timeout.ms`` and ``message.timeout.ms`` in ``conf`` win over these
+    defaults (the config checks them, see :func:`check_transaction_timeouts`).
     """
-    message_timeout_ms = max(1000, int(delivery_timeout_s * 1000))
+    message_timeout_ms = int(conf.get("message.timeout.ms") or max(1000, int(delivery_timeout_s * 1000)))
     settings: dict[str, Any] = {
         "transactional.id": transactional_id,
         "message.timeout.ms": message_timeout_ms,
         # An open transaction of a crashed writer holds back read_committed consumers until the
         # broker aborts it (or the writer's successor fences it): keep that bound modest.
-        "transaction.timeout.ms": max(60_000, message_timeout_ms + 10_000),
+        "transaction.timeout.ms": int(
+            conf.get("transaction.timeout.ms") or max(60_000, message_timeout_ms + 10_000)
+        ),
     }
     return make_producer(conf, **{**settings, **overrides})
+
+
+# Kafka brokers refuse a transaction timeout above transaction.max.timeout.ms (15 min by default).
+MAX_TRANSACTION_TIMEOUT_MS = 900_000
+
+
+def check_transaction_timeouts(producer: dict[str, str]) -> None:
+    """Raise ValueError unless the producer settings' two timeouts are within safe limits.
+
+    ``message.timeout.ms`` (how long a record may wait to be acknowledged) must end before the
+    transaction may be aborted (``transaction.timeout.ms``), which must be at least 10 s (a
+    shorter one aborts healthy batches) and at most the broker default's 15 min (beyond it the
+    broker refuses the writer; a crashed writer's transaction also holds back every
+    ``read_committed`` reader of its partitions that long).
+    """
+    values: dict[str, int] = {}
+    for key in ("message.timeout.ms", "transaction.timeout.ms"):
+        if key in producer:
+            try:
+                values[key] = int(producer[key])
+            except ValueError:
+                raise ValueError(
+                    f"producer {key} must be a whole number of ms, got {producer[key]!r}"
+                ) from None
+    txn = values.get("transaction.timeout.ms")
+    if txn is not None and not 10_000 <= txn <= MAX_TRANSACTION_TIMEOUT_MS:
+        raise ValueError(
+            f"producer transaction.timeout.ms must be between 10000 and {MAX_TRANSACTION_TIMEOUT_MS}, got {txn}"
+        )
+    msg = values.get("message.timeout.ms")
+    if msg is not None:
+        limit = txn if txn is not None else max(60_000, msg + 10_000)
+        if not 1000 <= msg < limit:
+            raise ValueError(
+                f"producer message.timeout.ms must be at least 1000 and below transaction.timeout.ms "
+                f"({limit}), got {msg}"
+            )
 
 
 def discard_producer(producer: Producer) -> None:

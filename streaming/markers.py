@@ -55,7 +55,12 @@ class Marker:
 
 @dataclass(frozen=True)
 class WriterMarker:
-    """A task writer committed ``records`` input records of ``batch_id``, starting at record id ``first``."""
+    """A task writer committed ``records`` input records of ``batch_id``, record ids ``first`` .. ``last``.
+
+    Another attempt skips its task only when its range is the same (first, last and count):
+    the same first record alone does not say so (a changed ``minPartitions``, or a switch
+    between sources, splits a batch differently).
+    """
 
     query_id: str
     batch_id: int
@@ -63,6 +68,10 @@ class WriterMarker:
     first: str
     records: int
     attempt: int = 0
+    last: str = ""  # markers written before the last id was recorded never match a range
+
+    def covers(self, first: str, last: str, records: int) -> bool:
+        return (self.first, self.last, self.records) == (first, last, records)
 
     @property
     def key(self) -> bytes:
@@ -75,7 +84,13 @@ class WriterMarker:
     def from_json(cls, raw: bytes) -> WriterMarker:
         d = json.loads(raw)
         return cls(
-            d["query_id"], int(d["batch_id"]), d["writer"], d["first"], int(d["records"]), int(d["attempt"])
+            d["query_id"],
+            int(d["batch_id"]),
+            d["writer"],
+            d["first"],
+            int(d["records"]),
+            int(d["attempt"]),
+            str(d.get("last", "")),
         )
 
 
@@ -86,6 +101,7 @@ def committed_records(
     timeout_s: float,
     *,
     recent: bool = False,
+    committed: bool = True,
 ) -> Iterator[Any]:
     """Committed records of the given partitions from ``starts`` to their current ends.
 
@@ -93,12 +109,15 @@ def committed_records(
     ``deleteRecords`` may have removed the early records), up to the high watermark, so a
     transaction still open there is waited for rather than cut off. ``recent``: the starts
     are a moment old (no log start lookup), and the per-worker cached consumer is used.
+    ``committed=False``: every record, open and aborted transactions' too (nothing waits).
     """
     if not starts:
         return
     ends = offsets.latest(list(starts))
     earliest = {} if recent else offsets.earliest([tp for tp, end in ends.items() if end > starts[tp]])
-    conf = kc.committed_reader_conf(client)
+    conf = (
+        kc.committed_reader_conf(client) if committed else {**client, "isolation.level": kc.READ_UNCOMMITTED}
+    )
     consumer = kc.cached("consumer", conf) if recent else kc.make_consumer(conf)
     try:
         for (topic, part), end in ends.items():
@@ -111,12 +130,36 @@ def committed_records(
                 end,
                 timeout_s=timeout_s,
                 fail_on_data_loss=False,
-                committed=True,
+                committed=committed,
             ):
                 yield from msgs
     finally:
         if not recent:
             consumer.close()
+
+
+def writers_named(
+    client: dict[str, str], offsets: kc.Offsets, tp: tuple[str, int], query_id: str, timeout_s: float
+) -> int:
+    """How many task writers (``p0 .. p<n-1>``) this query's markers in ``tp`` name, committed or not.
+
+    Read with ``read_uncommitted``, so a writer that died inside its transaction (its writer
+    marker sent, not committed) neither holds the read back nor goes unnoticed: a restart
+    fences every writer named here before it reads the commit topic with ``read_committed``.
+    """
+    query = query_id.encode()
+    prefix = query + b"/p"
+    n = 0
+    for m in committed_records(client, offsets, {tp: 0}, timeout_s, committed=False):
+        key, raw = m.key() or b"", m.value()
+        if key.startswith(prefix) and key[len(prefix) :].isdigit():
+            n = max(n, int(key[len(prefix) :]) + 1)
+        elif key == query and raw:
+            try:
+                n = max(n, int(json.loads(raw).get("writers", 0)))
+            except (ValueError, AttributeError, TypeError):
+                continue
+    return n
 
 
 def written_ids(plan: BatchPlan, offsets: kc.Offsets | None = None) -> tuple[set[str], Positions]:

@@ -210,8 +210,11 @@ def ensure_output_topics(cfg: StreamConfig) -> None:
     o = cfg.output
     data = kafka_client.TopicSpec(o.partitions, o.replication_factor, dict(o.topic_configs))
     topics: dict[str, int | kafka_client.TopicSpec] = {o.topic: data, o.dlq_topic: data}
+    # topic_configs apply to the commit topic too (min.insync.replicas, ...), except its cleanup
+    # policy: markers must be compacted, never deleted by age.
+    shared = {k: v for k, v in o.topic_configs.items() if k != "cleanup.policy"}
     topics[o.commit_topic] = kafka_client.TopicSpec(
-        1, o.replication_factor, {**COMMIT_TOPIC_CONFIGS, **o.commit_topic_configs}
+        1, o.replication_factor, {**COMMIT_TOPIC_CONFIGS, **shared, **o.commit_topic_configs}
     )
     if cfg.stats.enabled:
         topics[cfg.stats.topic] = kafka_client.TopicSpec(1, o.replication_factor, dict(o.topic_configs))

@@ -63,6 +63,7 @@ from streaming.markers import (
     WriterMarker,
     committed_records,
     writer_markers,
+    writers_named,
     written_ids,
 )
 from streaming.plan import (
@@ -167,6 +168,7 @@ class EffectivelyOnceSink:
         self._offsets: kc.Offsets | None = None
         self._producer: Producer | None = None
         self._in_txn = False
+        self._fenced = 0  # task writers p0 .. p<n-1> this process has fenced
         self._scanned: Positions = {}
         self._max_bytes: dict[str, int] | None = None
         self.cancel = threading.Event()  # set when the job is failing: driver-side waits end
@@ -259,6 +261,12 @@ class EffectivelyOnceSink:
         All markers of a query go to one partition of the commit topic (chosen by its id), so
         they are in order there. Reads from the earliest offset still stored: retention or
         ``deleteRecords`` may have removed early markers (compaction keeps the newest per key).
+
+        Fences first: a writer of this query that died between sending a marker and committing
+        its transaction holds back the partition's last stable offset (for every query and
+        stats reader sharing the commit topic) until the coordinator aborts it, a minute or
+        more later. Opening the driver's writer and every task writer the markers name, open
+        transactions included, aborts them now; only then is the topic read ``read_committed``.
         """
         if self._loaded:
             return self._last
@@ -269,6 +277,9 @@ class EffectivelyOnceSink:
                 f"the commit topic {self.commit_topic!r} does not exist on {self.client.get('bootstrap.servers')}"
             )
         self._commit_partition = zlib.crc32(query) % len(partitions)
+        tp = (self.commit_topic, self._commit_partition)
+        _ = self.producer  # fences this query's older drivers
+        self.fence_writers(writers_named(self.client, self.offsets, tp, self.query_id, self.timeout_s))
         best: Marker | None = None
         position = 0
         for m in committed_records(
@@ -317,16 +328,20 @@ class EffectivelyOnceSink:
         return out
 
     def fence_writers(self, writers: int) -> None:
-        """Open (and so fence) the task writers ``p0 .. p<writers-1>`` of earlier runs and attempts."""
-        if writers <= 0:
+        """Open (and so fence) the task writers ``p0 .. p<writers-1>`` of earlier runs and attempts.
+
+        Each writer is fenced once per process (later calls fence only writers not fenced yet).
+        """
+        first, self._fenced = self._fenced, max(self._fenced, writers)
+        if writers <= first:
             return
         plan = self._plan(-1, {})
 
         def fence(i: int) -> None:
             kc.discard_producer(open_producer(plan, f"p{i}"))
 
-        with ThreadPoolExecutor(max_workers=min(8, writers)) as pool:
-            list(pool.map(fence, range(writers)))
+        with ThreadPoolExecutor(max_workers=min(8, writers - first)) as pool:
+            list(pool.map(fence, range(first, writers)))
 
     # -- batches --------------------------------------------------------------------------------
     def begin(self, batch_id: int, *, writers: Callable[[], int] | None = None) -> BatchPlan | None:
@@ -352,12 +367,21 @@ class EffectivelyOnceSink:
             self._clean = True
             last = self._last
             assert last is not None
-        if batch_id <= last.batch_id:
-            log.info("batch %d already committed (last marker %d): skipping", batch_id, last.batch_id)
-            if batch_id == last.batch_id:
-                # Spark re-runs the batch it had not logged as done: all of it is already written.
-                written = sum(n for t, n in last.counts.items() if t in (*self.topics, "skipped"))
-                self.totals["skipped"] = self.totals.get("skipped", 0) + written
+        if batch_id < last.batch_id:
+            # Spark only ever re-runs its last batch. A checkpoint further behind was restored from
+            # an older copy: its batches' offset ranges need not match what the markers recorded,
+            # so skipping up to the marker could drop records, and writing would duplicate them.
+            raise SinkError(
+                f"the checkpoint is behind the commit topic: it runs batch {batch_id} of query "
+                f"{self.query_id}, but {self.commit_topic!r} says batch {last.batch_id} was committed "
+                "(a checkpoint restored from an older backup?); use the query's newest checkpoint, or start "
+                "over with a new checkpoint"
+            )
+        if batch_id == last.batch_id:
+            # Spark re-runs the batch it had not logged as done: all of it is already written.
+            log.info("batch %d already committed: skipping", batch_id)
+            written = sum(n for t, n in last.counts.items() if t in (*self.topics, "skipped"))
+            self.totals["skipped"] = self.totals.get("skipped", 0) + written
             return None
         plan = self._plan(
             batch_id, last.positions, commit_partition=self._commit_partition, commit_start=self._commit_pos

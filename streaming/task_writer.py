@@ -15,7 +15,7 @@ from streaming import faults
 from streaming import kafka_client as kc
 from streaming.dead_letters import record_rows
 from streaming.markers import WriterMarker, writer_markers, written_ids
-from streaming.plan import BatchPlan, Positions, Record, SinkError, merge_positions
+from streaming.plan import BatchPlan, Positions, SinkError, merge_positions
 from streaming.txn import (
     ABANDONED,
     Delivery,
@@ -46,11 +46,17 @@ def _worker_offsets(plan: BatchPlan) -> kc.Offsets:
 def write_task(
     plan: BatchPlan, batches: Iterable[pa.RecordBatch], *, partition: int, attempt: int
 ) -> pa.RecordBatch:
-    """Write one Spark task's records in one transaction; return its summary (counts, skipped, ends)."""
+    """Write one Spark task's records in one transaction; return its summary (counts, skipped, ends).
+
+    The task's records are computed (read, parsed, scored: the work upstream of ``batches``)
+    before the transaction begins, so the transaction spans producing and committing only: a
+    slow task cannot outlive ``transaction.timeout.ms`` and be aborted by the coordinator on
+    every retry. The records of one task are held in memory meanwhile (Arrow batches; bound a
+    micro-batch with ``maxOffsetsPerTrigger``).
+    """
     writer = f"p{partition}"
-    batches = iter(batches)
     # Opening the producer (a round trip to the transaction coordinator, which fences the
-    # older attempts) overlaps with computing the first records.
+    # older attempts) overlaps with computing the records.
     opened: dict[str, Any] = {}
 
     def open_in_background() -> None:
@@ -61,7 +67,13 @@ def write_task(
 
     opener = threading.Thread(target=open_in_background, daemon=True)
     opener.start()
-    first = next((b for b in batches if b.num_rows), None)
+    try:
+        computed = [b for b in batches if b.num_rows]
+    except BaseException:
+        opener.join()
+        if "producer" in opened:
+            kc.discard_producer(opened["producer"])
+        raise
     opener.join()
     if "error" in opened:
         raise opened["error"]
@@ -71,12 +83,14 @@ def write_task(
         faults.point(plan.fault, name, batch=plan.batch_id, writer=writer, attempt=attempt)
 
     try:
-        if first is None:
+        if not computed:
             return summary_batch(dict.fromkeys(plan.topics, 0), 0, {}, writer=partition)
-        first_id = str(first.column("rid")[0].as_py())
+        first_id = str(computed[0].column("rid")[0].as_py())
+        last_id = str(computed[-1].column("rid")[-1].as_py())
+        n = sum(b.num_rows for b in computed)
         offsets = _worker_offsets(plan)
         done = writer_markers(plan, offsets).get(writer)
-        if done is not None and done.first == first_id:
+        if done is not None and done.covers(first_id, last_id, n):
             # Another attempt of this task committed these records (a retry after it
             # succeeded, or a zombie that opened its producer after the retry committed).
             log.warning(
@@ -90,13 +104,12 @@ def write_task(
             skip = plan.skip | seen
         at("writer.before_produce")
         producer.begin_transaction()
-        rows = (r for b in _chain(first, batches) for r in record_rows(b))
-        counted = _Counted(rows)
+        rows = (r for b in computed for r in record_rows(b))
         counts, skipped, ends = produce(
-            producer, plan, counted, skip=skip, where="writer", writer=writer, attempt=attempt
+            producer, plan, rows, skip=skip, where="writer", writer=writer, attempt=attempt
         )
         at("writer.before_commit")
-        marker = WriterMarker(plan.query_id, plan.batch_id, writer, first_id, counted.n, attempt)
+        marker = WriterMarker(plan.query_id, plan.batch_id, writer, first_id, n, attempt, last_id)
         delivery = Delivery()
         producer.produce(
             plan.commit_topic,
@@ -121,24 +134,6 @@ def write_task(
     finally:
         if producer not in ABANDONED:
             kc.discard_producer(producer)
-
-
-class _Counted:
-    """An iterator of records that counts what passed through it."""
-
-    def __init__(self, it: Iterator[Record]) -> None:
-        self.it = it
-        self.n = 0
-
-    def __iter__(self) -> Iterator[Record]:
-        for r in self.it:
-            self.n += 1
-            yield r
-
-
-def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    yield first
-    yield from rest
 
 
 def write_partition(plan: BatchPlan) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:

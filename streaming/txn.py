@@ -203,9 +203,19 @@ def _max_bytes_setting(max_bytes: dict[str, int]) -> dict[str, Any]:
 
 def reason_of(exc: BaseException | KafkaError) -> str:
     if isinstance(exc, KafkaError):
-        return exc.str()
-    err = exc.args[0] if exc.args else exc
-    return err.str() if isinstance(err, KafkaError) else str(err)
+        text = exc.str()
+    else:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if isinstance(err, KafkaError) else str(err)
+    return text + FENCED_WHY if "fenced" in text.lower() and FENCED_WHY not in text else text
+
+
+# The coordinator aborts a transaction that outlives transaction.timeout.ms by bumping the writer's
+# epoch: librdkafka then reports the writer as fenced, as it does when a newer attempt starts.
+FENCED_WHY = (
+    " (a newer attempt of this writer started, or this transaction outlived the producer's "
+    "transaction.timeout.ms)"
+)
 
 
 def commit_transaction(producer: Producer, timeout_s: float, what: str) -> None:

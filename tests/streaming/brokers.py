@@ -35,11 +35,20 @@ def _session_broker(b: LocalBroker) -> Iterator[LocalBroker]:
     b.stop()
 
 
+# Kafka's defaults, except how often two background jobs look for work: the coordinator's sweep for
+# transactions past their timeout (10 s) and the log cleaner's idle wait (15 s). The tests that
+# need a transaction aborted by timeout, or a compaction, then wait a second instead of 10-15.
+TEST_BROKER_SETTINGS = {
+    "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
+    "log.cleaner.backoff.ms": "500",
+}
+
+
 @pytest.fixture(scope="session")
 def apache_kafka(tmp_path_factory) -> Iterator[LocalBroker]:
     """One Apache Kafka KRaft node; its log dir is a temp dir, removed when the session ends."""
     log = tmp_path_factory.mktemp("apache-kafka") / "server.log"
-    yield from _session_broker(ApacheKafkaBroker(log_path=str(log)))
+    yield from _session_broker(ApacheKafkaBroker(log_path=str(log), settings=TEST_BROKER_SETTINGS))
 
 
 @pytest.fixture(scope="session")

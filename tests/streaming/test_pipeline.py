@@ -198,3 +198,39 @@ def test_window_stats_count_mean_and_max_per_tumbling_window_and_version(spark):
         "2026-01-01T00:01:00.000000Z|v1",
         "2026-01-01T00:01:00.000000Z|v2",
     ]
+
+
+@pytest.mark.parametrize(
+    ("producer", "message"),
+    [
+        ({"transaction.timeout.ms": "5000"}, "transaction.timeout.ms must be between 10000 and 900000"),
+        ({"transaction.timeout.ms": "3600000"}, "transaction.timeout.ms must be between 10000 and 900000"),
+        (
+            {"transaction.timeout.ms": "20000", "message.timeout.ms": "20000"},
+            r"message.timeout.ms must be at least 1000 and below transaction.timeout.ms \(20000\)",
+        ),
+        ({"message.timeout.ms": "soon"}, "message.timeout.ms must be a whole number of ms"),
+    ],
+)
+def test_producer_timeouts_outside_safe_limits_are_config_errors(producer, message):
+    from streaming.config import OutputConfig
+
+    with pytest.raises(ValueError, match=message):
+        OutputConfig(producer=producer)
+
+
+def test_producer_timeouts_within_limits_reach_the_transactional_writer():
+    from streaming.config import OutputConfig
+    from streaming.kafka_client import transactional_producer
+
+    settings = {"transaction.timeout.ms": "300000", "message.timeout.ms": "240000"}
+    OutputConfig(producer=settings)
+    # librdkafka refuses a producer whose message.timeout.ms exceeds its transaction.timeout.ms:
+    # the 20 s from the settings is what it got (the sink's default would have been 70 s).
+    transactional_producer({"bootstrap.servers": "127.0.0.1:1", **settings}, "t", delivery_timeout_s=30)
+    with pytest.raises(Exception, match="message.timeout.ms"):
+        transactional_producer(
+            {"bootstrap.servers": "127.0.0.1:1", "transaction.timeout.ms": "20000"},
+            "t",
+            delivery_timeout_s=60,
+        )

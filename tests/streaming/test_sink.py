@@ -7,10 +7,15 @@ Tests marked for both brokers read what a consumer of that broker sees: ``read_c
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow as pa
 import pytest
@@ -32,7 +37,7 @@ from streaming.sink import (
     write_task,
     written_ids,
 )
-from tests.streaming.conftest import POLL_TIMEOUT_S, read_records, stream_config, tally
+from tests.streaming.conftest import POLL_TIMEOUT_S, ROOT, read_records, stream_config, tally
 
 pytestmark = pytest.mark.kafka
 
@@ -392,7 +397,10 @@ def test_created_topics_get_the_replication_factor_and_configs_asked_for(apache)
     cfg = stream_config(
         apache,
         tag,
-        output={"replication_factor": 1, "topic_configs": {"retention.ms": "3600000"}},
+        output={
+            "replication_factor": 1,
+            "topic_configs": {"retention.ms": "3600000", "cleanup.policy": "delete"},
+        },
         stats={"enabled": True},
     )
     ensure_output_topics(cfg)
@@ -401,8 +409,174 @@ def test_created_topics_get_the_replication_factor_and_configs_asked_for(apache)
     for t in (o.topic, o.dlq_topic, cfg.stats.topic):
         assert found[t]["retention.ms"] == "3600000"
     for key, value in COMMIT_TOPIC_CONFIGS.items():
-        assert found[o.commit_topic][key] == value
+        assert found[o.commit_topic][key] == value  # cleanup.policy stays compact
+    assert found[o.commit_topic]["retention.ms"] == "3600000"
     from udfs.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"replication factor 3.*only 1 broker"):
         ensure_output_topics(stream_config(apache, tag + "x", output={"replication_factor": 3}))
+
+
+# -- defects found in review (issue 20): each test fails without its fix -----------------------
+
+
+def test_input_headers_named_like_the_sinks_own_do_not_hide_a_dead_letter_from_the_recovery_scan(kafka_any):
+    """A replayed dead-letter topic carries sparkscore.* headers of the job that wrote it first."""
+    topics = topics_on(kafka_any)
+    _, dlq, _ = topics
+    query = str(uuid.uuid4())
+    sink = make_sink(kafka_any, topics, query)
+    plan = sink.begin(0)
+    assert plan is not None
+    header = pa.list_(pa.struct([("key", pa.string()), ("value", pa.binary())]))
+    old = [
+        {"key": "sparkscore.query", "value": b"an-older-query"},
+        {"key": "sparkscore.batch", "value": b"7"},
+        {"key": "sparkscore.id", "value": b"events/0/3"},
+        {"key": "sparkscore.error", "value": b"the first reason"},
+    ]
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "dest": [1],
+            "key": [b"k"],
+            "value": [b"not json"],
+            "error": ["value is not JSON"],
+            "rid": ["events.dlq/0/12"],
+            "headers": pa.array([old], header),
+        }
+    )
+    write_task(plan, [batch], partition=0, attempt=0)  # ... and the driver dies before its marker
+    seen, _ = written_ids(plan)
+    assert seen == {"events.dlq/0/12"}  # a restart would skip it, not write it again
+    [rec] = read_records(kafka_any, dlq)
+    headers = rec.headers()
+    assert ("sparkscore.previous.query", b"an-older-query") in headers
+    assert ("sparkscore.previous.error", b"the first reason") in headers
+    h = dict(headers)
+    assert (h[H_ID], h[H_ERROR]) == (b"events.dlq/0/12", b"value is not JSON")
+
+
+def test_a_checkpoint_older_than_the_newest_marker_is_an_error_not_a_silent_skip(kafka_any):
+    topics = topics_on(kafka_any)
+    query = str(uuid.uuid4())
+    sink = make_sink(kafka_any, topics, query)
+    for batch in range(3):
+        plan = sink.begin(batch)
+        assert plan is not None
+        sink.commit(plan, sink.write_local(plan, records(5, first=5 * batch)))
+    restored = make_sink(kafka_any, topics, query)  # a checkpoint restored from a backup at batch 1
+    with pytest.raises(SinkError, match=r"checkpoint is behind the commit topic: it runs batch 1 .* batch 2"):
+        restored.begin(1)
+    assert make_sink(kafka_any, topics, query).begin(2) is None  # Spark's own replay is still skipped
+
+
+def test_a_writer_marker_with_the_same_first_record_but_another_range_does_not_skip_the_task(kafka_any):
+    """minPartitions changed (or the source did): the same task now holds a longer range."""
+    topics = topics_on(kafka_any)
+    query = str(uuid.uuid4())
+    crashed = make_sink(kafka_any, topics, query)
+    plan = crashed.begin(0)
+    assert plan is not None
+    write_task(plan, [arrow_records(10)], partition=0, attempt=0)  # then the driver dies
+    restarted = make_sink(kafka_any, topics, query)
+    plan = restarted.begin(0)
+    assert plan is not None
+    summary = write_task(plan, [arrow_records(25)], partition=0, attempt=0).to_pydict()
+    assert dict(zip(summary["kind"], summary["value"], strict=False))["skipped"] == 10
+    exactly_once(kafka_any, topics, 25)
+
+
+def test_a_restart_fences_a_driver_killed_inside_its_marker_transaction_before_reading_markers(
+    apache, tmp_path, fault_results
+):
+    """A real process is killed (SIGKILL) with its batch marker sent and its transaction open.
+
+    The restarted sink reads the commit topic with a 10 s timeout, far below the dead writer's
+    transaction timeout (60 s): it can only succeed by fencing the dead writer first.
+    """
+    topics = topics_on(apache)
+    out, dlq, commits = topics
+    query = str(uuid.uuid4())
+    script = tmp_path / "dies_in_its_marker_transaction.py"
+    script.write_text(
+        f"""
+import sys, time
+from streaming import kafka_client as kc
+from streaming.markers import Marker
+from streaming.sink import EffectivelyOnceSink
+from streaming.txn import Delivery, flush
+from tests.streaming.test_sink import records
+sink = EffectivelyOnceSink(client={apache.conf!r}, topics=({out!r}, {dlq!r}), commit_topic={commits!r}, timeout_s=30)
+sink.bind({query!r})
+plan = sink.begin(0)
+result = sink.write_local(plan, records(20))
+marker = Marker(plan.query_id, 0, result.ends, result.counts, 0)
+producer = sink._begin_txn()
+delivery = Delivery()
+producer.produce({commits!r}, key=marker.query_id.encode(), value=marker.to_json(),
+                 partition=plan.commit_partition, on_delivery=delivery)
+flush(producer, delivery, 30, "the marker")
+print("marker sent", flush=True)
+time.sleep(600)
+"""
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "marker sent", "the writer never sent its marker"
+        # The kill lands inside the transaction: the marker is on the broker, uncommitted.
+        uncommitted = [m for m in read_records(apache, commits, committed=False) if m.key() == query.encode()]
+        assert [json.loads(m.value())["batch_id"] for m in uncommitted] == [-1, 0]
+        proc.kill()
+        proc.wait(POLL_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    restarted = make_sink(apache, topics, query, timeout_s=10.0)
+    plan = restarted.begin(0)  # batch 0's marker was never committed: the batch runs again
+    assert plan is not None
+    restarted.commit(plan, restarted.write_local(plan, records(20)))
+    exactly_once(apache, topics, 20)
+    assert sum(ids_in(apache, out, dlq, committed=False).values()) == 40  # the dead run's 20 were aborted
+    seen = ids_in(apache, out, dlq)
+    fault_results["open_marker_transaction"] = tally(seen, {f"events/0/{i}" for i in range(20)}, 0)
+
+
+def test_a_task_slower_than_the_transaction_timeout_commits_since_its_transaction_opens_after_scoring(
+    apache,
+):
+    """The config's transaction.timeout.ms (2 s here, below the 10 s a config accepts) is in force."""
+    topics = topics_on(apache)
+    query = str(uuid.uuid4())
+    sink = make_sink(apache, topics, query)
+    plan = sink.begin(0)
+    assert plan is not None
+    plan = replace(plan, producer={"transaction.timeout.ms": "2000", "message.timeout.ms": "1500"})
+
+    def slow_scoring():
+        yield arrow_records(10)
+        time.sleep(5)  # reading, parsing and scoring the rest: longer than the transaction may live
+        yield arrow_records(10, first=10)
+
+    write_task(plan, slow_scoring(), partition=0, attempt=0)
+    exactly_once(apache, topics, 20)
+
+    # The same 2 s bound, held inside the transaction (between producing and committing): the
+    # coordinator aborts it, so the setting reached the writer rather than a default of minutes.
+    def stall(point: str, ctx: dict) -> None:
+        if point == "writer.before_commit":
+            time.sleep(5)
+
+    faults.HOOK = stall
+    try:
+        with pytest.raises(
+            SinkError, match=r"batch 0's p1 .*fenced.*outlived the producer's transaction.timeout"
+        ):
+            write_task(plan, [arrow_records(5, first=100)], partition=1, attempt=0)
+    finally:
+        faults.HOOK = None
+    exactly_once(apache, topics, 20)
