@@ -55,8 +55,9 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-SHED = frozenset({"queue_full", "deadline", "not_ready", "canceled"})
+SHED = frozenset({"queue_full", "deadline", "not_ready", "canceled", "overloaded"})
 JSON_HEADERS = [(b"content-type", b"application/json")]
+OVERLOADED = b'{"error": "the server is overloaded (max_concurrency requests in flight); retry shortly"}'
 
 
 class Body(Instance, forbid_unknown_fields=True):
@@ -148,6 +149,8 @@ class App:
         self.service = service
         self.metrics: Metrics = service.metrics
         self.max_body = cfg.server.max_body_bytes
+        self.max_concurrency = cfg.server.max_concurrency
+        self.inflight = 0  # requests being handled (admitted at the door, not yet answered)
         self.body_timeout = cfg.server.body_timeout_s
         self.token = token.encode() if token else None
         # The other worker processes (serving.workers.Peers), when there are several.
@@ -185,6 +188,22 @@ class App:
     # -- dispatch -------------------------------------------------------------------
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admission at the door: beyond ``max_concurrency`` requests in this worker, 503 at once
+        (before the token, the body or JSON cost anything); health probes are always answered."""
+        if self.inflight >= self.max_concurrency and not scope["path"].startswith("/v2/health"):
+            self.metrics.fail("overloaded", shed=True)
+            headers = [*JSON_HEADERS, (b"retry-after", b"1")]
+            if _body_pending(receive):
+                headers.append((b"connection", b"close"))
+            await _send(send, 503, OVERLOADED, headers)
+            return
+        self.inflight += 1
+        try:
+            await self.handle(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         path: str = scope["path"]
         method: str = scope["method"]
@@ -206,7 +225,10 @@ class App:
                     # Binary tensor data: its own content type and the JSON header's length.
                     if timed:
                         self.metrics.request_duration.observe((time.monotonic() - started) * 1e6)
-                    await _send(send, status, body, answer[2])  # type: ignore[misc]
+                    extra = answer[2]  # type: ignore[misc]
+                    if self.service.draining:
+                        extra = [*extra, (b"connection", b"close")]
+                    await _send(send, status, body, extra)
                     return
             elif path == "/metrics":
                 if method != "GET":
@@ -237,6 +259,12 @@ class App:
             status, body = 500, _encode({"error": f"internal error: {short_reason(exc)}"})
         if timed:
             self.metrics.request_duration.observe((time.monotonic() - started) * 1e6)
+        if (self.service.draining or _body_pending(receive)) and not any(
+            k == b"connection" for k, _ in headers
+        ):
+            # Draining (the client should reconnect elsewhere), or answered before the body was read
+            # (a 401, a 413, a shed request): the rest of it is not read on this connection.
+            headers.append((b"connection", b"close"))
         await _send(send, status, body, JSON_HEADERS + headers if headers else JSON_HEADERS)
 
     def check_token(self, scope: Scope) -> None:
@@ -288,6 +316,8 @@ class App:
         limit = self.max_body
         body: bytes = message.get("body", b"")
         chunks, size = [body], len(body)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
         while message.get("more_body", False):
             message = await receive()
             chunk = message.get("body", b"")
@@ -440,7 +470,8 @@ class App:
 
     def _ready(self) -> tuple[int, bytes]:
         # The protocol: 200 when ready, else a 4xx with an empty body (as Triton answers).
-        if self.service.ready:
+        # Draining (SIGTERM) is not ready: a load balancer stops sending while requests finish.
+        if self.service.ready and not self.service.draining:
             return 200, _encode({"ready": True})
         return 400, b""
 
@@ -523,6 +554,11 @@ class App:
             (b"content-type", b"application/octet-stream"),
         ]
         return 200, header + b"".join(chunks), extra
+
+
+def _body_pending(receive: Receive) -> bool:
+    """Whether the request's body has not fully arrived (uvicorn's cycle says so)."""
+    return getattr(getattr(receive, "__self__", None), "more_body", False) is True
 
 
 def _connection(receive: Receive) -> Any:

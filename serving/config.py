@@ -32,12 +32,25 @@ class ServerConfig:
     body_timeout_s: float = 10.0
     # On SIGTERM: in-flight requests get this long to finish before they are cancelled.
     drain_timeout_s: float = 30.0
+    # On SIGTERM: readiness turns false at once, but the listener stays open this long first (a load
+    # balancer polling readiness deregisters the instance before it stops accepting). 0: no delay.
+    drain_delay_s: float = 0.0
+    # A request's headers not complete after this long (or a new connection that sends nothing): 408, closed.
+    header_timeout_s: float = 10.0
+    # Open connections per worker; one more gets 503 with Retry-After and is closed.
+    max_connections: int = 4096
+    # Requests being handled per worker; one more is shed at the door: 503 with Retry-After.
+    max_concurrency: int = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, int) and self.workers < 1:
             raise ValueError(f"workers must be >= 1 or 'auto', got {self.workers}")
-        if self.body_timeout_s <= 0 or self.drain_timeout_s <= 0:
-            raise ValueError("body_timeout_s and drain_timeout_s must be positive")
+        if self.body_timeout_s <= 0 or self.drain_timeout_s <= 0 or self.header_timeout_s <= 0:
+            raise ValueError("body_timeout_s, header_timeout_s and drain_timeout_s must be positive")
+        if self.drain_delay_s < 0:
+            raise ValueError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
+        if self.max_connections < 1 or self.max_concurrency < 1:
+            raise ValueError("max_connections and max_concurrency must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if self.max_body_bytes < 64:
@@ -96,6 +109,8 @@ class RedisConfig:
     max_connections: int = 32
     # After a Redis error, skip Redis this long instead of paying a timeout on every request.
     retry_after_s: float = 2.0
+    # While skipped, one PING this often (off the request path) brings Redis back as soon as it answers.
+    probe_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -106,6 +121,8 @@ class RedisConfig:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.probe_interval_s <= 0:
+            raise ValueError(f"probe_interval_s must be positive, got {self.probe_interval_s}")
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,11 @@ class Metrics(MetricSet):
             "sparkscore_redis_pool_exhausted_total",
             "Redis calls skipped because every pooled connection was in use (not a Redis failure)",
         )
+        self.redis_probes = Counter(
+            "sparkscore_redis_breaker_probes_total",
+            "PINGs sent while Redis is skipped after an error, by result (success closes the breaker)",
+            label="result",
+        )
         self.model_loads = Counter(
             "sparkscore_model_loads_total",
             "Model version loads (start-up, reloads), by result",
@@ -244,6 +249,7 @@ class Metrics(MetricSet):
             self.cache_unavailable,
             self.redis_errors,
             self.redis_pool_busy,
+            self.redis_probes,
             self.model_loads,
             *self.gauges,
         ]

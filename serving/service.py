@@ -105,7 +105,8 @@ class Service:
         self.cache: PredictionCache = NoCache()
         self.store: FeatureStore = NoFeatureStore()
         self.redis: RedisConnection | None = None
-        self.ready = False
+        self.ready = False  # loaded and warmed up: requests are admitted
+        self.draining = False  # SIGTERM: readiness says no, admitted requests are still served
         self.load_error: str | None = None
         self.last_reload: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
@@ -477,19 +478,26 @@ class Service:
     ) -> dict[str, Any]:
         """Everything after a :meth:`lookup` that did not answer: the awaited cache, the store, the model."""
         metrics = self.metrics
-        if status is None:
-            assert isinstance(key, str)
-            cached, status = await self.cache.get(key)
-            if status == HIT:
-                metrics.cache_hits.inc()
-                return {**cached, "cache_hit": True}  # type: ignore[dict-item]
+        if status is None or row is None:
+            # Redis: the cache, then the feature store, both inside the request's deadline.
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    if status is None:
+                        assert isinstance(key, str)
+                        cached, status = await self.cache.get(key)
+                        if status == HIT:
+                            metrics.cache_hits.inc()
+                            return {**cached, "cache_hit": True}  # type: ignore[dict-item]
+                    if row is None:
+                        assert inst is not None
+                        row = await self.row_from_store(inst)
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed while waiting for Redis") from None
         if status != OFF:
             metrics.cache_misses.inc()
             if status == UNAVAILABLE:
                 metrics.cache_unavailable.inc()
-        if row is None:
-            assert inst is not None
-            row = await self.row_from_store(inst)
+        assert row is not None
         remaining_ms = (deadline - time.monotonic()) * 1000
         if remaining_ms <= 0:
             raise DeadlineExceeded("the deadline passed before the request reached the model")

@@ -11,7 +11,7 @@ Redis calls go through one pooled client with short socket timeouts. A call
 that fails on a broken connection (a pooled connection left stale by a Redis
 restart) is retried once on a fresh one; only then is it an error. After an
 error, Redis is skipped for ``retry_after_s`` so a dead server costs one
-timeout, not one per request. Every pooled connection in use is local
+timeout, not one per request, and a probe closes the breaker as soon as Redis answers. Every pooled connection in use is local
 back-pressure, not a Redis failure: that call goes without Redis and the
 breaker stays closed.
 """
@@ -19,6 +19,7 @@ breaker stays closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -130,21 +131,45 @@ class RedisConnection:
         self.client = Redis(connection_pool=pool, retry=retry_once)
         self._down_until = 0.0
         self.last_error = ""
+        self._probe: asyncio.Task[None] | None = None
 
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
     def failed(self, op: str, exc: BaseException) -> str:
+        """Count a failure and open the breaker: Redis is skipped for up to ``retry_after_s``, while a
+        probe (one PING every ``probe_interval_s``, off the request path) closes it as soon as Redis
+        answers again (the half-open state: one call tries, requests do not)."""
         if isinstance(exc, PoolExhausted):
             self.metrics.redis_pool_busy.inc()
             return str(exc)
         self.metrics.redis_errors.inc(op)
         reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":") if str(exc) else type(exc).__name__
         if self.available():
-            log.warning("redis %s failed (%s); skipping Redis for %.1f s", op, reason, self.cfg.retry_after_s)
+            log.warning(
+                "redis %s failed (%s); skipping Redis for up to %.1f s", op, reason, self.cfg.retry_after_s
+            )
         self._down_until = time.monotonic() + self.cfg.retry_after_s
         self.last_error = reason
+        if self._probe is None or self._probe.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to probe from
+                self._probe = asyncio.get_running_loop().create_task(self._half_open(), name="redis-probe")
         return reason
+
+    async def _half_open(self) -> None:
+        while not self.available():
+            await asyncio.sleep(min(self.cfg.probe_interval_s, max(0.0, self._down_until - time.monotonic())))
+            if self.available():
+                return
+            try:
+                await self.call("probe", self.client.ping)
+            except Exception:  # noqa: BLE001 - still down: the breaker stays open
+                self.metrics.redis_probes.inc("failure")
+                continue
+            self.metrics.redis_probes.inc("success")
+            self._down_until = 0.0
+            log.info("redis answers again; using it")
+            return
 
     async def call(self, op: str, coro_fn: Any, *args: Any) -> Any:
         """Run one Redis call with a hard deadline (socket timeouts do not cover every wait; the
@@ -161,6 +186,8 @@ class RedisConnection:
             return False
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         await self.client.aclose()
 
 

@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -57,32 +58,117 @@ SUPERVISOR_METRICS = "supervisor.prom"
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, with readiness turned false the moment a shutdown signal arrives, and exit 0 after it."""
+    """uvicorn, with readiness turned false the moment a shutdown signal arrives, and exit 0 after it.
+
+    Draining changes readiness only: requests already admitted, bodies still arriving and requests on
+    kept-alive connections are served (each response then says ``Connection: close``). With
+    ``[server] drain_delay_s`` the listener stays open that long first, so a load balancer that polls
+    readiness deregisters the instance before it stops accepting; a second signal ends the delay.
+    """
 
     def __init__(self, config: uvicorn.Config, app: App) -> None:
         super().__init__(config)
         self.scorer = app
+        self._delay: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Readiness first (a probe that still gets through sees 503), then uvicorn's graceful shutdown:
-        # stop accepting, let in-flight requests finish, then the lifespan shutdown. The signal is not
-        # re-raised afterwards (uvicorn would), so a drained server exits 0.
-        self.scorer.service.ready = False
+        # Readiness first (a probe that still gets through sees not-ready), then uvicorn's graceful
+        # shutdown: stop accepting, let in-flight requests finish, then the lifespan shutdown. The signal
+        # is not re-raised afterwards (uvicorn would), so a drained server exits 0.
+        service = self.scorer.service
+        delay = self.scorer.cfg.server.drain_delay_s
+        if not service.draining and delay > 0:
+            service.draining = True
+            self._delay = threading.Timer(delay, self._begin_shutdown)
+            self._delay.daemon = True
+            self._delay.start()
+            return
+        service.draining = True
+        if self._delay is not None:
+            self._delay.cancel()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
             self.should_exit = True
 
+    def _begin_shutdown(self) -> None:
+        self.should_exit = True  # uvicorn's main loop reads it within 0.1 s
 
-def run_server(app: App, cfg: ServeConfig, *, fd: int | None = None) -> None:
-    """Serve ``app`` until a signal: on ``cfg``'s host and port, or on the inherited socket ``fd``."""
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with two bounds a client cannot stretch.
+
+    * A request's headers (and a new connection's first request) must arrive within
+      ``header_timeout_s``: else 408 and the connection closes (slowloris, idle half-open sockets).
+    * At most ``max_connections`` open connections: one more gets 503 with Retry-After and is closed
+      (the worker's file descriptors are never exhausted by clients that only connect).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    def refuse(transport: asyncio.Transport, status: bytes, message: bytes, extra: bytes = b"") -> None:
+        transport.write(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            + extra
+            + b"content-length: %d\r\n\r\n" % len(message)
+            + message
+        )
+        transport.close()
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                refuse(
+                    transport,
+                    b"503 Service Unavailable",
+                    b'{"error": "too many open connections; retry shortly"}',
+                    b"retry-after: 1\r\n",
+                )
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            message = b'{"error": "the request headers did not arrive within %g s"}' % header_timeout_s
+            refuse(self.transport, b"408 Request Timeout", message)
+
+    return GuardedProtocol
+
+
+def uvicorn_config(app: App, cfg: ServeConfig, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's settings for ``cfg`` (``overrides``: e.g. a quieter log level in tests)."""
     server = cfg.server
-    config = uvicorn.Config(
-        app,
+    options: dict[str, Any] = dict(
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         access_log=False,
         # Loopback by default: no proxy to trust, and the Server/Date headers are per-request work nobody reads.
@@ -90,8 +176,17 @@ def run_server(app: App, cfg: ServeConfig, *, fd: int | None = None) -> None:
         server_header=False,
         date_header=False,
         log_level=server.log_level,
-        timeout_graceful_shutdown=int(server.drain_timeout_s),
+        http=guarded_protocol(server.header_timeout_s, server.max_connections),
+        # A float: a drain under 1 s is that long, not 0 (which cancelled every in-flight request).
+        timeout_graceful_shutdown=server.drain_timeout_s,  # type: ignore[arg-type]
     )
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def run_server(app: App, cfg: ServeConfig, *, fd: int | None = None) -> None:
+    """Serve ``app`` until a signal: on ``cfg``'s host and port, or on the inherited socket ``fd``."""
+    config = uvicorn_config(app, cfg)
     sockets = None if fd is None else [socket.socket(fileno=fd)]
     DrainingServer(config, app).run(sockets=sockets)
 
@@ -284,7 +379,7 @@ class Supervisor:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.server.drain_timeout_s + 15
+        deadline = time.monotonic() + self.cfg.server.drain_delay_s + self.cfg.server.drain_timeout_s + 15
         code = 0
         for proc in self.procs.values():
             try:

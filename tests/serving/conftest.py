@@ -167,16 +167,14 @@ class Server:
 @contextlib.contextmanager
 def uvicorn_thread(app: App) -> Iterator[str]:
     """Run ``app`` under a real uvicorn (uvloop, httptools) on a free 127.0.0.1 port."""
-    import uvicorn
-
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, loop="uvloop", http="httptools", lifespan="on", log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
+    from serving.workers import DrainingServer, uvicorn_config
+
+    # The production settings (header timeout, connection cap, drain), as ``python -m serving`` runs it.
+    server = DrainingServer(uvicorn_config(app, app.cfg, log_level="warning"), app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
     thread.start()
     wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")

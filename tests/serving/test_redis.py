@@ -168,3 +168,37 @@ def test_a_full_connection_pool_is_local_back_pressure_not_a_redis_failure(redis
     assert metrics.redis_errors.values == {}
     assert metrics.redis_pool_busy.value() == 1
     assert after == (None, MISS)
+
+
+def test_a_request_waiting_on_a_slow_feature_store_gets_504_at_its_deadline(serve, redis_db):
+    seed(redis_db.client())
+    # Generous Redis timeouts: the request's own deadline is what must bound the wait.
+    srv = serve(redis={"url": redis_db.url, "socket_timeout_ms": 3000.0, "retry_after_s": 0.1})
+    sleeper = threading.Thread(target=lambda: redis_db.client().execute_command("DEBUG", "SLEEP", "1.5"))
+    sleeper.start()
+    try:
+        wait_until(lambda: not answers_quickly(redis_db), "redis-server to be busy sleeping")
+        resp = srv.post("/predict", {"user_id": "u1", "item_id": "i1", "timeout_ms": 200})
+    finally:
+        sleeper.join()
+    assert resp.status_code == 504, resp.text
+    # Answered at the deadline while Redis was still busy, not once Redis answered (also a 504 then).
+    assert "deadline passed while waiting for Redis" in resp.json()["error"]
+
+
+def test_after_one_redis_timeout_a_probe_closes_the_breaker_without_waiting_out_retry_after(serve, redis_db):
+    srv = serve(redis={"url": redis_db.url, "socket_timeout_ms": 50.0, "retry_after_s": 600.0})
+    sleeper = threading.Thread(target=lambda: redis_db.client().execute_command("DEBUG", "SLEEP", "0.5"))
+    sleeper.start()
+    try:
+        wait_until(lambda: not answers_quickly(redis_db), "redis-server to be busy sleeping")
+        first = srv.post("/predict", {"features": [30.0, 2.0, 10.0, 1.0]}).json()
+        assert first["cache"] == "unavailable"
+    finally:
+        sleeper.join()
+
+    def cache_back() -> bool:
+        return "cache" not in srv.post("/predict", {"features": [31.0, 2.0, 10.0, 1.0]}).json()
+
+    wait_until(cache_back, "the half-open probe to close the breaker")
+    assert srv.metric("sparkscore_redis_breaker_probes_total", result="success") >= 1

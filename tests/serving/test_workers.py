@@ -130,7 +130,7 @@ def test_sigterm_turns_readiness_false_stops_listening_and_lets_in_flight_reques
         )
         assert runner.entered.wait(10)
         server.handle_exit(signal.SIGTERM, None)
-        assert app.service.ready is False
+        assert app.service.draining is True
 
         def refused() -> bool:
             try:
