@@ -41,8 +41,17 @@ setup: $(STAMP) need-java ## create .venv with the pinned dependencies (and redi
 $(DEMO)/ctr.pt $(DEMO)/ctr.onnx &: $(STAMP) udfs/demo.py
 	$(PY) -m udfs.demo --out $(DEMO)
 
-demo: need-java $(STAMP) $(DEMO)/ctr.pt $(DEMO)/ctr.onnx ## build the demo model (.pt, .pt2, .onnx) and table, then run the batch job on local Spark
+# The demo model in MLflow's default sqlite store (no tracking server): demo_ctr, alias @champion.
+MLFLOW_DEMO := build/mlflow
+$(MLFLOW_DEMO)/mlflow.db: $(STAMP) udfs/demo.py udfs/mlflow_demo.py
+	$(PY) -m udfs.mlflow_demo --root $(MLFLOW_DEMO)
+
+demo: need-java $(STAMP) $(DEMO)/ctr.pt $(DEMO)/ctr.onnx $(MLFLOW_DEMO)/mlflow.db ## build the demo model (.pt, .pt2, .onnx, and models:/demo_ctr@champion in build/mlflow) and table, then run the batch job on local Spark
 	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml
+
+demo-mlflow: need-java $(STAMP) $(DEMO)/ctr.pt $(MLFLOW_DEMO)/mlflow.db ## the batch job with the model from the local MLflow registry (models:/demo_ctr@champion)
+	$(SPARK_SUBMIT) --master 'local[*]' jobs/batch_score.py --config conf/batch.toml \
+	  --model models:/demo_ctr@champion --output build/demo/predictions_mlflow --mode overwrite
 
 $(JARS): jvm/pom.xml
 	@command -v mvn >/dev/null || { echo "Maven is required to fetch the JVM jars (apt-get install maven)"; exit 1; }
@@ -88,7 +97,7 @@ bench-batch: need-java $(STAMP) ## batch benchmark (bench/results/batch.json and
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
 
-.PHONY: help need-java setup jars demo test test-fast lint format package bench-batch clean
+.PHONY: help need-java setup jars demo demo-mlflow test test-fast lint format package bench-batch clean
 
 # --- serving ---
 serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model, no Redis; --redis-url via ARGS)

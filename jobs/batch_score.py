@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udfs.batch import BatchConfig, Summary
 from udfs.config import from_dict, load_toml
 from udfs.errors import ConfigError, SparkscoreError
-from udfs.spec import with_overrides
+from udfs.spec import ResolvedModel, with_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--output", help="output path (replaces [output].path / table)")
     target.add_argument("--output-table", help="output catalog table (replaces [output].path / table)")
-    p.add_argument("--model", help="model file (overrides [model].path)")
+    p.add_argument(
+        "--model", help="model file or URI, e.g. models:/ctr@champion or s3://... (overrides [model].path)"
+    )
     p.add_argument(
         "--mode",
         choices=["errorifexists", "overwrite", "append"],
@@ -117,8 +119,7 @@ def run(cfg: BatchConfig) -> Summary:
     device = check_device(spark, model)
     what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
     print(
-        f"[sparkscore] model {model.name} version {model.version} ({what}: {', '.join(model.spec.paths)}) "
-        f"on {device}",
+        f"[sparkscore] model {model.name} version {model.version} ({what}: {model_source(model)}) on {device}",
         flush=True,
     )
     print(f"[sparkscore] scoring {cfg.input.describe} into {cfg.output.describe}", flush=True)
@@ -137,7 +138,14 @@ def run(cfg: BatchConfig) -> Summary:
         startup_seconds=startup,
         scoring_seconds=written.seconds,
         model_loads=dict(tracker.value),
+        model_version=model.version,
+        model_source=model_source(model),
     )
+
+
+def model_source(model: ResolvedModel) -> str:
+    """Where each member came from: a file path, or a store URI with the version it resolved to."""
+    return ", ".join(m.store.describe if m.store is not None else m.path for m in model.members)
 
 
 def report_error(message: str) -> None:

@@ -131,6 +131,8 @@ class Summary:
     startup_seconds: float  # Spark session, schema, model and device checks
     scoring_seconds: float  # from the first read to the committed write
     model_loads: dict[str, int]
+    model_version: str = ""  # the version every row was scored with (a registry model: version+hash)
+    model_source: str = ""  # where it came from (models:/ctr@champion (version 3, pytorch), a file)
 
     @property
     def error_rate(self) -> float:
@@ -138,7 +140,12 @@ class Summary:
 
     def render(self) -> str:
         loads = sum(self.model_loads.values())
-        return (
+        model = (
+            f"[sparkscore] model version: {self.model_version} ({self.model_source})\n"
+            if self.model_version
+            else ""
+        )
+        return model + (
             f"[sparkscore] rows in: {self.input_rows:,}  out: {self.output_rows:,}  "
             f"scored: {self.scored:,}  errors: {self.errors:,} ({self.error_rate:.2%})\n"
             f"[sparkscore] model loads: {loads} across {plural(len(self.model_loads), 'Python worker')}  "
