@@ -8,8 +8,8 @@ With CUDA:
 1. ``spark-submit jobs/batch_score.py`` with ``device = "cuda"`` on the demo table, on
    ``local-cluster[1,N,M]`` with ``spark.executor.resource.gpu.amount=1`` and
    ``spark.task.resource.gpu.amount=1/N`` (N tasks share the GPU, each gets its address from
-   ``TaskContext.resources()["gpu"]``); it checks rows out == rows in and that the predictions
-   equal the scoring core's on the CPU.
+   ``TaskContext.resources()["gpu"]``); it checks rows out == rows in, the same bad rows, and every
+   prediction against the scoring core's on the CPU (``compare_predictions``, atol and rtol 1e-4).
 2. ``bench/batch_bench.py`` on the same master, for ``tiny`` and ``medium``: ``sparkscore``,
    ``sparkscore_udf``, ``spark_floor`` and ``plain_torch`` with the models on ``cuda``, then the
    same on ``cpu``.
@@ -74,7 +74,6 @@ def gpu_conf(cores: int, memory_mb: int, script: Path) -> dict[str, str]:
 
 def run_job(conf: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
     """The batch job on the GPU over the demo table; rows and predictions checked against the CPU core."""
-    import numpy as np
     import pyarrow.dataset as ds
 
     from udfs import demo
@@ -109,7 +108,7 @@ def run_job(conf: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         return {"ok": False, "exit_code": proc.returncode, "stderr_tail": proc.stderr[-1000:]}
-    table = ds.dataset(paths["table"], format="parquet").to_table()
+    table = ds.dataset(paths["table"], format="parquet").to_table().sort_by("user_id")
     got = ds.dataset(out, format="parquet").to_table().sort_by("user_id")
     cpu = score_batch(
         table,
@@ -117,15 +116,47 @@ def run_job(conf: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
             resolve(ModelSpec(path=str(paths["torchscript"]), input_columns=demo.CTR_FEATURES, device="cpu"))
         ),
     )
-    want = np.nan_to_num(cpu.column("prediction").to_numpy(zero_copy_only=False), nan=-1.0)
-    have = np.nan_to_num(got.column("prediction").to_numpy(zero_copy_only=False), nan=-1.0)
+    check = compare_predictions(
+        table.column("user_id").to_numpy(),
+        cpu.column("prediction").to_numpy(zero_copy_only=False),
+        got.column("user_id").to_numpy(),
+        got.column("prediction").to_numpy(zero_copy_only=False),
+    )
     return {
-        "ok": got.num_rows == table.num_rows,
-        "rows_in": table.num_rows,
-        "rows_out": got.num_rows,
-        "max_abs_diff_vs_cpu": float(np.max(np.abs(have - want))),
+        **check,
         "summary": [line for line in proc.stdout.splitlines() if line.startswith("[sparkscore]")],
     }
+
+
+# float32 on a GPU sums in another order than on a CPU: differences of a few ulps are expected.
+ATOL, RTOL = 1e-4, 1e-4
+
+
+def compare_predictions(
+    want_ids: Any, want: Any, have_ids: Any, have: Any, *, atol: float = ATOL, rtol: float = RTOL
+) -> dict[str, Any]:
+    """The GPU job's predictions against the CPU core's, row for row by id: ok only when the same
+    rows came out, the same rows are null (bad), and every prediction is within tolerance."""
+    import numpy as np
+
+    result: dict[str, Any] = {"rows_in": int(len(want_ids)), "rows_out": int(len(have_ids)), "ok": False}
+    if len(want_ids) != len(have_ids) or not np.array_equal(want_ids, have_ids):
+        result["reason"] = "the job's rows are not the input's rows"
+        return result
+    want, have = np.asarray(want, dtype=np.float64), np.asarray(have, dtype=np.float64)
+    want_null, have_null = np.isnan(want), np.isnan(have)
+    if not np.array_equal(want_null, have_null):
+        result["reason"] = f"{int((want_null != have_null).sum())} rows are null on one device only"
+        return result
+    diff = np.abs(have - want)[~want_null]
+    worst = float(diff.max()) if len(diff) else 0.0
+    bad = int((diff > atol + rtol * np.abs(want[~want_null])).sum())
+    result.update(max_abs_diff_vs_cpu=worst, rows_beyond_tolerance=bad, atol=atol, rtol=rtol)
+    if bad:
+        result["reason"] = f"{bad} predictions differ from the CPU's beyond atol {atol} + rtol {rtol}"
+        return result
+    result["ok"] = True
+    return result
 
 
 def run_bench(

@@ -117,20 +117,50 @@ def test_threads_follow_spark_task_cpus():
         torch.set_num_threads(before)
 
 
+# Run in a Spark of its own: the shared session has spark.task.cpus = 1, where a scorer that always
+# took one thread would pass too.
+TASK_CPUS_PROBE = """
+import sys
+import pyarrow as pa
+import torch
+from pyspark.sql import SparkSession
+from udfs.core import load_scorer
+from udfs.spec import ModelSpec, resolve
+
+spark = (
+    SparkSession.builder.master("local[4]").config("spark.task.cpus", "2")
+    .config("spark.ui.enabled", "false").getOrCreate()
+)
+model = resolve(ModelSpec(path=sys.argv[1], input_columns=("a", "b", "c", "d")))
+
+def probe(batches):
+    for _ in batches:
+        pass
+    load_scorer(model)
+    yield pa.record_batch({"threads": pa.array([torch.get_num_threads()], pa.int32())})
+
+print("THREADS", sorted({r.threads for r in spark.range(4, numPartitions=2).mapInArrow(probe, "threads int").collect()}))
+spark.stop()
+"""
+
+
+@pytest.mark.slow
 @pytest.mark.spark
-def test_inside_spark_tasks_threads_equal_spark_task_cpus(spark, models):
-    from udfs.core import load_scorer
-    from udfs.spec import ModelSpec, resolve
+def test_inside_spark_tasks_threads_equal_spark_task_cpus(models, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    model = resolve(ModelSpec(path=models["torchscript"], input_columns=("a", "b", "c", "d")))
-
-    def probe(batches):
-        import pyarrow as pa
-
-        for _ in batches:
-            pass
-        load_scorer(model)
-        yield pa.record_batch({"threads": pa.array([torch.get_num_threads()], pa.int32())})
-
-    got = {r.threads for r in spark.range(4, numPartitions=2).mapInArrow(probe, "threads int").collect()}
-    assert got == {int(spark.conf.get("spark.task.cpus", "1"))}
+    script = tmp_path / "probe.py"
+    script.write_text(TASK_CPUS_PROBE)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(script), models["torchscript"]],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "THREADS [2]" in proc.stdout, proc.stderr[-2000:]

@@ -35,3 +35,15 @@ def test_every_task_slot_shares_the_one_gpu_of_the_executor(tmp_path):
     assert conf["spark.master"] == "local-cluster[1,4,2048]"
     assert conf["spark.executor.resource.gpu.amount"] == "1"
     assert float(conf["spark.task.resource.gpu.amount"]) * 4 == 1.0
+
+
+def test_the_gpu_job_is_ok_only_when_its_predictions_match_the_cpu():
+    import numpy as np
+
+    ids = np.arange(4)
+    cpu = np.array([0.5, np.nan, 2.0, 3.0])
+    assert gpu_check.compare_predictions(ids, cpu, ids, cpu + 1e-6)["ok"]
+    off = gpu_check.compare_predictions(ids, cpu, ids, np.array([0.5, np.nan, 2.0, 3.5]))
+    assert not off["ok"] and off["rows_beyond_tolerance"] == 1 and off["max_abs_diff_vs_cpu"] == 0.5
+    assert not gpu_check.compare_predictions(ids, cpu, ids, np.array([0.5, 1.0, 2.0, 3.0]))["ok"]
+    assert not gpu_check.compare_predictions(ids, cpu, ids[:3], cpu[:3])["ok"]
