@@ -96,6 +96,7 @@ def run(cfg: BatchConfig) -> Summary:
         feature_schema,
         model_load_tracker,
         session_time_zone,
+        ship_model_files,
         with_predictions,
     )
     from udfs.spec import resolve
@@ -116,12 +117,15 @@ def run(cfg: BatchConfig) -> Summary:
     check_keep_columns(df.schema, model, keep)
     predictions = output_schema(model).names
     check_output_target(spark, cfg.output, [*keep, *predictions])
+    shipped = ship_model_files(spark, model)
     device = check_device(spark, model)
     what = f"ensemble of {len(model.members)} ({cfg.model.combiner})" if model.is_ensemble else model.format
     print(
         f"[sparkscore] model {model.name} version {model.version} ({what}: {model_source(model)}) on {device}",
         flush=True,
     )
+    if shipped:
+        print(f"[sparkscore] shipped to the executors: {', '.join(shipped)}", flush=True)
     print(f"[sparkscore] scoring {cfg.input.describe} into {cfg.output.describe}", flush=True)
     startup = time.monotonic() - started
 

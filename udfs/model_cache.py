@@ -19,7 +19,7 @@ from typing import Any
 
 from udfs import model_store
 from udfs.errors import ModelLoadError, whole_sentences
-from udfs.spec import ResolvedMember, file_hash
+from udfs.spec import ResolvedMember, files_hash
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,16 @@ def load_pickled(path: str, device: str) -> Any:
     return module
 
 
+def located_files(member: ResolvedMember, path: str) -> tuple[str, ...]:
+    """The member's files as found on this host: the model at ``path``, its external data beside it
+    at the same relative places as on the driver."""
+    if len(member.files) <= 1:
+        return (path,)
+    base = Path(member.files[0]).parent
+    here = Path(path).parent
+    return (path, *(str(here / os.path.relpath(f, base)) for f in member.files[1:]))
+
+
 def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> Any:
     """The loaded torch module for one model file on ``device``, loading it at most once."""
     key = (member.content_hash, device)
@@ -186,7 +196,7 @@ def get_model(member: ResolvedMember, device: str, *, cache_size: int = 4) -> An
         path = member_path(member)
         # The driver hashed the file; a different file on this host would give
         # predictions under the wrong version, so refuse it (a store's fetch checked its own).
-        if member.store is None and file_hash(path) != member.content_hash:
+        if member.store is None and files_hash(located_files(member, path)) != member.content_hash:
             raise ModelLoadError(
                 f"model file {path!r} on this host differs from the one the driver checked "
                 f"(version {member.version}); ship the same file to every node"

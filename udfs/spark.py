@@ -386,6 +386,36 @@ def _iterator_hints(fn: Callable[..., Any], column: type, result: type, width: i
     fn.__annotations__ = {"batches": Iterator[columns], "return": Iterator[result]}  # type: ignore[valid-type]
 
 
+def ship_model_files(spark: SparkSession, model: ResolvedModel, *, force: bool = False) -> list[str]:
+    """Ship every local model file (an ONNX model's external data included) to the executors, as
+    ``spark-submit --files`` would; executors find them by name (``model_cache.locate``).
+
+    On a local master the executors read the files where they are, so nothing is shipped unless
+    ``force``. Returns the files shipped.
+    """
+    master = str(spark.conf.get("spark.master", "") or "")
+    if master.startswith("local") and not force:
+        return []
+    files = [f for m in model.members if m.store is None for f in (m.files or (m.path,))]
+    if not files:
+        return []
+    if is_connect(spark):
+        spark.addArtifacts(*files, file=True)
+    else:
+        for f in files:
+            spark.sparkContext.addFile(f)
+    return files
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no SparkContext, no JVM in this process)."""
+    try:
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+    except ImportError:
+        return False
+    return isinstance(spark, ConnectSession)
+
+
 def check_device(spark: SparkSession, model: ResolvedModel) -> str:
     """The device a scoring task gets, found by one probe task before any data is read.
 

@@ -239,6 +239,8 @@ class ResolvedMember:
     format: str
     weight: float
     store: StoreRef | None = None  # a model from MLflow / object storage: where executors fetch it
+    # Every local file the model is made of: the model file, then an ONNX model's external data files.
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,52 @@ def file_hash(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def onnx_external_data(path: str | Path) -> tuple[str, ...]:
+    """The external data files an ONNX model's tensors name (``save_as_external_data``: weights in
+    ``model.onnx.data`` beside the graph), as paths beside the model; () when it keeps them inside."""
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    except ImportError:  # without onnx the weights cannot be listed; ONNX Runtime still loads them
+        return ()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: the loader says so in its own words
+        return ()
+    locations: dict[str, None] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            if "location" in info:
+                locations[info["location"]] = None
+    base = Path(path).parent
+    return tuple(str(base / loc) for loc in locations)
+
+
+def model_files(path: str, fmt: str) -> tuple[str, ...]:
+    """The model file and, for ONNX, its external data files; one sentence when one is missing."""
+    if fmt != "onnx":
+        return (path,)
+    data = onnx_external_data(path)
+    for f in data:
+        if not Path(f).is_file():
+            raise ModelLoadError(
+                f"model file {path!r} keeps its weights in the external data file {f!r}, which does "
+                "not exist; keep it beside the .onnx file (and ship both with spark-submit --files)"
+            )
+    return (path, *data)
+
+
+def files_hash(files: tuple[str, ...]) -> str:
+    """A model's content hash: the file's own SHA-256, or, with external data, one over every file's
+    name (relative to the model) and hash, so new weights make a new version."""
+    if len(files) == 1:
+        return file_hash(files[0])
+    base = Path(files[0]).parent
+    payload = [[os.path.relpath(f, base), file_hash(f)] for f in files]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
 def model_format(path: str | Path, configured: str = "auto") -> str:
@@ -335,15 +383,18 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
             )
             continue
         _check_file(m.path)
-        digest = file_hash(m.path)
+        fmt = model_format(m.path, m.format)
+        files = model_files(m.path, fmt)
+        digest = files_hash(files)
         members.append(
             ResolvedMember(
                 name=m.name,
                 path=m.path,
                 content_hash=digest,
                 version=m.version or digest[:12],
-                format=model_format(m.path, m.format),
+                format=fmt,
                 weight=m.weight / total,
+                files=files,
             )
         )
     resolved = tuple(members)
