@@ -348,7 +348,10 @@ class App:
         if isinstance(parsed, list):
             return await self.predict_many(parsed, self.deadline(started, None), started, gone)
         if parsed.instances is not None:
-            if any(getattr(parsed, f) is not None for f in ("user_id", "item_id", "features", "context")):
+            if any(
+                getattr(parsed, f) is not None
+                for f in ("user_id", "item_id", "features", "context", "inputs")
+            ):
                 raise BadRequest("instances: give one instance or a list under instances, not both")
             return await self.predict_many(
                 parsed.instances, self.deadline(started, parsed.timeout_ms), started, gone

@@ -186,7 +186,7 @@ class ServeConfig:
 
 CANDIDATE_KEYS = {f.name for f in fields(CandidateConfig)} - {"model"}
 # What the candidate must share with the primary: it answers the same requests with the same fields.
-SAME_AS_PRIMARY = ("input_columns", "num_features", "output")
+SAME_AS_PRIMARY = ("input_columns", "num_features", "output", "inputs", "outputs")
 
 
 def from_mapping(data: dict[str, Any]) -> ServeConfig:

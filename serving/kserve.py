@@ -20,6 +20,7 @@ import numpy as np
 from serving.errors import BadRequest
 from serving.model import ModelRunner, Row
 from udfs.core import ERROR, MODEL_VERSION, PREDICTION, output_schema
+from udfs.signature import V2_DATATYPE
 from udfs.spec import ResolvedModel
 
 
@@ -47,6 +48,8 @@ class V2Request(msgspec.Struct):
 # an integer or boolean tensor is refused rather than silently converted.
 V2_FLOAT = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 V2_BINARY_OUT = {"FP64": "<f8", "FP32": "<f4", "INT32": "<i4", "INT64": "<i8", "BOOL": "?"}
+# A typed model's inputs ([[model.inputs]]) each take exactly their declared datatype.
+V2_TYPED = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "?"}
 MAX_RANK = 8  # tensor dimensions (this model reads [N] or [N, width])
 ARROW_TO_V2 = {
     "double": "FP64",
@@ -111,6 +114,8 @@ def rows_from_request(
     Values come from ``data`` (flat or nested to the tensor's rank) or, with the binary
     tensor data extension, from ``binary`` in input order (``parameters.binary_data_size``).
     """
+    if runner.signature is not None:
+        return typed_rows(runner, req, binary, max_rows)
     cols = runner.columns
     tensors: dict[str, tuple[list[int], list[Any]]] = {}
     offset = 0
@@ -172,6 +177,115 @@ def rows_from_request(
         raise BadRequest(f"inputs: every input needs the same number of rows, got {lengths}")
     columns = [tensors[c][1] for c in cols]
     return list(zip(*columns, strict=True))
+
+
+def typed_rows(runner: ModelRunner, req: V2Request, binary: memoryview | None, max_rows: int) -> list[Row]:
+    """Rows (one value per data column) from a typed model's named tensors, each of its input's own
+    datatype and shape ``[N, *shape]`` (a variable dimension: any length, the same for the N rows of
+    one tensor). A missing or unknown input, another datatype or shape is a 400 naming the input."""
+    sig = runner.signature
+    assert sig is not None
+    fed = {spec.name: spec for spec in sig.fed}
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in req.inputs:
+        spec = fed.get(t.name)
+        if spec is None:
+            raise BadRequest(f"inputs[{t.name}]: unknown input; the model takes {list(fed)}", status=400)
+        want = V2_DATATYPE[spec.dtype]
+        if t.datatype != want:
+            raise BadRequest(
+                f"inputs[{t.name}].datatype: {t.datatype!r}, but input {t.name!r} is {want}", status=400
+            )
+        dims = sig.dims(spec)
+        if spec.columns and len(spec.columns) == 1 and len(t.shape) == 1:
+            dims = ()
+        if len(t.shape) != len(dims) + 1 or any(
+            d not in (-1, s) for d, s in zip(dims, t.shape[1:], strict=False)
+        ):
+            shape = "[N" + "".join(", " + ("L" if d == -1 else str(d)) for d in dims) + "]"
+            raise BadRequest(
+                f"inputs[{t.name}].shape: {t.shape}, but input {t.name!r} takes {shape}", status=400
+            )
+        size = tensor_size(t, max_rows)
+        dtype = np.dtype(V2_TYPED[want])
+        nbytes = (t.parameters or {}).get("binary_data_size")
+        if nbytes is not None:
+            if binary is None or t.data is not None:
+                raise BadRequest(
+                    f"inputs[{t.name}]: binary_data_size needs the Inference-Header-Content-Length "
+                    "header and no data field",
+                    status=400,
+                )
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes != size * dtype.itemsize:
+                raise BadRequest(
+                    f"inputs[{t.name}]: shape {t.shape} of {want} needs {size * dtype.itemsize} bytes, "
+                    f"binary_data_size says {nbytes!r}",
+                    status=400,
+                )
+            chunk = binary[offset : offset + nbytes]
+            if len(chunk) != nbytes:
+                raise BadRequest(
+                    f"inputs[{t.name}]: the body ends before its {nbytes} bytes of binary data", status=400
+                )
+            offset += nbytes
+            arr = np.frombuffer(chunk, dtype=dtype)
+        else:
+            if t.data is None:
+                raise BadRequest(
+                    f"inputs[{t.name}]: no data (and no parameters.binary_data_size)", status=400
+                )
+            flat = flatten(t.data, max(1, len(t.shape)), t.name)
+            if size != len(flat):
+                raise BadRequest(
+                    f"inputs[{t.name}]: shape {t.shape} needs {size} values, got {len(flat)}", status=400
+                )
+            ints = want in ("INT64", "INT32")
+            for v in flat:
+                ok = (
+                    isinstance(v, bool)
+                    if want == "BOOL"
+                    else (
+                        isinstance(v, int) and not isinstance(v, bool)
+                        if ints
+                        else isinstance(v, (int, float)) and not isinstance(v, bool)
+                    )
+                )
+                if not ok:
+                    raise BadRequest(f"inputs[{t.name}].data: {v!r} is not a {want} value", status=400)
+            try:
+                arr = np.asarray(flat, dtype=dtype)
+            except OverflowError:
+                raise BadRequest(f"inputs[{t.name}].data: a value does not fit {want}", status=400) from None
+        tensors[t.name] = arr.reshape(t.shape)
+    if binary is not None and offset != len(binary):
+        raise BadRequest(
+            f"the body has {len(binary) - offset} bytes of binary data that no input claims", status=400
+        )
+    missing = [n for n in fed if n not in tensors]
+    if missing:
+        raise BadRequest(f"inputs[{missing[0]}]: missing; the model takes {list(fed)}", status=400)
+    counts = {n: a.shape[0] for n, a in tensors.items()}
+    if len(set(counts.values())) != 1:
+        raise BadRequest(f"inputs: every input needs the same number of rows, got {counts}", status=400)
+    n = next(iter(counts.values()))
+    per_input = []
+    for spec in sig.fed:
+        a = tensors[spec.name]
+        if spec.columns:
+            per_input.append(a.reshape(n, -1).tolist())
+        else:
+            per_input.append(a.tolist())
+    rows = []
+    for i in range(n):
+        row: list[Any] = []
+        for spec, values in zip(sig.fed, per_input, strict=True):
+            if spec.columns:
+                row.extend(values[i])
+            else:
+                row.append(values[i])
+        rows.append(tuple(row))
+    return rows
 
 
 def flatten(data: list[Any], rank: int, name: str) -> list[Any]:
@@ -258,7 +372,13 @@ def metadata(
     """``GET /v2/models/{name}``: inputs (with the datatypes accepted), outputs, versions."""
     model = runner.model
     accepted = {"accepted_datatypes": sorted(V2_FLOAT)}
-    if runner.array_layout:
+    sig = runner.signature
+    if sig is not None:
+        inputs = [
+            {"name": spec.name, "datatype": V2_DATATYPE[spec.dtype], "shape": [-1, *sig.dims(spec)]}
+            for spec in sig.fed
+        ]
+    elif runner.array_layout:
         inputs = [
             {
                 "name": runner.columns[0],

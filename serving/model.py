@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from serving.config import ServeConfig
 from udfs.core import Scorer, load_scorer, output_schema, score_batch
+from udfs.signature import rows_to_batch, zero_row
 from udfs.spec import ResolvedModel, resolve
 
 log = logging.getLogger("serving.model")
@@ -45,9 +46,13 @@ class ModelRunner:
     ) -> None:
         spec = model.spec
         self.model = model
-        self.columns = spec.input_columns
+        # A typed signature ([[model.inputs]]): a row holds one value per data column the inputs read.
+        self.signature = spec.signature
+        self.columns = spec.columns
         # One array column of num_features values, or one scalar column per feature.
-        self.array_layout = len(spec.input_columns) == 1 and spec.num_features is not None
+        self.array_layout = (
+            self.signature is None and len(spec.input_columns) == 1 and spec.num_features is not None
+        )
         value_type = pa.list_(pa.float64()) if self.array_layout else pa.float64()
         self.input_schema = pa.schema([pa.field(c, value_type) for c in self.columns])
         self.output_names = output_schema(model).names
@@ -84,7 +89,10 @@ class ModelRunner:
             self._member_pool = ThreadPoolExecutor(
                 len(self.model.members) * self.concurrent_batches, thread_name_prefix="member"
             )
-        zero: Row = ([0.0] * self.width,) if self.array_layout else (0.0,) * self.width
+        if self.signature is not None:
+            zero: Row = zero_row(self.signature)
+        else:
+            zero = ([0.0] * self.width,) if self.array_layout else (0.0,) * self.width
         # TorchScript's profiling executor specialises a graph over its first few calls: make them here.
         for _ in range(3):
             for n in self.warmup_sizes:
@@ -96,6 +104,8 @@ class ModelRunner:
             self._member_pool.shutdown(wait=False)
 
     def to_batch(self, rows: list[Row]) -> pa.RecordBatch:
+        if self.signature is not None:
+            return rows_to_batch(self.signature, rows)
         arrays = [
             pa.array([r[j] for r in rows], type=field.type) for j, field in enumerate(self.input_schema)
         ]

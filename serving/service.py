@@ -51,6 +51,7 @@ from serving.store import (
 )
 from serving.versions import CANARY, PRIMARY, SHADOW, ModelVersion, Shadow, ShadowMetrics
 from udfs.core import DEGRADED, ERROR, PREDICTION, check_model, short_reason
+from udfs.signature import InputError, row_from_inputs
 from udfs.spec import ModelSpec, ResolvedModel, resolve, with_overrides
 
 log = logging.getLogger("serving")
@@ -71,6 +72,8 @@ class Instance(msgspec.Struct, forbid_unknown_fields=True):
     item_id: str | int | None = None
     features: list[float | None] | dict[str, FeatureValue] | None = None
     context: dict[str, float | None] | None = None
+    # A model with [[model.inputs]]: each input's value by name (numbers, nested lists of numbers).
+    inputs: dict[str, Any] | None = None
 
 
 class Service:
@@ -346,6 +349,18 @@ class Service:
                 raise BadRequest(f"features.{c}: expected a number or null, got a list")
         return row
 
+    def row_from_inputs(self, inputs: dict[str, Any]) -> Row:
+        """A typed model's named inputs as a row; a missing, unknown or misshapen input is a 400 naming it."""
+        sig = self.runner.signature
+        if sig is None:
+            raise BadRequest(
+                "inputs: this model reads features (input_columns), not named inputs", status=400
+            )
+        try:
+            return row_from_inputs(sig, inputs)
+        except InputError as exc:
+            raise BadRequest(str(exc), status=400) from None
+
     async def row_from_store(self, inst: Instance) -> Row:
         """Assemble features from ``context``, then ``user:{id}``, then ``item:{id}``, per column."""
         uid, iid = str(inst.user_id), str(inst.item_id)
@@ -428,6 +443,19 @@ class Service:
 
         Every key starts with the model version that answers, so a swap never serves an old answer.
         """
+        sig = self.runner.signature
+        if inst.inputs is not None or sig is not None:
+            if sig is None:
+                raise BadRequest(
+                    "inputs: this model reads features (input_columns), not named inputs", status=400
+                )
+            if inst.inputs is None or inst.features is not None:
+                names = [i.name for i in sig.fed]
+                raise BadRequest(
+                    f'inputs: this model takes named inputs {names}: send {{"inputs": {{...}}}}', status=400
+                )
+            row = self.row_from_inputs(inst.inputs)
+            return self._row_key(row, version), row
         features = inst.features
         if features is not None:
             row = self.row_from_features(features)
@@ -448,6 +476,8 @@ class Service:
         """The cache (and in-flight coalescing) key of a row of feature values."""
         if self._string_keys():
             return f"{version}|f|{row!r}"
+        if self.runner.signature is not None:
+            return (version, "f", repr(row))  # nested lists are not hashable
         # repr() of the floats was ~1 us of a cache hit; a tuple of them hashes in a tenth of that.
         return (version, "f", tuple(row[0])) if self.array_layout else (version, "f", row)
 

@@ -13,7 +13,7 @@ from udfs.config import from_dict
 from udfs.core import STATS, check_input, check_model, load_scorer, score_batch
 from udfs.errors import ColumnTypeError, ConfigError, ModelLoadError
 from udfs.features import check_columns
-from udfs.signature import decode_arrow, json_rows_to_batch
+from udfs.signature import InputError, decode_arrow, row_from_inputs, rows_to_batch
 from udfs.spec import ModelSpec, resolve
 
 
@@ -313,7 +313,7 @@ def test_json_rows_decode_to_the_same_inputs_and_reasons_as_arrow_columns():
         {"user_id": 3.5, "items": [1], "dense": [30, 1.5]},
         {"user_id": 4, "items": [], "dense": [30, None]},
     ]
-    dec = decode_arrow(json_rows_to_batch(sig, rows), sig)
+    dec = decode_arrow(rows_to_batch(sig, [row_from_inputs(sig, r) for r in rows]), sig)
     arrow = pa.record_batch(
         {
             "user_id": pa.array([3, 3.5, 4]),
@@ -328,3 +328,17 @@ def test_json_rows_decode_to_the_same_inputs_and_reasons_as_arrow_columns():
         == [None, "not an int64 id: user_id = 3.5", "empty sequence: items"]
     )
     assert dec.inputs["user_id"].tolist() == [3]
+
+
+def test_a_missing_unknown_or_misshapen_input_names_the_input():
+    sig = spec_of("two_tower", "x.pt").signature
+    ok = {"user_id": 3, "items": [1, 2], "dense": [30, 1.5]}
+    for inputs, name, text in [
+        ({k: v for k, v in ok.items() if k != "items"}, "items", "missing input 'items'"),
+        ({**ok, "colour": 1}, "colour", "unknown input 'colour'"),
+        ({**ok, "items": [[1]]}, "items", "inputs.items: expected a list nested 1 deep"),
+        ({**ok, "dense": [1, 2, 3]}, "dense", "inputs.dense: expected a list of 2 numbers"),
+    ]:
+        with pytest.raises(InputError, match=text) as err:
+            row_from_inputs(sig, inputs)
+        assert err.value.input == name

@@ -18,7 +18,11 @@ pytestmark = pytest.mark.spark
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("typed-examples")
-    return {name: examples.save(name, examples.MODULES[name](), out) for name in ("dlrm", "text", "two_head")}
+    return {
+        "dlrm": examples.save("dlrm", examples.dlrm_module(), out, ("torchscript",)),
+        "text": examples.save("text", examples.text_module(), out, ("onnx",)),
+        "two_head": examples.save("two_head", examples.two_head_module(), out, ("torchscript", "export")),
+    }
 
 
 def model_of(name: str, path) -> object:

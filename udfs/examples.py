@@ -339,16 +339,24 @@ def _dynamic(name: str) -> tuple[dict[int, Any], ...]:
     return tuple({0: batch} for _ in NAMES[name])
 
 
-def save(name: str, module: Any, out: Path) -> dict[str, Path]:
-    """``name`` as TorchScript, torch.export and ONNX files under ``out``."""
+FORMATS = ("torchscript", "export", "onnx")
+
+
+def save(name: str, module: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    """``name`` as TorchScript, torch.export and ONNX files under ``out`` (those in ``formats``)."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"torchscript": out / f"{name}.pt", "export": out / f"{name}.pt2", "onnx": out / f"{name}.onnx"}
-    torch.jit.save(torch.jit.script(module), str(paths["torchscript"]))
+    every = {"torchscript": out / f"{name}.pt", "export": out / f"{name}.pt2", "onnx": out / f"{name}.onnx"}
+    paths = {f: every[f] for f in formats}
+    if "torchscript" in paths:
+        torch.jit.save(torch.jit.script(module), str(paths["torchscript"]))
     args = example_inputs(name)
-    program = torch.export.export(module, args, dynamic_shapes=_dynamic(name))
-    torch.export.save(program, str(paths["export"]))
+    if "export" in paths:
+        program = torch.export.export(module, args, dynamic_shapes=_dynamic(name))
+        torch.export.save(program, str(paths["export"]))
+    if "onnx" not in paths:
+        return paths
     axes: dict[str, dict[int, str]] = {}
     for arg, dims in zip(NAMES[name], _dynamic(name), strict=True):
         axes[arg] = {d: ("batch" if d == 0 else "seq") for d in dims}

@@ -654,81 +654,6 @@ class InputError(Exception):
         return self.message
 
 
-def _json_leaf_ok(v: Any) -> bool:
-    return v is None or isinstance(v, (int, float, bool))
-
-
-def json_rows_to_batch(sig: Signature, rows: list[dict[str, Any]]) -> pa.RecordBatch:
-    """Rows of ``{input name: value}`` (a JSON event, a ``/predict`` instance) as the Arrow columns the
-    inputs read. A missing or unknown input name, or a value of the wrong structure, raises
-    :class:`InputError` naming it; value problems (3.5 for an id, a wrong length) are left to
-    :func:`decode_arrow`, which gives them a per-row reason."""
-    fed = sig.fed
-    known = {s.name for s in fed}
-    for r in rows:
-        unknown = sorted(set(r) - known)
-        if unknown:
-            raise InputError(unknown[0], f"unknown input {unknown[0]!r}; the model takes {sorted(known)}")
-        missing = [s.name for s in fed if s.name not in r]
-        if missing:
-            raise InputError(missing[0], f"missing input {missing[0]!r}; the model takes {sorted(known)}")
-    arrays: dict[str, pa.Array] = {}
-    for spec in fed:
-        values = [r[spec.name] for r in rows]
-        if spec.columns:
-            k = len(spec.columns)
-            for v in values:
-                fits = isinstance(v, list) and len(v) == k and all(map(_json_leaf_ok, v))
-                if v is not None and not fits and not (k == 1 and _json_leaf_ok(v)):
-                    raise InputError(
-                        spec.name, f"input {spec.name!r} must be a list of {k} numbers, got {v!r}"
-                    )
-            for j, c in enumerate(spec.columns):
-                col = [
-                    None if v is None else (v if k == 1 and not isinstance(v, list) else v[j]) for v in values
-                ]
-                arrays[c] = _leaf_array(col, spec)
-        else:
-            try:
-                arrays[spec.column] = pa.array(_clean(values), type=_loose_type(spec))  # type: ignore[index]
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-                raise InputError(
-                    spec.name,
-                    f"input {spec.name!r} must be a nested list of numbers of shape {_shape(spec.dims)}",
-                ) from None
-    return pa.RecordBatch.from_arrays([arrays[c] for c in sig.columns], names=list(sig.columns))
-
-
-def _loose_type(spec: InputSpec) -> pa.DataType:
-    t: pa.DataType = pa.float64() if spec.dtype != "bool" else pa.float64()
-    for _ in spec.dims:
-        t = pa.list_(t)
-    return t
-
-
-def _clean(values: list[Any]) -> list[Any]:
-    """JSON values with bools as numbers (so one Arrow type holds them)."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, bool):
-            return float(v)
-        if isinstance(v, int) and abs(v) >= 2**53:
-            raise TypeError("beyond float64")
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        return v
-
-    return [fix(v) for v in values]
-
-
-def _leaf_array(col: list[Any], spec: InputSpec) -> pa.Array:
-    if spec.dtype in ("int64", "int32") and all(
-        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in col
-    ):
-        return pa.array(col, pa.int64())
-    return pa.array([float(v) if isinstance(v, bool) else v for v in col], pa.float64())
-
-
 def tensor_to_columns(spec: InputSpec, array: np.ndarray) -> dict[str, pa.Array]:
     """A KServe v2 tensor ``[batch, *shape]`` as the Arrow column(s) of ``spec``, values kept exactly."""
     n = array.shape[0] if array.ndim else 0
@@ -752,3 +677,129 @@ def tensor_to_columns(spec: InputSpec, array: np.ndarray) -> dict[str, pa.Array]
     for d in reversed(array.shape[1:]):
         values = pa.FixedSizeListArray.from_arrays(values, d)
     return {spec.column: values}  # type: ignore[dict-item]
+
+
+# --- rows in column order (the real-time scorer's micro-batches) ----------------------------------
+
+
+def _depth_ok(v: Any, depth: int) -> bool:
+    """Whether ``v`` is nested exactly ``depth`` list levels deep, with numbers / bools / None at the
+    bottom (a None anywhere is a per-row reason later, not a structure error)."""
+    if v is None:
+        return True
+    if depth == 0:
+        return isinstance(v, (int, float, bool))
+    return isinstance(v, list) and all(_depth_ok(x, depth - 1) for x in v)
+
+
+def row_from_inputs(sig: Signature, inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``{input name: value}`` object (a ``/predict`` instance's ``inputs``, a stream event) as one
+    value per data column, in :attr:`Signature.columns` order. A missing or unknown input name, or a
+    value of the wrong nesting, raises :class:`InputError` naming the input; value problems (3.5 for
+    an id, a wrong length) are left to :func:`decode_arrow`, which gives them a per-row reason."""
+    fed = sig.fed
+    names = [s.name for s in fed]
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+        raise InputError(unknown[0], f"inputs: unknown input {unknown[0]!r}; the model takes {names}")
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise InputError(missing[0], f"inputs: missing input {missing[0]!r}; the model takes {names}")
+    row: list[Any] = []
+    for spec in fed:
+        v = inputs[spec.name]
+        if spec.columns:
+            k = len(spec.columns)
+            if k == 1 and _depth_ok(v, 0):
+                row.append(v)
+                continue
+            if v is None:
+                row.extend([None] * k)
+                continue
+            if not (isinstance(v, list) and len(v) == k and _depth_ok(v, 1)):
+                raise InputError(
+                    spec.name, f"inputs.{spec.name}: expected a list of {k} numbers, got {v!r}"[:300]
+                )
+            row.extend(v)
+        else:
+            depth = len(spec.dims)
+            if not _depth_ok(v, depth):
+                what = "a number" if depth == 0 else f"a list nested {depth} deep (shape {_shape(spec.dims)})"
+                raise InputError(spec.name, f"inputs.{spec.name}: expected {what}, got {v!r}"[:300])
+            row.append(v)
+    return tuple(row)
+
+
+def column_specs(sig: Signature) -> list[InputSpec]:
+    """The input each data column feeds, in :attr:`Signature.columns` order."""
+    return [spec for spec in sig.fed for _ in spec.source_columns]
+
+
+def _nested(t: pa.DataType, depth: int) -> pa.DataType:
+    for _ in range(depth):
+        t = pa.list_(t)
+    return t
+
+
+def rows_to_batch(sig: Signature, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
+    """Rows of column values (from :func:`row_from_inputs` or KServe v2 tensors) as an Arrow batch.
+
+    An int input's column is int64 (exact ids) when every value is an integer, else float64 (so 3.5
+    reaches :func:`decode_arrow` and gets its reason)."""
+    arrays = []
+    for j, spec in enumerate(column_specs(sig)):
+        values = [r[j] for r in rows]
+        depth = len(spec.dims) if spec.column is not None else 0
+        array = None
+        if spec.dtype in ("int64", "int32") and _all_ints(values):
+            try:
+                array = pa.array(values, _nested(pa.int64(), depth))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                array = None
+        elif spec.dtype == "bool":
+            try:
+                array = pa.array(values, _nested(pa.bool_(), depth))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                array = None
+        if array is None:
+            array = pa.array(_clean_floats(values), _nested(pa.float64(), depth))
+        arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, names=list(sig.columns))
+
+
+def _all_ints(values: list[Any]) -> bool:
+    """Whether every leaf is an int or None (pyarrow truncates 3.5 to 3 in an int64 array)."""
+    for v in values:
+        if isinstance(v, list):
+            if not _all_ints(v):
+                return False
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            return False
+    return True
+
+
+def _clean_floats(values: list[Any]) -> list[Any]:
+    def fix(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, bool):
+            return float(v)
+        if isinstance(v, int):
+            return float(v)
+        return v
+
+    return [fix(v) for v in values]
+
+
+def zero_row(sig: Signature) -> tuple[Any, ...]:
+    """One valid row of the lowest ids and zeros (variable lengths of 1): the scorer's warm-up."""
+    row: list[Any] = []
+    for spec in column_specs(sig):
+        value: Any = int(spec.range[0]) if spec.range else 0
+        if spec.dtype == "bool":
+            value = False
+        if spec.column is not None:
+            for d in reversed(spec.dims):
+                value = [value] * (1 if d == -1 else d)
+        row.append(value)
+    return tuple(row)
