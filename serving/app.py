@@ -155,6 +155,7 @@ class App:
         self.token = token.encode() if token else None
         # The other worker processes (serving.workers.Peers), when there are several.
         self.peers = peers
+        self.worker_header = None if peers is None else (b"x-sparkscore-worker", str(peers.index).encode())
         self.name = service.name
         self.v2_outputs = output_fields(service.runner.model)
 
@@ -199,9 +200,20 @@ class App:
             return
         self.inflight += 1
         try:
-            await self.handle(scope, receive, send)
+            await self.handle(scope, receive, send if self.worker_header is None else self._tagged(send))
         finally:
             self.inflight -= 1
+
+    def _tagged(self, send: Send) -> Send:
+        """``send`` that names this worker on the response (``x-sparkscore-worker``)."""
+        tag = self.worker_header
+
+        async def tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], tag]
+            await send(message)
+
+        return tagged
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -423,7 +435,10 @@ class App:
                     )
                 rest = rest[2:]
             if rest == [] and method == "GET":
-                return 200, _encode(self.v2_metadata())
+                meta = self.v2_metadata()
+                if self.peers is not None:
+                    meta["parameters"] = {"workers": await self.peers.versions()}
+                return 200, _encode(meta)
             if rest == ["ready"] and method == "GET":
                 return self._ready()
             if rest == ["infer"] and method == "POST":
@@ -465,9 +480,9 @@ class App:
             unknown = sorted(set(params) - {"path", "version"})
             if unknown:
                 raise BadRequest(f"parameters: unknown {unknown}; give path and/or version")
-            result = await svc.reload(path=params.get("path"), version=params.get("version"))
             if self.peers is not None:
-                result["workers"] = await self.peers.broadcast_load(params, result)
+                return 200, _encode(await self.peers.rollout(params))
+            result = await svc.reload(path=params.get("path"), version=params.get("version"))
             return 200, _encode(result)
         raise NotFound(f"no route POST /v2/repository/{'/'.join(rest)}")
 

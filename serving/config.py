@@ -131,6 +131,11 @@ class ReloadConfig:
 
     watch: bool = False  # poll the model file(s) and load a changed file in the background
     poll_s: float = 2.0
+    # parameters.path on the load endpoint must name a file under this directory (default: the
+    # configured model file's directory); anything else is refused before the file is looked at.
+    load_dir: str = ""
+    # Whether parameters.path may be a model URI (models:/..., runs:/..., s3://...).
+    load_uris: bool = False
 
     def __post_init__(self) -> None:
         if self.poll_s <= 0:

@@ -239,6 +239,8 @@ class Service:
         reason is logged, counted (``sparkscore_model_loads_total{result="failure"}``) and
         raised as :class:`LoadFailed`. Loads are one at a time.
         """
+        if path is not None:
+            path = self.check_load_path(path)
         async with self._reload_lock:
             old = self.primary
             try:
@@ -276,6 +278,31 @@ class Service:
             self._spawn(old.retire(self.cfg.batcher.max_timeout_ms / 1000), "retire-" + old.version)
             log.info("model %s: version %s replaced %s", self.name, new.version, old.version)
             return self._reloaded(new.version, old.version, changed=True)
+
+    def load_dir(self) -> str | None:
+        """The directory ``parameters.path`` must be under (None: the model comes from a URI)."""
+        if self.cfg.reload.load_dir:
+            return os.path.realpath(self.cfg.reload.load_dir)
+        first = self.cfg.model.paths[0] if self.cfg.model.paths else ""
+        return None if _is_uri(first) else os.path.dirname(os.path.realpath(first))
+
+    def check_load_path(self, path: str) -> str:
+        """The path to load (a relative one is under the load directory); a path outside it (or a URI,
+        unless allowed) is refused before it is touched: the answer is the same whether or not it exists."""
+        if _is_uri(path):
+            if self.cfg.reload.load_uris:
+                return path
+            raise LoadFailed(
+                f"parameters.path {path!r} is a model URI; set [reload] load_uris = true to allow loading URIs"
+            )
+        root = self.load_dir()
+        full = os.path.realpath(os.path.join(root or "/", path))
+        if root is None or os.path.commonpath([root, full]) != root:
+            where = f"under {root}" if root else "(no [reload] load_dir is set)"
+            raise LoadFailed(
+                f"parameters.path must name a model file {where}; set [reload] load_dir to load from elsewhere"
+            )
+        return full
 
     def _reloaded(self, version: str, previous: str, *, changed: bool) -> dict[str, Any]:
         self.last_reload = {"state": "READY", "reason": "", "serving": version}
@@ -560,6 +587,10 @@ class Service:
 
 
 _ABSENT: Any = object()
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path or path.startswith(("models:/", "runs:/"))
 
 
 def _unpinned(spec: ModelSpec) -> ModelSpec:

@@ -14,7 +14,11 @@ Workers reach each other over Unix sockets in a private run directory:
   (each sample labelled ``worker``), plus the supervisor's (workers alive,
   restarts);
 * ``POST /v2/repository/models/{name}/load`` on any worker loads the new version
-  in every worker.
+  in every worker, under a lock the workers share (two loads apply in one order
+  everywhere). The last load is remembered in the run directory: a worker that is
+  restarted loads it before it accepts a connection, and a dead worker's stale
+  socket is skipped. ``GET /v2/models/{name}`` lists each worker's version, and
+  every response names its worker (``x-sparkscore-worker``).
 
 SIGTERM (to the supervisor, or to a single-process server): readiness turns false,
 the listening socket closes, in-flight requests finish (up to
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import glob
 import json
 import logging
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +58,8 @@ log = logging.getLogger("serving.workers")
 
 PEER_TIMEOUT_S = 5.0  # a worker that does not answer a metrics request in this long is left out
 SUPERVISOR_METRICS = "supervisor.prom"
+ROLLOUT_STATE = "rollout.json"  # the last load: its parameters and version (a restarted worker applies it)
+ROLLOUT_LOCK = "rollout.lock"
 
 
 # -- one server process ----------------------------------------------------------------
@@ -205,10 +213,67 @@ class Peers:
         self._app: App | None = None
 
     async def start(self, app: App) -> None:
+        """Catch up with the current rollout (a worker restarted after a load serves the loaded
+        version, not the config's), then open the control socket: under the rollout lock, so no load
+        can happen between the two and leave this worker behind."""
         self._app = app
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left by this worker's predecessor
-        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+        async with self.rollout_lock():
+            state = self.read_state()
+            if state is not None and state["version"] != app.service.version:
+                log.info("worker %d: loading the current rollout, version %s", self.index, state["version"])
+                await app.service.reload(**state["params"])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # left by this worker's predecessor
+            self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+
+    # -- rollouts: one at a time across the workers, remembered in the run directory --------------
+
+    @contextlib.asynccontextmanager
+    async def rollout_lock(self) -> AsyncIterator[None]:
+        """An exclusive lock shared by every worker (flock on a file in the run directory)."""
+        fd = os.open(os.path.join(self.rundir, ROLLOUT_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.rundir, ROLLOUT_STATE)) as fh:
+                state: dict[str, Any] = json.load(fh)
+                return state
+        except FileNotFoundError:
+            return None
+
+    def write_state(self, params: dict[str, str], version: str) -> None:
+        tmp = os.path.join(self.rundir, ROLLOUT_STATE + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"params": params, "version": version}, fh)
+        os.replace(tmp, os.path.join(self.rundir, ROLLOUT_STATE))
+
+    async def rollout(self, params: dict[str, str]) -> dict[str, Any]:
+        """``POST .../load`` on this worker: load here, remember it, then in every other worker,
+        all under the rollout lock (two loads sent to two workers apply in one order everywhere)."""
+        assert self._app is not None
+        async with self.rollout_lock():
+            result = await self._app.service.reload(**params)
+            self.write_state(params, result["model_version"])
+            result["workers"] = await self.broadcast_load(params, result)
+        return result
+
+    async def versions(self) -> dict[str, str]:
+        """The version each worker serves (a worker that is restarting is left out)."""
+        assert self._app is not None
+        others = self.others()
+        answers = await asyncio.gather(
+            *(self._ask(p, {"op": "version"}, PEER_TIMEOUT_S) for p in others), return_exceptions=True
+        )
+        out = {str(self.index): self._app.service.version}
+        for path, answer in zip(others, answers, strict=True):
+            if isinstance(answer, bytes) and answer:
+                out[_worker_of(path)] = json.loads(answer)["version"]
+        return dict(sorted(out.items()))
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -225,6 +290,8 @@ class Peers:
             request = json.loads(await reader.readline())
             if request["op"] == "metrics":
                 writer.write(self._app.metrics.render())
+            elif request["op"] == "version":
+                writer.write(json.dumps({"version": self._app.service.version}).encode())
             elif request["op"] == "load":
                 try:
                     result = await self._app.service.reload(**request["params"])
@@ -267,7 +334,12 @@ class Peers:
         outcome: dict[str, Any] = {str(self.index): own["model_version"]}
         failed = []
         for path, answer in zip(others, answers, strict=True):
-            worker = os.path.basename(path)[len("worker-") : -len(".sock")]
+            worker = _worker_of(path)
+            if isinstance(answer, (ConnectionError, FileNotFoundError)) or answer == b"":
+                # A worker that died (its socket is stale, or it went mid-request): the supervisor starts
+                # it again, and it loads this rollout from the run directory before it accepts a connection.
+                outcome[worker] = "restarting"
+                continue
             if isinstance(answer, BaseException):
                 failed.append(f"worker {worker}: {type(answer).__name__}")
                 continue
@@ -282,6 +354,10 @@ class Peers:
                 status=500,
             )
         return outcome
+
+
+def _worker_of(path: str) -> str:
+    return os.path.basename(path)[len("worker-") : -len(".sock")]
 
 
 # -- the supervisor --------------------------------------------------------------------
@@ -310,6 +386,7 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.started: dict[int, float] = {}
         self.quick_deaths: dict[int, int] = {}
+        self.died_at: dict[int, float] = {}
         self.restarts = 0
         self.stopping = False
 
@@ -359,11 +436,15 @@ class Supervisor:
             code = proc.poll()
             if code is None or self.stopping:
                 continue
-            quick = now - self.started[index] < 10
-            self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if quick else 0
-            pause = min(30.0, 0.5 * 2 ** (self.quick_deaths[index] - 1)) if quick else 0.0
-            if now - self.started[index] < pause:
+            if index not in self.died_at:  # a death is counted once, however many polls see it
+                quick = now - self.started[index] < 10
+                self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if quick else 0
+                self.died_at[index] = now
+            deaths = self.quick_deaths[index]
+            pause = min(30.0, 0.5 * 2 ** (deaths - 1)) if deaths else 0.0
+            if now - self.died_at[index] < pause:
                 continue
+            del self.died_at[index]
             print(
                 f"[sparkscore] worker {index} exited with {code}; starting it again",
                 file=sys.stderr,

@@ -135,8 +135,23 @@ def test_a_broken_new_file_keeps_the_old_version_serving_with_the_reason(serve, 
     # Loading the same file again is a no-op; a new path is taken as given.
     replace_file(path, versions["a"])
     assert srv.post(LOAD).json()["changed"] is False
-    moved = srv.post(LOAD, {"parameters": {"path": versions["b"]}})
+    shutil.copy(versions["b"], tmp_path / "b.pt")
+    moved = srv.post(LOAD, {"parameters": {"path": "b.pt"}})  # relative to the model's directory
     assert moved.json()["model_version"] == version_of(versions["b"])
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "/nonexistent/model.pt", "../elsewhere.pt", "s3://b/m.pt"])
+def test_the_load_endpoint_reads_only_under_its_directory_and_says_nothing_of_other_files(
+    serve, versions, tmp_path, where
+):
+    path, model = served(tmp_path, versions["a"])
+    srv = serve(model=model)
+    resp = srv.post(LOAD, {"parameters": {"path": where}})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "exist" not in error and "No such file" not in error
+    assert ("load_uris" if "://" in where else f"under {tmp_path}") in error
+    assert srv.metric("sparkscore_model_loads_total", result="failure") == 0  # refused, never tried
 
 
 def test_load_needs_the_token_when_one_is_set(serve, versions, tmp_path):

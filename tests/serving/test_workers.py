@@ -45,6 +45,7 @@ def test_two_workers_one_port_one_scrape_restart_load_everywhere_and_drain(versi
     port = free_port()
     model = tmp_path / "model.pt"
     model.write_bytes(Path(versions["a"]).read_bytes())
+    (tmp_path / "b.pt").write_bytes(Path(versions["b"]).read_bytes())
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -89,7 +90,7 @@ def test_two_workers_one_port_one_scrape_restart_load_everywhere_and_drain(versi
 
         loaded = httpx.post(
             url + "/v2/repository/models/demo_ctr/load",
-            json={"parameters": {"path": versions["b"]}},
+            json={"parameters": {"path": "b.pt"}},
             timeout=120,
         )
         assert loaded.status_code == 200, loaded.text
@@ -148,3 +149,76 @@ def test_sigterm_turns_readiness_false_stops_listening_and_lets_in_flight_reques
         assert in_flight.result(timeout=20).status_code == 200
     thread.join(30)
     assert not thread.is_alive()
+
+
+def test_supervisor_back_off_grows_per_death_not_per_poll(ctr_model):
+    import shutil
+    import time
+
+    from serving.workers import Supervisor
+
+    sup = Supervisor(make_config(ctr_model, server={"port": 0}), [], 1)
+    try:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        sup.procs[0], sup.started[0] = dead, time.monotonic()  # a worker that died at start-up
+        for _ in range(10):  # ten polls of the same death, inside its 0.5 s pause
+            sup.check()
+        assert sup.quick_deaths[0] == 1
+        assert sup.procs[0] is dead  # not restarted yet: the pause of one quick death
+    finally:
+        sup.sock.close()
+        shutil.rmtree(sup.rundir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_every_worker_serves_one_version_after_a_kill_a_load_and_concurrent_loads(versions, tmp_path):  # noqa: F811
+    port = free_port()
+    model = tmp_path / "model.pt"
+    model.write_bytes(Path(versions["a"]).read_bytes())
+    (tmp_path / "b.pt").write_bytes(Path(versions["b"]).read_bytes())
+    a, b = version_of(versions["a"]), version_of(versions["b"])
+    cmd = [sys.executable, "-m", "serving", "--config", "conf/serve.toml", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--workers", "2", "--model", str(model)], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    load = url + "/v2/repository/models/demo_ctr/load"
+
+    def workers() -> dict[str, str]:
+        try:
+            meta = httpx.get(url + "/v2/models/demo_ctr", timeout=20).json()
+        except httpx.TransportError:
+            return {}
+        return meta.get("parameters", {}).get("workers", {})
+
+    try:
+        wait_until(lambda: set(workers()) == {"0", "1"}, "both workers", timeout=120)
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        # Its socket is stale now, and its replacement is loading: the load must not fail for that.
+        loaded = httpx.post(load, json={"parameters": {"path": "b.pt"}}, timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        wait_until(lambda: workers() == {"0": b, "1": b}, "the restarted worker to serve b", timeout=120)
+        # A new connection lands on either worker: each answers with b, and says which it is.
+        seen = set()
+        for i in range(30):
+            resp = httpx.post(url + "/predict", json={"features": [20.0 + i, 1.0, 2.0, 3.0]}, timeout=20)
+            assert resp.json()["model_version"] == b
+            seen.add(resp.headers["x-sparkscore-worker"])
+        assert seen <= {"0", "1"}
+        # Two loads at once, on separate connections (likely different workers): one order everywhere.
+        for _ in range(3):
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(
+                    pool.map(
+                        lambda p: httpx.post(load, json={"parameters": {"path": p}}, timeout=120),
+                        ["model.pt", "b.pt"],
+                    )
+                )
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            served = workers()
+            assert set(served) == {"0", "1"} and len(set(served.values())) == 1, served
+            assert set(served.values()) <= {a, b}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
