@@ -91,6 +91,8 @@ def run(cfg: BatchConfig) -> Summary:
     from udfs.core import check_input, check_model, output_schema
     from udfs.session import build_session
     from udfs.spark import (
+        BISECT_CALLS,
+        MODEL_ERRORS,
         check_device,
         check_keep_columns,
         feature_schema,
@@ -141,7 +143,9 @@ def run(cfg: BatchConfig) -> Summary:
         errors=written.errors,
         startup_seconds=startup,
         scoring_seconds=written.seconds,
-        model_loads=dict(tracker.value),
+        model_loads={k: v for k, v in tracker.value.items() if k not in (MODEL_ERRORS, BISECT_CALLS)},
+        model_errors=tracker.value.get(MODEL_ERRORS, 0),
+        bisect_calls=tracker.value.get(BISECT_CALLS, 0),
         model_version=model.version,
         model_source=model_source(model),
     )

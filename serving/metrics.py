@@ -184,6 +184,18 @@ class Metrics(MetricSet):
 
     def __init__(self, model: str, version: str = "", worker: str | None = None) -> None:
         super().__init__(_base(model, worker=worker))
+        from udfs.core import STATS
+
+        self.gauge(
+            "sparkscore_model_error_rows_total",
+            "Rows the model itself raised for (isolated by bisecting their micro-batch)",
+            lambda: STATS.snapshot()[0],
+        )
+        self.gauge(
+            "sparkscore_bisect_calls_total",
+            "Extra model calls made to bisect micro-batches the model raised for",
+            lambda: STATS.snapshot()[1],
+        )
         self.model = model
         self.worker = worker
         self.request_duration = Histogram(

@@ -3,6 +3,8 @@ nested array columns, several outputs as columns / struct fields, and bad rows m
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,51 @@ def test_a_string_column_for_an_id_input_is_refused_before_any_task(spark, files
     )
     with pytest.raises(ColumnTypeError, match="column 'device' of input 'device_id' holds string"):
         df.transform(with_predictions(model_of("two_head", files["two_head"]["torchscript"])))
+
+
+class FailsOnMarker(torch.nn.Module):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if bool((ids == 666).any()):
+            raise RuntimeError("index 666 is out of range")
+        return ids.double().sum(1)
+
+
+def test_batch_job_bisects_a_failing_batch_and_counts_model_errors_in_its_summary(spark, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import batch_score
+
+    model = tmp_path / "marker.pt"
+    torch.jit.save(torch.jit.script(FailsOnMarker()), str(model))
+    a = list(range(200))
+    a[7] = a[150] = 666
+    pq.write_table(pa.table({"id": list(range(200)), "a": a, "b": [1] * 200}), tmp_path / "in.parquet")
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(
+        f"""
+[model]
+path = "{model}"
+batch_size = 100
+
+[[model.inputs]]
+name = "ids"
+columns = ["a", "b"]
+dtype = "int64"
+
+[input]
+path = "{tmp_path / "in.parquet"}"
+
+[output]
+path = "{tmp_path / "out"}"
+keep_columns = ["id"]
+"""
+    )
+    assert batch_score.main(["--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    calls = int(re.search(r"model errors: 2 rows \(found with (\d+) extra model calls\)", printed).group(1))
+    assert 0 < calls <= 128  # two batches of 100 rows, at most max_bisect_calls = 64 each
+    out = spark.read.parquet(str(tmp_path / "out"))
+    bad = {r["id"]: r["error"] for r in out.where("error is not null").collect()}
+    assert sorted(bad) == [7, 150] and all(e.startswith("model error: ") for e in bad.values())
+    assert out.where("error is null and prediction = id + 1").count() == 198

@@ -133,6 +133,8 @@ class Summary:
     model_loads: dict[str, int]
     model_version: str = ""  # the version every row was scored with (a registry model: version+hash)
     model_source: str = ""  # where it came from (models:/ctr@champion (version 3, pytorch), a file)
+    model_errors: int = 0  # rows the model itself raised for (found by bisecting their batch)
+    bisect_calls: int = 0  # the extra model calls that bisection made
 
     @property
     def error_rate(self) -> float:
@@ -145,12 +147,22 @@ class Summary:
             if self.model_version
             else ""
         )
-        return model + (
-            f"[sparkscore] rows in: {self.input_rows:,}  out: {self.output_rows:,}  "
-            f"scored: {self.scored:,}  errors: {self.errors:,} ({self.error_rate:.2%})\n"
-            f"[sparkscore] model loads: {loads} across {plural(len(self.model_loads), 'Python worker')}  "
-            f"time: {self.startup_seconds + self.scoring_seconds:.1f} s (start-up {self.startup_seconds:.1f} s, "
-            f"scoring {self.scoring_seconds:.1f} s: {rate(self.input_rows, self.scoring_seconds)} rows/s)"
+        bisected = (
+            f"[sparkscore] model errors: {self.model_errors:,} rows (found with {self.bisect_calls:,} extra "
+            "model calls)\n"
+            if self.model_errors or self.bisect_calls
+            else ""
+        )
+        return (
+            model
+            + bisected
+            + (
+                f"[sparkscore] rows in: {self.input_rows:,}  out: {self.output_rows:,}  "
+                f"scored: {self.scored:,}  errors: {self.errors:,} ({self.error_rate:.2%})\n"
+                f"[sparkscore] model loads: {loads} across {plural(len(self.model_loads), 'Python worker')}  "
+                f"time: {self.startup_seconds + self.scoring_seconds:.1f} s (start-up {self.startup_seconds:.1f} s, "
+                f"scoring {self.scoring_seconds:.1f} s: {rate(self.input_rows, self.scoring_seconds)} rows/s)"
+            )
         )
 
 

@@ -487,7 +487,8 @@ def bisect(run: Any, rows: np.ndarray, budget: _Budget) -> list[tuple[np.ndarray
     except QuorumError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own error becomes the rows' reason
-        reason = MODEL_ERROR + short_reason(exc)
+        # TorchScript names a raised Python exception builtins.RuntimeError: the type is enough.
+        reason = MODEL_ERROR + short_reason(exc).removeprefix("builtins.")
         if len(rows) == 1 or budget.left < 2:
             return [(rows, None, reason)]
         budget.left -= 2

@@ -30,7 +30,7 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructField, StructType
 
 from udfs import model_cache
-from udfs.core import Scorer, check_input, check_model, load_scorer, output_schema, score_batch
+from udfs.core import STATS, Scorer, check_input, check_model, load_scorer, output_schema, score_batch
 from udfs.device import resolve_device
 from udfs.errors import ColumnTypeError, DeviceError, MissingColumnsError, SparkscoreError
 from udfs.spec import ModelSpec, ResolvedModel, resolve
@@ -144,6 +144,22 @@ def _task_scorer(model: ResolvedModel, tracker: Accumulator | None) -> Scorer:  
     return scorer
 
 
+# Keys of the tracker accumulator that count bisections rather than a worker's model loads.
+MODEL_ERRORS = "__model_errors__"
+BISECT_CALLS = "__bisect_calls__"
+
+
+def _scored(batch: pa.RecordBatch, scorer: Scorer, tracker: Accumulator | None) -> pa.RecordBatch:  # type: ignore[type-arg]
+    """score_batch, reporting the rows that got a model error and the extra calls bisection made."""
+    before = STATS.snapshot()
+    preds = score_batch(batch, scorer)
+    if tracker is not None:
+        errors, calls = (a - b for a, b in zip(STATS.snapshot(), before, strict=True))
+        if errors or calls:
+            tracker.add({MODEL_ERRORS: errors, BISECT_CALLS: calls})
+    return preds
+
+
 def check_row_count(batch: pa.RecordBatch, preds: pa.RecordBatch) -> None:
     """Every input row comes out once; checked per batch inside the task, before anything is committed."""
     if preds.num_rows != batch.num_rows:
@@ -168,7 +184,7 @@ def _score_partitions(
         scorer = _task_scorer(model, tracker)
         for batch in rebatch(batches, model.spec.batch_size):
             named = pa.RecordBatch.from_arrays(batch.columns, names=names)
-            preds = score_batch(named, scorer)
+            preds = _scored(named, scorer, tracker)
             check_row_count(batch, preds)
             # Kept columns go back exactly as Spark sent them: Arrow types, time zones and field
             # metadata (a variant's) included.
@@ -256,7 +272,7 @@ def _score_arrays(
             if not checked:
                 check_input(batch.schema, model)
                 checked = True
-            preds = score_batch(batch, scorer)
+            preds = _scored(batch, scorer, tracker)
             check_row_count(batch, preds)
             yield pa.StructArray.from_arrays(preds.columns, fields=list(preds.schema))
 

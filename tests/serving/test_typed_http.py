@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
@@ -109,3 +110,30 @@ def test_kserve_v2_variable_length_requests_are_padded_together_and_match_the_co
     too_long = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 65], "data": [1] * 65}]}
     r = srv.post("/v2/models/text/infer", json=too_long)
     assert r.status_code == 422 and "sequence too long: input_ids has 65 values, max_length is 64" in r.text
+
+
+class FailsOnMarker(torch.nn.Module):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if bool((ids == 666).any()):
+            raise RuntimeError("index 666 is out of range")
+        return ids.double().sum(1)
+
+
+def test_a_row_the_model_raises_for_fails_alone_and_is_counted_in_the_metrics(serve, tmp_path):
+    path = tmp_path / "marker.pt"
+    torch.jit.save(torch.jit.script(FailsOnMarker()), str(path))
+    table = {
+        "path": str(path),
+        "name": "marker",
+        "device": "cpu",
+        "inputs": [{"name": "ids", "columns": ["a", "b"], "dtype": "int64"}],
+    }
+    srv = serve(model=resolve(from_dict(ModelSpec, table, where="model")))
+    r = srv.post("/predict", json={"instances": [{"inputs": {"ids": [1, 2]}}, {"inputs": {"ids": [666, 2]}}]})
+    predictions = r.json()["predictions"]
+    assert predictions[0]["score"] == 3.0
+    assert predictions[1]["status"] == 422 and "model error: " in predictions[1]["error"]
+    assert "index 666 is out of range" in predictions[1]["error"]
+    metrics = srv.get("/metrics").text
+    count = [line for line in metrics.splitlines() if line.startswith("sparkscore_model_error_rows_total")]
+    assert count and float(count[0].split()[-1]) >= 1
