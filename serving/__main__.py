@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker_fd is not None:  # one of the supervisor's workers
         index = args.worker_index
-        options: dict[str, Any] = {"worker": str(index)}
+        # The first worker polls a followed registry alias and loads a new version in the others.
+        options: dict[str, Any] = {"worker": str(index), "follow_leader": index == 0}
         app = create_app(
             cfg, model=model, token=token, peers=Peers(args.worker_dir, index), service_options=options
         )

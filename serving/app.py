@@ -156,6 +156,8 @@ class App:
         # The other worker processes (serving.workers.Peers), when there are several.
         self.peers = peers
         self.worker_header = None if peers is None else (b"x-sparkscore-worker", str(peers.index).encode())
+        if peers is not None:  # [reload] follow: the first worker rolls a moved alias out to every worker
+            service.on_follow = peers.rollout
         self.name = service.name
         self.v2_outputs = output_fields(service.runner.model)
 

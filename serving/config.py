@@ -136,10 +136,17 @@ class ReloadConfig:
     load_dir: str = ""
     # Whether parameters.path may be a model URI (models:/..., runs:/..., s3://...).
     load_uris: bool = False
+    # A registry alias to follow (models:/ctr@champion): polled every poll_s; when it moves, the new
+    # version loads and warms up in the background and is swapped in (every worker).
+    follow: str = ""
 
     def __post_init__(self) -> None:
         if self.poll_s <= 0:
             raise ValueError(f"poll_s must be positive, got {self.poll_s}")
+        if self.follow and not self.follow.startswith("models:/"):
+            raise ValueError(
+                f"follow must be a registry URI such as models:/ctr@champion, got {self.follow!r}"
+            )
 
 
 @dataclass(frozen=True)

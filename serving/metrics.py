@@ -232,6 +232,11 @@ class Metrics(MetricSet):
             "Model version loads (start-up, reloads), by result",
             label="result",
         )
+        self.registry_polls = Counter(
+            "sparkscore_registry_polls_total",
+            "Polls of the followed registry alias ([reload] follow), by outcome (same, moved, unreachable)",
+            label="outcome",
+        )
         self.version_sets: list[VersionMetrics] = []
         self.extra: list[MetricSet] = []  # shadow comparison and the like
 
@@ -263,6 +268,7 @@ class Metrics(MetricSet):
             self.redis_pool_busy,
             self.redis_probes,
             self.model_loads,
+            self.registry_polls,
             *self.gauges,
         ]
 

@@ -50,13 +50,16 @@ from serving.store import (
     RedisFeatureStore,
 )
 from serving.versions import CANARY, PRIMARY, SHADOW, ModelVersion, Shadow, ShadowMetrics
+from udfs import model_store
 from udfs.core import DEGRADED, ERROR, PREDICTION, check_model, short_reason
+from udfs.errors import SparkscoreError
 from udfs.signature import InputError, row_from_inputs
 from udfs.spec import ModelSpec, ResolvedModel, resolve, with_overrides
 
 log = logging.getLogger("serving")
 
 FeatureValue = float | list[float | None] | None
+OUTAGE_LOG_INTERVAL_S = 60.0  # a registry outage is logged at most this often (and always counted)
 
 
 class Instance(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,6 +91,7 @@ class Service:
         candidate_runner: ModelRunner | None = None,
         runner_factory: Callable[[ResolvedModel], ModelRunner] | None = None,
         worker: str | None = None,
+        follow_leader: bool = True,
     ) -> None:
         self.cfg = cfg
         self.name = runner.model.name
@@ -115,6 +119,12 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._load_task: asyncio.Task[None] | None = None
+        # [reload] follow: one process polls the registry (the first worker); with several workers the
+        # App's hook (on_follow: the workers' rollout) loads the concrete version in every worker.
+        self.follow_leader = follow_leader
+        self.on_follow: Callable[[dict[str, str]], Any] | None = None
+        self._follow_failed = ""  # a version that failed to load: not retried until the alias moves
+        self._outage_logged = 0.0
         self.metrics.gauge(
             "sparkscore_ready", "1 once the model is loaded and warmed up", lambda: float(self.ready)
         )
@@ -181,6 +191,8 @@ class Service:
         self.ready = True
         if self.cfg.reload.watch:
             self._spawn(self._watch(), "model-watch")
+        if self.cfg.reload.follow and self.follow_leader:
+            self._spawn(self._follow(), "model-follow")
         log.info("ready: model %s version %s", self.name, self.version)
 
     async def _start_candidate(self, cand: ModelVersion) -> None:
@@ -290,7 +302,7 @@ class Service:
         """The path to load (a relative one is under the load directory); a path outside it (or a URI,
         unless allowed) is refused before it is touched: the answer is the same whether or not it exists."""
         if _is_uri(path):
-            if self.cfg.reload.load_uris:
+            if self.cfg.reload.load_uris or self.is_followed_version(path):
                 return path
             raise LoadFailed(
                 f"parameters.path {path!r} is a model URI; set [reload] load_uris = true to allow loading URIs"
@@ -303,6 +315,18 @@ class Service:
                 f"parameters.path must name a model file {where}; set [reload] load_dir to load from elsewhere"
             )
         return full
+
+    def is_followed_version(self, path: str) -> bool:
+        """Whether ``path`` is a concrete version (models:/name/N) of the model [reload] follow names:
+        what the follow loop rolls out, allowed without load_uris."""
+        follow = self.cfg.reload.follow
+        if not follow or not path.startswith("models:/"):
+            return False
+        try:
+            want, got = model_store.parse_uri(follow), model_store.parse_uri(path)
+        except SparkscoreError:
+            return False
+        return got.kind == "registry" and bool(got.version) and got.name == want.name
 
     def _reloaded(self, version: str, previous: str, *, changed: bool) -> dict[str, Any]:
         self.last_reload = {"state": "READY", "reason": "", "serving": version}
@@ -329,6 +353,48 @@ class Service:
             # A failure is logged and counted; the next change of the file is tried again.
             with contextlib.suppress(LoadFailed):
                 await self.reload()
+
+    async def _follow(self) -> None:
+        """Poll the followed alias; when it points at another version, load that concrete version
+        (``models:/name/N``) in the background, warm it up and swap it in, here and in every worker.
+
+        A registry outage keeps the current version serving (counted, logged at most once a minute);
+        a version that fails to load or warm up is not swapped in (the load endpoint's index and the
+        log say why) and is not retried until the alias moves again.
+        """
+        uri = self.cfg.reload.follow
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.reload.poll_s)
+            try:
+                version, location = await loop.run_in_executor(
+                    None, model_store.peek, uri, self.spec.registry_uri
+                )
+            except SparkscoreError as exc:
+                self.metrics.registry_polls.inc("unreachable")
+                now = time.monotonic()
+                if now - self._outage_logged >= OUTAGE_LOG_INTERVAL_S:
+                    self._outage_logged = now
+                    log.warning("%s: cannot poll %s, %s keeps serving: %s", self.name, uri, self.version, exc)
+                continue
+            ref = self.primary.model.members[0].store
+            if ref is not None and (ref.registry_version, ref.location) == (version, location):
+                self.metrics.registry_polls.inc("same")
+                continue
+            concrete = f"models:/{uri[len('models:/') :].split('@')[0].split('/')[0]}/{version}"
+            if concrete == self._follow_failed:
+                self.metrics.registry_polls.inc("same")
+                continue
+            self.metrics.registry_polls.inc("moved")
+            log.info("%s: %s now points at version %s; loading it", self.name, uri, version)
+            try:
+                if self.on_follow is not None:
+                    await self.on_follow({"path": concrete})
+                else:
+                    await self.reload(path=concrete)
+                self._follow_failed = ""
+            except LoadFailed:  # logged, counted and shown by reload(); the old version serves on
+                self._follow_failed = concrete
 
     # -- routing --------------------------------------------------------------------
 

@@ -445,6 +445,18 @@ def resolve_ref(
     return ref, local
 
 
+def peek(uri: str, registry_uri: str | None = None) -> tuple[str, str]:
+    """Where a ``models:/`` or ``runs:/`` URI points now, without downloading: (registry version,
+    artifact location). What a poll for a moved alias asks (one registry call or two)."""
+    parsed = parse_uri(uri)
+    if parsed.kind not in ("registry", "model_id", "runs"):
+        raise ModelStoreError(f"{uri} is not a registry URI; only models:/ and runs:/ URIs can be followed")
+    from udfs import model_registry
+
+    found = model_registry.lookup(parsed, registry_uri)
+    return found.version, found.location
+
+
 def model_path(ref: StoreRef, local: Path) -> str:
     """The path an engine loads: the model file inside an MLflow model, else the download itself."""
     return str(local / ref.model_file) if ref.model_file else str(local)
