@@ -393,3 +393,64 @@ def test_pyfunc_xgboost_native_model_scores_numeric_columns(registry, cache):
         out["prediction"].to_pylist()[0], booster.predict(x.iloc[:0].assign(f0=[0.5], f1=[0.1]))[0], rtol=1e-6
     )
     assert out["error"].to_pylist() == [None, "null feature: 'f0'"]
+
+
+# -- MLflow tensor signatures onto the typed signature ([[model.inputs]]) ----------------------
+
+
+def two_input_onnx():
+    """dense float32 [N, 3] and ids int64 [N, 2] -> sum(dense) + sum(ids), [N, 1]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["dense", "axes"], ["d"], keepdims=1),
+            helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["idsf", "axes"], ["i"], keepdims=1),
+            helper.make_node("Add", ["d", "i"], ["out"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1])],
+        initializer=[axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_named_mlflow_tensors_become_typed_inputs_read_from_columns_of_their_names(registry, cache):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    sig = ModelSignature(
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, 3), "dense"),
+                TensorSpec(np.dtype(np.int64), (-1, 2), "ids"),
+            ]
+        ),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+    )
+    version = mlflow_demo.log_model("onnx", two_input_onnx(), registry["root"], name="two_in", signature=sig)
+    model = resolve(spec_for(registry, f"models:/two_in/{version}", cache, input_columns=()))
+    assert [(i.name, i.column, i.dtype, i.shape) for i in model.spec.inputs] == [
+        ("dense", "dense", "float32", (3,)),
+        ("ids", "ids", "int64", (2,)),
+    ]
+    check_model(model)
+    table = pa.table(
+        {
+            "dense": pa.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5], None], pa.list_(pa.float32())),
+            "ids": pa.array([[1, 2], [10, 20], [1, 1]], pa.list_(pa.int64())),
+        }
+    )
+    out = score_batch(table, load_scorer(model))
+    assert out["prediction"].to_pylist()[:2] == [9.0, 31.5]
+    assert out["error"].to_pylist()[0] is None and out["error"].to_pylist()[2] is not None

@@ -473,6 +473,8 @@ class Signature:
     types: tuple[str, ...] = ()  # their MLflow types (double, long, string, ...)
     tensor_width: int | None = None  # tensor-based [-1, N]: N
     output_width: int | None = None  # tensor-based output [-1, K]: K
+    # Tensor-based, every tensor named: (name, numpy dtype, shape with the batch dimension).
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
 
 def parse_signature(ref: StoreRef) -> Signature | None:
@@ -489,11 +491,18 @@ def parse_signature(ref: StoreRef) -> Signature | None:
         shape = outputs[0].get("tensor-spec", {}).get("shape") or []
         out_width = shape[1] if len(shape) == 2 and shape[1] > 0 else (1 if len(shape) == 1 else None)
     if inputs and all(i.get("type") == "tensor" for i in inputs):
+        specs = [i.get("tensor-spec", {}) for i in inputs]
+        named = tuple(
+            (str(i.get("name")), str(t.get("dtype")), tuple(int(d) for d in t.get("shape") or ()))
+            for i, t in zip(inputs, specs, strict=True)
+            if i.get("name")
+        )
+        tensors = named if len(named) == len(inputs) else ()
         if len(inputs) == 1:
-            shape = inputs[0].get("tensor-spec", {}).get("shape") or []
+            shape = specs[0].get("shape") or []
             width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0 else None
-            return Signature(tensor_width=width, output_width=out_width)
-        return Signature(output_width=out_width)
+            return Signature(tensor_width=width, output_width=out_width, tensors=tensors)
+        return Signature(output_width=out_width, tensors=tensors)
     names = tuple(i.get("name") or "" for i in inputs)
     if not all(names):
         return Signature(output_width=out_width)

@@ -406,11 +406,53 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     return ResolvedModel(spec=spec, version=version, members=resolved)
 
 
+_MLFLOW_DTYPES = {
+    "float32": "float32",
+    "float64": "float64",
+    "int64": "int64",
+    "int32": "int32",
+    "bool": "bool",
+}
+
+
+def _typed(sig: model_store.Signature) -> bool:
+    """Whether an MLflow tensor signature needs the typed form: several named tensors, or one that is
+    not a [batch, N] float32 matrix (the input_columns shorthand covers that one)."""
+    if not sig.tensors:
+        return False
+    if len(sig.tensors) > 1:
+        return True
+    _, dtype, shape = sig.tensors[0]
+    return dtype != "float32" or len(shape) != 2
+
+
+def typed_inputs(sig: model_store.Signature, where: str) -> tuple[InputSpec, ...]:
+    """MLflow's named tensors as typed inputs ([[model.inputs]]): each read from the column of its
+    name, with its dtype and per-row shape (a -1 after the batch dimension: a variable length)."""
+    out = []
+    for name, dtype, shape in sig.tensors:
+        if dtype not in _MLFLOW_DTYPES:
+            raise ModelLoadError(
+                f"{where} takes tensor {name!r} of dtype {dtype} by its signature; sparkscore feeds "
+                f"{', '.join(_MLFLOW_DTYPES)}: declare [[model.inputs]] yourself"
+            )
+        row = tuple(shape[1:])
+        if -1 in row[1:]:
+            raise ModelLoadError(
+                f"{where} takes tensor {name!r} of shape {list(shape)}: only the first per-row dimension may "
+                "vary; declare [[model.inputs]] yourself"
+            )
+        out.append(InputSpec(name=name, column=name, dtype=_MLFLOW_DTYPES[dtype], shape=row))  # type: ignore[arg-type]
+    return tuple(out)
+
+
 def fill_from_signature(spec: ModelSpec, ref: StoreRef) -> ModelSpec:
     """The spec with ``input_columns`` / ``num_features`` filled from the model's MLflow signature,
     or checked against it when the config gives them; one sentence when they do not fit."""
     sig = model_store.parse_signature(ref)
     where = f"model {ref.describe}"
+    if sig is not None and not spec.input_columns and _typed(sig):
+        return replace(spec, inputs=typed_inputs(sig, where))
     if sig is None:
         if not spec.input_columns:
             raise ModelLoadError(
