@@ -105,26 +105,19 @@ def test_partitioned_output_overwrite_replaces_only_the_partitions_written(
         assert partitions == ["ds"]
 
 
-@pytest.fixture(scope="module")
-def poison_model(tmp_path_factory) -> str:
-    """A model whose call fails (and with it the scoring task) on a batch holding age == 666."""
-    import torch
+def poisoned_view(spark, path: Path, name: str) -> str:
+    """A temporary view of the parquet at ``path`` whose read fails a task on the row with age 666
+    (the scoring core turns model errors into row errors, so the failure comes from Spark)."""
+    from pyspark.sql import functions as F
 
-    class Poison(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if bool((x[:, 0] == 666.0).any()):
-                raise RuntimeError("poisoned batch")
-            return x.sum(dim=1, keepdim=True)
-
-    path = tmp_path_factory.mktemp("poison") / "poison.pt"
-    torch.jit.save(torch.jit.script(Poison()), str(path))
-    return str(path)
+    df = spark.read.parquet(str(path))
+    age = F.when(F.col("age") == 666.0, F.raise_error(F.lit("poisoned row"))).otherwise(F.col("age"))
+    df.withColumn("age", age.cast("double")).createOrReplaceTempView(name)
+    return name
 
 
 @pytest.mark.parametrize("target", ["path", "table"])
-def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(
-    spark, models, poison_model, tmp_path, target
-):
+def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(spark, models, tmp_path, target):
     rows = [(i, 30.0 + i, 1.0, 5.0, 1.0) for i in range(20)]
     schema = "user_id long, age double, purchase_count double, price double, category_id double"
     spark.createDataFrame(rows, schema).write.parquet(str(tmp_path / "good"))
@@ -132,7 +125,7 @@ def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(
     name = f"{DB}.overwritten_{target}"
     out = f'table = "{name}"' if target == "table" else f'path = "{tmp_path / "preds"}"'
     out += '\nkeep_columns = ["user_id"]\nmode = "overwrite"'
-    good = config(tmp_path, poison_model, input=f'path = "{tmp_path / "good"}"', output=out)
+    good = config(tmp_path, models["torchscript"], input=f'path = "{tmp_path / "good"}"', output=out)
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {DB}")
     assert run_job(good) == 0
 
@@ -141,8 +134,9 @@ def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(
 
     before = sorted(read().collect())
     assert len(before) == 20
-    bad = config(tmp_path, poison_model, input=f'path = "{tmp_path / "bad"}"', output=out, name="bad.toml")
-    with pytest.raises(Exception, match="poisoned batch"):
+    view = poisoned_view(spark, tmp_path / "bad", f"poisoned_{target}")
+    bad = config(tmp_path, models["torchscript"], input=f'table = "{view}"', output=out, name="bad.toml")
+    with pytest.raises(Exception, match="poisoned row"):
         run_job(bad)
     if target == "table":
         spark.catalog.refreshTable(name)
@@ -156,11 +150,16 @@ def test_unpartitioned_overwrite_that_fails_leaves_the_old_output_whole(
     assert not [p.name for p in parent.rglob("*sparkscore-*")]
     # A run that succeeds replaces the output whole.
     again = config(
-        tmp_path, models["torchscript"], input=f'path = "{tmp_path / "good"}"', output=out, name="again.toml"
+        tmp_path,
+        models["torchscript"],
+        input=f'path = "{tmp_path / "good"}"',
+        output=out,
+        name="again.toml",
+        version="v2",
     )
     assert run_job(again) == 0
     assert read().count() == 20 and read().filter("error is not null").count() == 0
-    assert sorted(read().collect()) != before
+    assert {r["model_version"] for r in read().collect()} == {"v2"}
 
 
 def test_append_adds_rows_to_an_existing_table(spark, models, events, tmp_path, capsys):
