@@ -464,7 +464,7 @@ class App:
             await self.read_body(scope, receive)
             state = "READY" if svc.ready else ("UNAVAILABLE" if svc.load_error else "LOADING")
             entry = {"name": self.name, "version": svc.version, "state": state}
-            reason = svc.load_error or svc.last_reload.get("reason")
+            reason = svc.load_error or svc.problem() or svc.last_reload.get("reason")
             if reason:
                 entry["reason"] = reason
             return 200, _encode([entry])
@@ -491,7 +491,7 @@ class App:
     def _ready(self) -> tuple[int, bytes]:
         # The protocol: 200 when ready, else a 4xx with an empty body (as Triton answers).
         # Draining (SIGTERM) is not ready: a load balancer stops sending while requests finish.
-        if self.service.ready and not self.service.draining:
+        if self.service.ready and not self.service.draining and self.service.problem() is None:
             return 200, _encode({"ready": True})
         return 400, b""
 

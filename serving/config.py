@@ -71,6 +71,9 @@ class BatcherConfig:
     # Ensembles: run the members of one micro-batch in parallel threads (torch releases the GIL;
     # member_timeout_ms applies only then). false: one after another on the inference thread.
     parallel_members: bool = True
+    # Ensembles: member calls hung past their timeout whose threads are set aside (replaced) at once;
+    # at this many, new member calls fail at once and readiness says not ready until they return.
+    max_hung_member_calls: int = 16
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -86,6 +89,8 @@ class BatcherConfig:
             )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_hung_member_calls < 1:
+            raise ValueError(f"max_hung_member_calls must be >= 1, got {self.max_hung_member_calls}")
 
 
 @dataclass(frozen=True)

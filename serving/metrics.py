@@ -77,6 +77,19 @@ class Gauge:
         ]
 
 
+class LabelledGauge:
+    """Values read at scrape time, one sample per key of ``read()`` under ``label``."""
+
+    def __init__(self, name: str, help: str, label: str, read: Callable[[], dict[str, float]]) -> None:
+        self.name, self.help, self.label, self.read = name, help, label, read
+
+    def render(self, base: dict[str, str]) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        for key, v in sorted(self.read().items()):
+            out.append(f"{self.name}{_labels(dict(base, **{self.label: key}))} {_num(v)}")
+        return out
+
+
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
         self.name, self.help, self.buckets = name, help, buckets
@@ -118,12 +131,15 @@ class MetricSet:
 
     def __init__(self, base: dict[str, str]) -> None:
         self.base = base
-        self.gauges: list[Gauge] = []
+        self.gauges: list[Gauge | LabelledGauge] = []
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges.append(Gauge(name, help, read))
 
-    def metrics(self) -> list[Counter | Histogram | Gauge]:
+    def labelled_gauge(self, name: str, help: str, label: str, read: Callable[[], dict[str, float]]) -> None:
+        self.gauges.append(LabelledGauge(name, help, label, read))
+
+    def metrics(self) -> list[Counter | Histogram | Gauge | LabelledGauge]:
         return [*self.gauges]
 
     def render(self) -> bytes:
@@ -165,7 +181,7 @@ class VersionMetrics(MetricSet):
             "Queued requests dropped before the model because their client disconnected",
         )
 
-    def metrics(self) -> list[Counter | Histogram | Gauge]:
+    def metrics(self) -> list[Counter | Histogram | Gauge | LabelledGauge]:
         return [
             self.predictions,
             self.inference_count,
@@ -255,7 +271,7 @@ class Metrics(MetricSet):
         if shed:
             self.shed.inc(reason)
 
-    def metrics(self) -> list[Counter | Histogram | Gauge]:
+    def metrics(self) -> list[Counter | Histogram | Gauge | LabelledGauge]:
         return [
             self.request_success,
             self.request_failure,

@@ -130,7 +130,20 @@ class Service:
         )
 
     def _version(self, runner: ModelRunner, role: str) -> ModelVersion:
-        return ModelVersion(runner, self.cfg.batcher, self.metrics.for_version(runner.version, role), role)
+        vm = self.metrics.for_version(runner.version, role)
+        if runner.model.is_ensemble:
+            vm.labelled_gauge(
+                "sparkscore_member_hung_calls",
+                "Ensemble member calls running past their timeout (their threads set aside)",
+                "member",
+                runner.hung_members,  # type: ignore[arg-type]
+            )
+        return ModelVersion(runner, self.cfg.batcher, vm, role)
+
+    def problem(self) -> str | None:
+        """Why the loaded model cannot answer fully right now (readiness then says not ready)."""
+        cand = self.candidate
+        return self.primary.runner.problem() or (cand.runner.problem() if cand is not None else None)
 
     @property
     def runner(self) -> ModelRunner:

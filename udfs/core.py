@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -337,25 +337,18 @@ class Scorer:
                 except Exception as exc:  # noqa: BLE001 - a failing member degrades, quorum decides
                     failures[m.name] = short_reason(exc)
         else:
-            timeout_ms = self.model.spec.member_timeout_ms
-            # Each member's clock starts when it starts running, not while it waits for a pool thread.
-            started: list[float | None] = [None] * len(members)
-
-            def run(i: int) -> Any:
-                started[i] = time.monotonic()
-                return fn(i)
-
-            futures = {m.name: pool.submit(run, i) for i, m in enumerate(members)}
-            for i, (name, fut) in enumerate(futures.items()):
+            # The clock starts when the members are submitted: the timeout bounds the call, whether a
+            # member waits for a thread or runs. A pool may supply a default (``timeout_ms``).
+            timeout_ms = self.model.spec.member_timeout_ms or getattr(pool, "timeout_ms", None)
+            end = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+            futures = {m.name: pool.submit(fn, i) for i, m in enumerate(members)}
+            for name, fut in futures.items():
                 try:
-                    while timeout_ms is not None and started[i] is None and not fut.done():
-                        wait([fut], timeout=timeout_ms / 1000)
-                    begun = started[i]
-                    left = None if timeout_ms is None or begun is None else begun + timeout_ms / 1000
                     outputs[name] = fut.result(
-                        timeout=None if left is None else max(0.0, left - time.monotonic())
+                        timeout=None if end is None else max(0.0, end - time.monotonic())
                     )
                 except FutureTimeout:
+                    fut.cancel()  # still waiting for a thread: it never starts
                     failures[name] = f"timed out after {timeout_ms:g} ms"
                 except Exception as exc:  # noqa: BLE001
                     failures[name] = short_reason(exc)

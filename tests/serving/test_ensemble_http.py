@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from serving.model import ModelRunner
+from tests.serving.conftest import wait_until
 from udfs.demo import CTR_FEATURES
 from udfs.spec import MemberSpec, ModelSpec, ResolvedModel, resolve
 
@@ -119,3 +120,37 @@ def test_a_degraded_answer_is_served_but_not_cached(serve, files):
     assert (second["degraded"], second["cache_hit"]) == (False, False)
     third = srv.post("/predict", {"features": ROW}).json()
     assert (third["degraded"], third["cache_hit"]) == (False, True)
+
+
+def test_a_hung_member_is_set_aside_batches_keep_answering_and_readiness_and_metrics_say_so(serve, files):
+    import threading
+
+    model = ensemble(files, ["reg0", "reg1", "slow"], quorum=2, member_timeout_ms=100)
+    runner = ModelRunner(model, max_hung_member_calls=4)  # as [batcher] max_hung_member_calls = 4
+    srv = serve(
+        model=model, runner=runner, cache={"enabled": False}, batcher={"default_timeout_ms": 20_000.0}
+    )
+    assert runner.scorer is not None
+    real = runner.scorer.run_member
+    release = threading.Event()
+
+    def hangs(index, x):
+        if index == 2:
+            release.wait(60)  # a member that never returns (until the test ends)
+        return real(index, x)
+
+    runner.scorer.run_member = hangs  # type: ignore[method-assign]
+    try:
+        # Far more batches than the pool has threads (3 members x 2 batches at once).
+        for i in range(12):
+            resp = srv.post("/predict", {"features": [30.0 + i, 2.0, 19.99, 4.0]})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["missing_members"] == "slow"
+        assert srv.metric("sparkscore_member_hung_calls", member="slow") == 4
+        assert srv.get("/v2/health/ready").status_code == 400
+        (index,) = srv.post("/v2/repository/index").json()
+        assert "slow" in index["reason"] and "hung" in index["reason"]
+    finally:
+        release.set()
+    wait_until(lambda: srv.metric("sparkscore_member_hung_calls", member="slow") == 0, "the calls to return")
+    srv.wait_ready()  # and ready again

@@ -127,12 +127,14 @@ def test_every_concurrent_batch_gets_a_thread_per_member(member_paths) -> None:
     assert [o[0]["degraded"] for o in outs] == [False, False]
 
 
-def test_member_timeout_counts_from_when_the_member_starts(member_paths) -> None:
+def test_member_timeout_bounds_the_call_including_a_wait_for_a_thread(member_paths) -> None:
+    from udfs.core import QuorumError
+
     spec = config(member_paths).model
-    model = resolve(type(spec)(**{**spec.__dict__, "member_timeout_ms": 1000.0}))
+    model = resolve(type(spec)(**{**spec.__dict__, "member_timeout_ms": 200.0}))
     scorer = load_scorer(model)
     x = np.ones((2, WIDTH), dtype=np.float32)
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(time.sleep, 2.0)  # the pool's only thread is busy for twice the member timeout
-        pred = scorer.predict(x, pool=pool)
-    assert pred.missing == ()
+        pool.submit(time.sleep, 5.0)  # the pool's only thread is busy far past the member timeout
+        with pytest.raises(QuorumError, match="timed out after 200 ms"):
+            scorer.predict(x, pool=pool)
