@@ -121,7 +121,14 @@ bench-realtime: $(STAMP) $(DEMO)/ctr.pt peers-venv ## real-time benchmark vs Ray
 	  || echo "wrk is missing (apt-get install wrk): closed-loop figures use the Python client"
 	$(PY) bench/realtime_bench.py $(ARGS)
 
-.PHONY: serve bench-realtime peers-venv
+fuzz: $(STAMP) $(DEMO)/ctr.pt ## long HTTP fuzzing campaign against 2 workers (bench/results/fuzz.json; ARGS="--seconds N --examples N")
+	$(PY) bench/fuzz.py $(ARGS)
+
+# Several minutes with faults; on a shared machine: flock /tmp/sparkscore-bench.lock make soak
+soak: $(STAMP) $(DEMO)/ctr.pt ## 2 workers + Redis at 70% of max for minutes: Redis restarts, 5 swaps, kill -9, SIGTERM (bench/results/soak.json)
+	$(PY) bench/soak.py $(ARGS)
+
+.PHONY: serve bench-realtime peers-venv fuzz soak
 # --- end serving ---
 
 # --- streaming ---
