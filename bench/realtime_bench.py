@@ -208,6 +208,8 @@ def _bodies(n: int, distinct: int, seed: int, width: int = 0, shape: str = "pred
     ``shape = "batch_of_one"``: ``{"features": [[...]]}``, what a BentoML batchable API takes.
     """
     rng = np.random.default_rng(seed)
+    if shape == "dlrm_v2":
+        return _dlrm_v2_bodies(n, rng)
     if width:
         vectors = rng.standard_normal((distinct, width)).round(4)
         return [
@@ -234,6 +236,29 @@ def _bodies(n: int, distinct: int, seed: int, width: int = 0, shape: str = "pred
     return out
 
 
+DLRM_PATH = "/v2/models/dlrm/infer"
+
+
+def _dlrm_v2_bodies(n: int, rng: Any) -> list[bytes]:
+    """KServe v2 requests of one row for the DLRM-style example: ``dense`` FP32 [1, 13] and
+    ``sparse`` INT64 [1, 8] (ids inside each table), every request distinct."""
+    from udfs import examples
+
+    dense = np.round(rng.exponential(3.0, (n, 13)), 3)
+    sparse = np.column_stack([rng.integers(0, size, n) for size in examples.TABLE_SIZES])
+    return [
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": "dense", "datatype": "FP32", "shape": [1, 13], "data": dense[i].tolist()},
+                    {"name": "sparse", "datatype": "INT64", "shape": [1, 8], "data": sparse[i].tolist()},
+                ]
+            }
+        ).encode()
+        for i in range(n)
+    ]
+
+
 async def _open_loop(
     port: int,
     rate: float,
@@ -246,7 +271,7 @@ async def _open_loop(
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
     rng = np.random.default_rng(seed)
-    reqs = _requests("/predict", _bodies(n, n, seed, width, shape))
+    reqs = _requests(DLRM_PATH if shape == "dlrm_v2" else "/predict", _bodies(n, n, seed, width, shape))
     idle: list[_Conn] = []
     waiting: asyncio.Queue[_Conn] = asyncio.Queue()
     conns: list[_Conn] = []
