@@ -61,7 +61,7 @@ def check_event_schema(schema: StructType, *, user_id: str, timestamp: str, mode
         raise ConfigError(
             f"[events] field {timestamp!r} must be TIMESTAMP for event-time windows, got {schema[timestamp].dataType.simpleString()}"
         )
-    missing = [c for c in model.spec.columns if c not in names]
+    missing = [c for c in model.spec.columns if c not in names and c not in by_input_name(model, names)]
     if missing:
         raise ConfigError(f"model input columns {missing} are not fields of the event schema; it has {names}")
     clash = [c for c in output_schema(model).names if c in names]
@@ -69,6 +69,28 @@ def check_event_schema(schema: StructType, *, user_id: str, timestamp: str, mode
         raise ConfigError(
             f"event fields {clash} clash with the prediction columns; rename them in [events] schema"
         )
+
+
+def by_input_name(model: ResolvedModel, names: list[str]) -> dict[str, Column]:
+    """A typed model's data columns read from event fields named after its inputs.
+
+    An event may carry each input by name (``{"dense": [13 numbers], "sparse": [8 ids]}``) instead of
+    its columns: an input of several columns then takes them from the array's positions (a shorter
+    array leaves the rest null: the row's reason names the input and column), an input of one column
+    takes the field as it is. Fields named like the columns themselves win."""
+    sig = model.spec.signature
+    if sig is None:
+        return {}
+    out: dict[str, Column] = {}
+    for spec in sig.fed:
+        if spec.name not in names or all(c in names for c in spec.source_columns):
+            continue
+        if spec.column is not None:
+            out[spec.column] = F.col(spec.name)
+        else:
+            for j, c in enumerate(spec.columns):
+                out[c] = F.get(F.col(spec.name), j)
+    return out
 
 
 def parse_events(
@@ -130,6 +152,9 @@ def score_events(
         # with_predictions builds its Arrow schema without a time zone, which fails on a
         # TIMESTAMP column: event time crosses the scorer as epoch microseconds instead.
         as_micros = df.withColumn(timestamp, F.unix_micros(timestamp))
+        named = by_input_name(model, df.columns)
+        if named:
+            as_micros = as_micros.withColumns(named)
         scored = as_micros.transform(with_predictions(model, keep=keep))
         return scored.withColumn(timestamp, F.timestamp_micros(timestamp))
 

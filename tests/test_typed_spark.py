@@ -161,3 +161,40 @@ keep_columns = ["id"]
     bad = {r["id"]: r["error"] for r in out.where("error is not null").collect()}
     assert sorted(bad) == [7, 150] and all(e.startswith("model error: ") for e in bad.values())
     assert out.where("error is null and prediction = id + 1").count() == 198
+
+
+def test_stream_events_may_carry_each_input_by_name(spark, files):
+    from streaming.pipeline import by_input_name, check_event_schema, score_events
+
+    model = model_of("dlrm", files["dlrm"]["torchscript"])
+    table = examples.table("dlrm", 3).to_pylist()
+    events = [
+        (
+            f"u{i}",
+            [r[c] for c in examples.DENSE][: 12 if i == 2 else 13],
+            [r[c] for c in examples.CATS],
+        )
+        for i, r in enumerate(table)
+    ]
+    df = spark.createDataFrame(events, "user_id string, dense array<float>, sparse array<bigint>").selectExpr(
+        "cast(null as binary) key",
+        "cast(null as binary) value",
+        "'t' topic",
+        "0 partition",
+        "cast(0 as bigint) offset",
+        "user_id",
+        "timestamp'2026-01-01 00:00:00' timestamp",
+        "cast(null as string) parse_error",
+        "dense",
+        "sparse",
+    )
+    check_event_schema(df.schema, user_id="user_id", timestamp="timestamp", model=model)
+    assert sorted(by_input_name(model, df.columns)) == sorted([*examples.DENSE, *examples.CATS])
+    got = {r["user_id"]: r for r in df.transform(score_events(model)).collect()}
+    columns = spark.createDataFrame([{"id": i, **r} for i, r in enumerate(table)])
+    want = {
+        f"u{r['id']}": r["ctr"] for r in columns.transform(with_predictions(model, keep=["id"])).collect()
+    }
+    assert got["u0"]["ctr"] == pytest.approx(want["u0"], abs=1e-6)
+    assert got["u1"]["ctr"] == pytest.approx(want["u1"], abs=1e-6)
+    assert got["u2"]["error"] == "null input: dense ('i13')"
