@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve(cfg.model)
         check_model(model)
         print(
-            f"[sparkscore] model {model.name} version {model.version} ({', '.join(model.spec.paths)})",
+            f"[sparkscore] model {model.name} version {model.version} "
+            f"({', '.join(m.store.describe if m.store else m.path for m in model.members)})",
             flush=True,
         )
         from streaming.backends import launch_jvm

@@ -128,10 +128,15 @@ class JobConfig:
     # A processing-time interval ("0 seconds": as fast as possible) or "availableNow".
     trigger: str = "0 seconds"
     query_name: str = "sparkscore_stream"
+    # Look at [model] path again (a registry alias: one lookup) at most this often, between
+    # micro-batches; a new version applies from the next batch. 0: resolved once, at start.
+    model_refresh_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.trigger != "availableNow":
             _check_duration("trigger", self.trigger)
+        if self.model_refresh_s < 0:
+            raise ValueError(f"model_refresh_s must be >= 0, got {self.model_refresh_s}")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class WriterMarker:
     records: int
     attempt: int = 0
     last: str = ""  # markers written before the last id was recorded never match a range
+    model: str = ""  # the model that scored the batch ([job] model_refresh_s): BatchPlan.model
 
     def covers(self, first: str, last: str, records: int) -> bool:
         return (self.first, self.last, self.records) == (first, last, records)
@@ -91,6 +92,7 @@ class WriterMarker:
             int(d["records"]),
             int(d["attempt"]),
             str(d.get("last", "")),
+            str(d.get("model", "")),
         )
 
 

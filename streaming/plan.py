@@ -46,6 +46,9 @@ class BatchPlan:
     latest_by: str = kc.LIST_OFFSETS
     timeout_s: float = 120.0
     fault: faults.FaultPlan = faults.NO_FAULTS
+    # [job] model_refresh_s: the model that scores this batch (streaming.model_refresh.record_of),
+    # recorded in every writer marker so a replay after a crash scores with the same version.
+    model: str = ""
 
     def transactional_id(self, writer: str) -> str:
         return f"sparkscore.{self.query_id}.{writer}"

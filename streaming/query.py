@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,10 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streaming import backends, kafka_client
 from streaming.config import StreamConfig
+from streaming.markers import writer_markers
+from streaming.model_refresh import ModelRefresher, record_of
 from streaming.pipeline import count_metrics, event_schema, parse_events, score_events, to_records
+from streaming.plan import BatchPlan
 from streaming.sink import (
     COMMIT_TOPIC_CONFIGS,
     SUMMARY_SCHEMA,
@@ -267,16 +270,42 @@ def check_spark_conf(spark: SparkSession) -> None:
         )
 
 
-def scoring_frame(spark: SparkSession, cfg: StreamConfig, model: ResolvedModel, backend: str) -> DataFrame:
-    """The streaming frame of output records, counts observed into the progress."""
+def scoring_frame(
+    spark: SparkSession, cfg: StreamConfig, model: ResolvedModel, backend: str, *, per_batch: bool = False
+) -> DataFrame:
+    """The streaming frame of output records, counts observed into the progress.
+
+    ``per_batch`` ([job] model_refresh_s): the parsed events only; each micro-batch is scored inside
+    ``foreachBatch`` with the model chosen for it (:func:`score_records`), and its counts are in the
+    job's batch lines and summary rather than the query progress.
+    """
     ev = cfg.events
-    return (
-        backends.read_kafka(spark, backend, source_options(cfg))
-        .transform(parse_events(ev.schema, user_id=ev.user_id, timestamp=ev.timestamp))
-        .transform(score_events(model, user_id=ev.user_id, timestamp=ev.timestamp))
-        .transform(to_records(model, user_id=ev.user_id, timestamp=ev.timestamp))
-        .transform(count_metrics)
+    parsed = backends.read_kafka(spark, backend, source_options(cfg)).transform(
+        parse_events(ev.schema, user_id=ev.user_id, timestamp=ev.timestamp)
     )
+    if per_batch:
+        return parsed
+    return parsed.transform(score_records(cfg, model)).transform(count_metrics)
+
+
+def score_records(cfg: StreamConfig, model: ResolvedModel) -> Callable[[DataFrame], DataFrame]:
+    """Parsed events -> scored output records."""
+    ev = cfg.events
+
+    def transform(df: DataFrame) -> DataFrame:
+        return df.transform(score_events(model, user_id=ev.user_id, timestamp=ev.timestamp)).transform(
+            to_records(model, user_id=ev.user_id, timestamp=ev.timestamp)
+        )
+
+    return transform
+
+
+def replayed_model(sink: EffectivelyOnceSink, plan: BatchPlan) -> str:
+    """The model a crashed run recorded for a batch it partly wrote ("" when it wrote none)."""
+    if not plan.skip:
+        return ""
+    markers = writer_markers(plan, sink.offsets)
+    return next((m.model for m in markers.values() if m.model), "")
 
 
 def start_scoring(
@@ -288,7 +317,10 @@ def start_scoring(
     trigger: str | None = None,
     gate: BatchGate | None = None,
 ) -> tuple[StreamingQuery, EffectivelyOnceSink]:
-    records = scoring_frame(spark, cfg, model, backend)
+    refresher = (
+        ModelRefresher(cfg.model, model, cfg.job.model_refresh_s) if cfg.job.model_refresh_s > 0 else None
+    )
+    records = scoring_frame(spark, cfg, model, backend, per_batch=refresher is not None)
     sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
     checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
 
@@ -304,6 +336,11 @@ def start_scoring(
         if plan is None:
             print(f"[sparkscore] batch {batch_id}: already committed before a restart, skipped", flush=True)
             return
+        if refresher is not None:
+            # The model for this whole batch, chosen before any of its tasks starts.
+            current = refresher.for_batch(batch_id, replayed_model(sink, plan))
+            batch = batch.transform(score_records(cfg, current))
+            plan = replace(plan, model=record_of(current))
         ranges = batch_ranges(checkpoint, batch_id)
         size = None if ranges is None else sum(end - start for start, end in ranges.values())
         if size is not None and size <= DRIVER_WRITE_MAX_EVENTS:

@@ -109,7 +109,7 @@ def write_task(
             producer, plan, rows, skip=skip, where="writer", writer=writer, attempt=attempt
         )
         at("writer.before_commit")
-        marker = WriterMarker(plan.query_id, plan.batch_id, writer, first_id, n, attempt, last_id)
+        marker = WriterMarker(plan.query_id, plan.batch_id, writer, first_id, n, attempt, last_id, plan.model)
         delivery = Delivery()
         producer.produce(
             plan.commit_topic,
