@@ -231,12 +231,16 @@ def _bodies(n: int, distinct: int, seed: int, width: int = 0, shape: str = "pred
         r = rows[i % distinct]
         if shape == "batch_of_one":
             out.append(json.dumps({"features": [r.tolist()]}).encode())
+        elif shape == "mlflow":  # mlflow models serve: POST /invocations {"inputs": [[...]]}
+            out.append(json.dumps({"inputs": [r.tolist()]}).encode())
         else:
             out.append(json.dumps({"user_id": i, "item_id": i % 1000, "features": r.tolist()}).encode())
     return out
 
 
 DLRM_PATH = "/v2/models/dlrm/infer"
+# Body shapes posted somewhere other than /predict: KServe v2, and MLflow's scoring server.
+BODY_PATHS = {"dlrm_v2": DLRM_PATH, "mlflow": "/invocations"}
 
 
 def _dlrm_v2_bodies(n: int, rng: Any) -> list[bytes]:
@@ -271,7 +275,7 @@ async def _open_loop(
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
     rng = np.random.default_rng(seed)
-    reqs = _requests(DLRM_PATH if shape == "dlrm_v2" else "/predict", _bodies(n, n, seed, width, shape))
+    reqs = _requests(BODY_PATHS.get(shape, "/predict"), _bodies(n, n, seed, width, shape))
     idle: list[_Conn] = []
     waiting: asyncio.Queue[_Conn] = asyncio.Queue()
     conns: list[_Conn] = []
