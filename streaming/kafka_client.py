@@ -378,7 +378,13 @@ def topic_configs(conf: dict[str, Any], topics: Iterable[str], timeout_s: float)
 
 
 def list_offsets(
-    admin: AdminClient, tps: Iterable[TP], spec: str, timeout_s: float, isolation: str = READ_UNCOMMITTED
+    admin: AdminClient,
+    tps: Iterable[TP],
+    spec: str,
+    timeout_s: float,
+    isolation: str = READ_UNCOMMITTED,
+    *,
+    missing_ok: bool = False,
 ) -> dict[TP, int]:
     """ListOffsets "earliest" or "latest" for many partitions in one request.
 
@@ -403,24 +409,32 @@ def list_offsets(
                 out[(tp.topic, tp.partition)] = fut.result().offset
             except KafkaException as exc:
                 err = exc.args[0]
-                # A partition whose leader is being elected (a topic just created, a broker restarting)
-                # answers NOT_LEADER for a moment: ask again until the deadline. (Kafka calls an unknown
-                # partition retriable too, but here it means data loss, said at once.)
-                transient = isinstance(err, KafkaError) and (
-                    err.code() in _LEADER_MOVING or (err.retriable() and err.code() not in _GONE)
-                )
-                if transient and time.monotonic() < deadline:
+                # A partition that a broker says does not exist is data loss (or, with missing_ok,
+                # left out). Any other error is asked again until the deadline: a leader being
+                # elected (a topic just created, a broker restarting) answers NOT_LEADER for a
+                # moment, a deleted topic "no leaders found", a broker shutting down odd errors
+                # ("leader epoch is older than broker epoch"), and one that is down "unknown
+                # partition": a broker going away must be reported as such (the job's broker
+                # watch), never as lost data.
+                if partition_gone(admin, tp.topic, tp.partition, min(5.0, timeout_s)):
+                    if missing_ok:
+                        continue
+                    _raise_list_offsets_error(tp, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+                if time.monotonic() < deadline:
                     pending.append((tp.topic, tp.partition))
                     continue
-                _raise_list_offsets_error(tp, err)
+                reason = err.str() if isinstance(err, KafkaError) else str(err)
+                if isinstance(err, KafkaError) and err.code() in _GONE:
+                    reason = f"no broker answered within {timeout_s:g} s ({reason})"
+                raise KafkaTimeoutError(
+                    f"cannot list offsets of {tp.topic}/{tp.partition}: {reason}"
+                ) from None
         if pending:
             time.sleep(0.1)
     return out
 
 
 _GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC)
-# Leadership moving; confluent-kafka's admin results do not always flag these as retriable.
-_LEADER_MOVING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
 
 
 def _raise_list_offsets_error(tp: TopicPartition, err: object) -> None:
@@ -496,8 +510,9 @@ class Offsets:
     def partitions(self) -> dict[str, list[int]]:
         return topic_partitions(self.consumer, self.timeout_s)
 
-    def earliest(self, tps: Iterable[TP]) -> dict[TP, int]:
-        return list_offsets(self.admin, tps, "earliest", self.timeout_s)
+    def earliest(self, tps: Iterable[TP], *, missing_ok: bool = False) -> dict[TP, int]:
+        """Log starts; with ``missing_ok`` a partition that no longer exists is left out, not data loss."""
+        return list_offsets(self.admin, tps, "earliest", self.timeout_s, missing_ok=missing_ok)
 
     def latest(self, tps: Iterable[TP]) -> dict[TP, int]:
         listed = list_offsets(self.admin, tps, "latest", self.timeout_s, self.isolation)
@@ -525,10 +540,33 @@ class LostOffsets:
             self.ranges.append((topic, partition, first, last))
 
 
+def partition_gone(client: Consumer | AdminClient, topic: str, partition: int, timeout_s: float) -> bool:
+    """True only when a broker answers a metadata request without ``topic``/``partition`` in it.
+
+    librdkafka also reports a partition as unknown when no broker answers at all (a stopped
+    broker, while a read is in flight): that is not data loss, so an "unknown" error is only
+    believed once a broker has confirmed it. Asks for every topic (asking for one could make a
+    broker with ``auto.create.topics.enable`` create it again).
+    """
+    try:
+        md = client.list_topics(timeout=max(1.0, timeout_s))
+    except KafkaException:
+        return False  # nobody answered: the broker is down, not the partition gone
+    if not md.brokers:
+        return False
+    found = md.topics.get(topic)
+    if found is None:
+        return True
+    err = found.error
+    if err is not None:
+        return err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+    return partition not in found.partitions
+
+
 def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> tuple[int, int] | None:
     """(log start, high watermark) from the broker; None when it does not answer (down, restarting).
 
-    Raises :class:`DataLossError` when the broker answers that the partition does not exist.
+    Raises :class:`DataLossError` when a broker confirms that the partition does not exist.
     """
     try:
         low, high = consumer.get_watermark_offsets(
@@ -536,10 +574,10 @@ def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float
         )
     except KafkaException as exc:
         err = exc.args[0]
-        if isinstance(err, KafkaError) and err.code() in (
-            KafkaError.UNKNOWN_TOPIC_OR_PART,
-            KafkaError._UNKNOWN_PARTITION,
-            KafkaError._UNKNOWN_TOPIC,
+        if (
+            isinstance(err, KafkaError)
+            and err.code() in _GONE
+            and partition_gone(consumer, topic, partition, timeout_s)
         ):
             raise DataLossError(
                 f"{topic}/{partition} no longer exists on the broker (deleted, or the broker lost its data)"
@@ -562,6 +600,7 @@ def read_range(
     lost: LostOffsets | None = None,
     committed: bool = False,
     check_every_s: float = 3.0,
+    cancel: threading.Event | None = None,
 ) -> Iterator[list[Message]]:
     """Records of one partition with offsets in [start, end), in lists of at most ``max_batch``.
 
@@ -577,7 +616,8 @@ def read_range(
 
     When no record arrives for ``check_every_s`` the broker is asked where the
     partition starts and ends, so a log that lost its data fails within seconds rather
-    than after ``timeout_s``.
+    than after ``timeout_s``. A set ``cancel`` (the job is failing: the broker is lost) ends
+    the wait with :class:`KafkaTimeoutError`.
     """
     if end <= start:
         return
@@ -648,6 +688,14 @@ def read_range(
                         lost.add(topic, partition, next_offset, end - 1)
                         done = True
                         break
+                    if err.code() in _GONE and partition_gone(consumer, topic, partition, 5.0):
+                        data_loss(
+                            fail_on_data_loss,
+                            f"{where} no longer exists on the broker (deleted, or the broker lost its data)",
+                        )
+                        lost.add(topic, partition, next_offset, end - 1)
+                        done = True
+                        break
                     raise KafkaException(err)
                 off = int(m.offset() or 0)
                 if off < next_offset:
@@ -675,13 +723,23 @@ def read_range(
             if out:
                 continue
             # Nothing new: the rest of the range may be transaction markers or aborted records.
+            if cancel is not None and cancel.is_set():
+                raise KafkaTimeoutError(
+                    f"stopped reading {where} at offset {next_offset}: the broker is unreachable"
+                )
             position = consumer.position([tp])[0].offset
             if position >= end:
                 return
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + check_every_s
-                marks = _watermarks(consumer, topic, partition, min(check_every_s, 5.0))
+                try:
+                    marks = _watermarks(consumer, topic, partition, min(check_every_s, 5.0))
+                except DataLossError as exc:
+                    data_loss(fail_on_data_loss, str(exc))
+                    lost.add(topic, partition, next_offset, end - 1)
+                    log_warning("data loss: %s; skipping offsets %d..%d", exc, next_offset, end - 1)
+                    return
                 if marks is not None:
                     low, high = marks
                     if low > next_offset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ def committed_records(
     *,
     recent: bool = False,
     committed: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Any]:
     """Committed records of the given partitions from ``starts`` to their current ends.
 
@@ -133,6 +135,7 @@ def committed_records(
                 timeout_s=timeout_s,
                 fail_on_data_loss=False,
                 committed=committed,
+                cancel=cancel,
             ):
                 yield from msgs
     finally:
@@ -141,7 +144,13 @@ def committed_records(
 
 
 def writers_named(
-    client: dict[str, str], offsets: kc.Offsets, tp: tuple[str, int], query_id: str, timeout_s: float
+    client: dict[str, str],
+    offsets: kc.Offsets,
+    tp: tuple[str, int],
+    query_id: str,
+    timeout_s: float,
+    *,
+    cancel: threading.Event | None = None,
 ) -> int:
     """How many task writers (``p0 .. p<n-1>``) this query's markers in ``tp`` name, committed or not.
 
@@ -152,7 +161,7 @@ def writers_named(
     query = query_id.encode()
     prefix = query + b"/p"
     n = 0
-    for m in committed_records(client, offsets, {tp: 0}, timeout_s, committed=False):
+    for m in committed_records(client, offsets, {tp: 0}, timeout_s, committed=False, cancel=cancel):
         key, raw = m.key() or b"", m.value()
         if key.startswith(prefix) and key[len(prefix) :].isdigit():
             n = max(n, int(key[len(prefix) :]) + 1)
@@ -164,7 +173,9 @@ def writers_named(
     return n
 
 
-def written_ids(plan: BatchPlan, offsets: kc.Offsets | None = None) -> tuple[set[str], Positions]:
+def written_ids(
+    plan: BatchPlan, offsets: kc.Offsets | None = None, *, cancel: threading.Event | None = None
+) -> tuple[set[str], Positions]:
     """Record ids this query committed for ``plan.batch_id`` after ``plan.start``, and the ends scanned to."""
     own = offsets is None
     offsets = offsets or kc.Offsets(plan.client, latest_by=plan.latest_by, timeout_s=plan.timeout_s)
@@ -175,7 +186,7 @@ def written_ids(plan: BatchPlan, offsets: kc.Offsets | None = None) -> tuple[set
         query, batch = plan.query_id.encode(), str(plan.batch_id).encode()
         ids: set[str] = set()
         scanned: Positions = {}
-        for m in committed_records(plan.client, offsets, starts, plan.timeout_s):
+        for m in committed_records(plan.client, offsets, starts, plan.timeout_s, cancel=cancel):
             h = dict(m.headers() or ())
             rid = h.get(H_ID)
             if h.get(H_QUERY) == query and h.get(H_BATCH) == batch and isinstance(rid, bytes):

@@ -84,13 +84,34 @@ def batch_size(checkpoint: str, batch_id: int) -> int | None:
     return None if ranges is None else sum(end - start for start, end in ranges.values())
 
 
-def batch_ranges(checkpoint: str, batch_id: int) -> dict[tuple[str, int], tuple[int, int]] | None:
-    """(topic, partition) -> [start, end) of micro-batch ``batch_id`` from the offset log; None when unknown."""
-    path = checkpoint.removeprefix("file:")
-    if batch_id < 1 or "://" in path:
-        return None
+def batch_ranges(
+    checkpoint: str,
+    batch_id: int,
+    *,
+    read: Callable[[str], str] | None = None,
+    starting: str | None = None,
+) -> dict[tuple[str, int], tuple[int, int]] | None:
+    """(topic, partition) -> [start, end) of micro-batch ``batch_id`` from the offset log; None when unknown.
+
+    Local checkpoints are read directly; others (``hdfs://``, ``s3a://``, ...) only with
+    ``read`` (a path -> text function, e.g. :func:`hadoop_reader`). Batch 0 starts where the
+    JVM source recorded its initial offsets (``sources/0/0``), else at ``starting`` (the
+    ``startingOffsets`` option) when that is JSON with concrete offsets.
+    """
+    local = checkpoint.removeprefix("file:")
+    if read is None:
+        if "://" in local:
+            return None
+        root, read = local, _read_local
+    else:
+        root = checkpoint
+    root = root.rstrip("/")
     try:
-        prev, cur = (_offset_entry(Path(path) / "offsets" / str(b)) for b in (batch_id - 1, batch_id))
+        cur = _offset_entry(read(f"{root}/offsets/{batch_id}"))
+        if batch_id > 0:
+            prev = _offset_entry(read(f"{root}/offsets/{batch_id - 1}"))
+        else:
+            prev = _initial_offsets(read, root, starting)
         return {
             (topic, int(part)): (int(prev[topic][part]), int(off))
             for topic, parts in cur.items()
@@ -98,6 +119,53 @@ def batch_ranges(checkpoint: str, batch_id: int) -> dict[tuple[str, int], tuple[
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    except Exception as exc:  # a Py4J error from the JVM reader: unknown, not a failure
+        if type(exc).__name__ in ("Py4JJavaError", "Py4JError"):
+            return None
+        raise
+
+
+def _read_local(path: str) -> str:
+    return Path(path).read_text()
+
+
+def _initial_offsets(
+    read: Callable[[str], str], root: str, starting: str | None
+) -> dict[str, dict[str, int]]:
+    """Batch 0's start: the JVM source's record of it, or concrete JSON startingOffsets."""
+    try:
+        # KafkaSourceInitialOffsetWriter: a 0 byte (Spark 2.1 compatibility), "v1", then the JSON.
+        text = read(f"{root}/sources/0/0").lstrip("\x00")
+        for line in text.splitlines():
+            if line.startswith("{"):
+                found = json.loads(line)
+                if isinstance(found, dict):
+                    return found
+    except Exception as exc:
+        if not isinstance(exc, OSError) and type(exc).__name__ not in ("Py4JJavaError", "Py4JError"):
+            raise
+    given = json.loads(starting or "null") if (starting or "").lstrip().startswith("{") else None
+    if not isinstance(given, dict):
+        raise ValueError("batch 0's start offsets are unknown")
+    # -2 / -1 (earliest / latest) are resolved by the source: those partitions stay unknown.
+    return {t: {p: o for p, o in parts.items() if int(o) >= 0} for t, parts in given.items()}
+
+
+def hadoop_reader(spark: SparkSession) -> Callable[[str], str]:
+    """A path -> text function through Hadoop's FileSystem (any scheme the JVM can read)."""
+    sc = spark.sparkContext
+    jvm, conf = sc._jvm, sc._jsc.hadoopConfiguration()  # type: ignore[union-attr]
+    assert jvm is not None
+
+    def read(path: str) -> str:
+        p = jvm.org.apache.hadoop.fs.Path(path)
+        stream = p.getFileSystem(conf).open(p)
+        try:
+            return str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
+        finally:
+            stream.close()
+
+    return read
 
 
 def lost_offsets(
@@ -107,18 +175,19 @@ def lost_offsets(
 
     Retention and ``deleteRecords`` remove a partition's oldest records, so what the batch
     could not read is ``[start, log start)`` of each range; at most the records it missed.
+    A partition missing from ``earliest`` no longer exists: all of its range is gone.
     """
-    gone = sum(max(0, min(earliest.get(tp, 0), end) - start) for tp, (start, end) in ranges.items())
+    gone = sum(max(0, min(earliest.get(tp, end), end) - start) for tp, (start, end) in ranges.items())
     missed = sum(end - start for start, end in ranges.values()) - read
     return max(0, min(gone, missed))
 
 
-def _offset_entry(path: Path) -> dict[str, dict[str, int]]:
+def _offset_entry(text: str) -> dict[str, dict[str, int]]:
     # An offset log file: "v1", the batch metadata, then one line per source.
-    lines = path.read_text().splitlines()
+    lines = text.splitlines()
     entry = json.loads(lines[2]) if len(lines) > 2 else None
     if not isinstance(entry, dict):
-        raise ValueError(f"{path}: not a Kafka offset entry")
+        raise ValueError("not a Kafka offset entry")
     return entry
 
 
@@ -199,6 +268,47 @@ class BatchGate:
         """Wait until no batch is running (at most ``timeout_s``); True when idle."""
         with self._cv:
             return self._cv.wait_for(lambda: not self._running, timeout_s)
+
+
+class BatchFailed(RuntimeError):
+    """A ``foreachBatch`` call failed; the message is short (see :func:`short_errors`)."""
+
+
+# The JVM exceptions Spark reads as "the query was stopped" in a Python foreachBatch error
+# (StreamExecution.IO_EXCEPTION_NAMES), and the shape it looks for (StreamExecution.PROXY_ERROR).
+_INTERRUPTIONS = re.compile(
+    r"\b(java\.lang\.InterruptedException|java\.io\.InterruptedIOException|"
+    r"java\.nio\.channels\.ClosedByInterruptException)\b"
+)
+
+
+@contextlib.contextmanager
+def short_errors() -> Any:
+    """Re-raise a ``foreachBatch`` failure as :class:`BatchFailed` with a message of a few lines.
+
+    Spark decides whether a Python ``foreachBatch`` error was only the query being stopped
+    with a regular expression over the whole Python traceback (``StreamExecution.PROXY_ERROR``,
+    a greedy ``.+`` in a group), and the JVM's regex engine recurses per character: a failed
+    Spark job's traceback (tens of kB, e.g. every job cancelled when the broker is lost)
+    overflows the stack, and the query thread dies with a ``StackOverflowError`` of about
+    1,000 log lines. The short message keeps what matters: our error's sentence, the stop
+    signature Spark looks for, and a checkpoint helper killed by a stop signal.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised, shortened
+        ours = f"{type(exc).__name__}: {exc}"
+        text = (ours if _CAUSE.match(ours) else failure_reason(exc))[:2000]
+        full = "\n".join(_exception_texts(exc))
+        extra = []
+        if (found := _INTERRUPTIONS.search(full)) is not None:
+            extra.append(
+                "py4j.protocol.Py4JJavaError: An error occurred while calling foreachBatch.\n"
+                f": {found.group(1)}"
+            )
+        if (killed := _KILLED_HELPER.search(full)) is not None:
+            extra.append(killed.group(0))
+        raise BatchFailed("\n".join([text, *extra])) from None
 
 
 def stop_between_batches(query: StreamingQuery, gate: BatchGate, *, timeout_s: float = 60.0) -> None:
@@ -327,7 +437,7 @@ def start_scoring(
     gate = gate or BatchGate()
 
     def run_batch(batch: DataFrame, batch_id: int) -> None:
-        with gate:
+        with gate, short_errors():
             score_and_write(batch, batch_id)
 
     def score_and_write(batch: DataFrame, batch_id: int) -> None:
@@ -341,7 +451,13 @@ def start_scoring(
             current = refresher.for_batch(batch_id, replayed_model(sink, plan))
             batch = batch.transform(score_records(cfg, current))
             plan = replace(plan, model=record_of(current))
-        ranges = batch_ranges(checkpoint, batch_id)
+        remote = "://" in checkpoint.removeprefix("file:")
+        ranges = batch_ranges(
+            checkpoint,
+            batch_id,
+            read=hadoop_reader(batch.sparkSession) if remote else None,
+            starting=cfg.input.starting_offsets,
+        )
         size = None if ranges is None else sum(end - start for start, end in ranges.values())
         if size is not None and size <= DRIVER_WRITE_MAX_EVENTS:
             # Same records, same headers, same markers as the executors' path; no extra Python stage.
@@ -353,7 +469,7 @@ def start_scoring(
         dlq = result.counts.get(cfg.output.dlq_topic, 0)
         read = preds + dlq + result.skipped
         if not cfg.input.fail_on_data_loss and ranges is not None and read < (size or 0):
-            earliest = sink.offsets.earliest(list(ranges))
+            earliest = sink.offsets.earliest(list(ranges), missing_ok=True)
             result.counts["lost"] = lost_offsets(ranges, earliest, read)
         sink.commit(plan, result)
         skipped = f", {result.skipped:,} already written" if result.skipped else ""
@@ -394,7 +510,7 @@ def start_stats(
     gate = gate or BatchGate()
 
     def run_batch(batch: DataFrame, batch_id: int) -> None:
-        with gate:
+        with gate, short_errors():
             write_windows(batch, batch_id)
 
     def write_windows(batch: DataFrame, batch_id: int) -> None:
@@ -435,10 +551,14 @@ _CAUSE = re.compile(
 def failure_reason(exc: BaseException) -> str:
     """The sentence that says why a query died: our error's message when it is in there, else the first line."""
     text = str(exc).strip()
-    found = _CAUSE.search(text)
+    found = _CAUSE.search(text) or _BATCH_FAILED.search(text)
     if found:
         return f"{found.group(1)}: {found.group(2).strip()}"
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# A foreachBatch failure that is not one of our errors, as short_errors re-raised it.
+_BATCH_FAILED = re.compile(r"[\w.]*\b(BatchFailed): (.+)")
 
 
 # Hadoop runs `chmod` for local checkpoint files when its native library is missing; a Ctrl-C or a
@@ -453,6 +573,11 @@ def killed_by_the_stop_signal(exc: BaseException) -> bool:
     marker already (a restart skips it), and an offset log entry cut short is planned again. That is
     a stop, not a failure.
     """
+    return any(_KILLED_HELPER.search(text) for text in _exception_texts(exc))
+
+
+def _exception_texts(exc: BaseException) -> list[str]:
+    """The texts of ``exc``, its PySpark causes and their JVM exceptions' cause chains (at most 20)."""
     texts: list[str] = []
     seen: Any = exc
     while seen is not None and len(texts) < 20:  # PySpark's captured causes: the helper's exit code
@@ -464,8 +589,12 @@ def killed_by_the_stop_signal(exc: BaseException) -> bool:
                 origin = origin.getCause()
             except Exception:  # noqa: BLE001 - a Py4J call on a gone JVM; what was read is enough
                 break
-        seen = getattr(seen, "_cause", None)
-    return any(_KILLED_HELPER.search(text) for text in texts)
+        seen = (
+            getattr(seen, "_cause", None)
+            or getattr(seen, "__cause__", None)
+            or getattr(seen, "__context__", None)
+        )
+    return texts
 
 
 class BrokerWatch:
@@ -697,8 +826,7 @@ def run(
             for s in sinks:
                 s.cancel.set()
             spark.sparkContext.cancelAllJobs()
-            for q, gate in queries:
-                _stop_within(q, gate, timeout_s=30.0)
+            _stop_all_within(queries, timeout_s=STOP_AFTER_BROKER_LOST_S)
         else:
             for q, gate in queries:
                 stop_between_batches(q, gate)
@@ -741,14 +869,27 @@ class _Halt:
         return self.stop.is_set() or self.watch.event.is_set()
 
 
-def _stop_within(query: StreamingQuery, gate: BatchGate, *, timeout_s: float) -> None:
-    """Stop a query that cannot finish its batch; give up waiting after ``timeout_s`` (the job is failing)."""
-    if not query.isActive:
-        return
-    gate.wait_idle(timeout_s)
-    stopper = threading.Thread(target=query.stop, daemon=True)
-    stopper.start()
-    stopper.join(timeout_s)
+# After the broker is lost, how long the job waits for its queries to stop (all of them together)
+# before it exits anyway: the sinks' waits end at once (cancelled) and the batches' Spark jobs are
+# cancelled, so this is the time a query thread takes to notice.
+STOP_AFTER_BROKER_LOST_S = 10.0
+
+
+def _stop_all_within(queries: list[tuple[StreamingQuery, BatchGate]], *, timeout_s: float) -> None:
+    """Stop queries that cannot finish their batches, side by side; give up after ``timeout_s`` in all."""
+    deadline = time.monotonic() + timeout_s
+
+    def stop(query: StreamingQuery, gate: BatchGate) -> None:
+        with contextlib.suppress(Exception):  # a query that died meanwhile, or a JVM going away
+            if query.isActive:
+                gate.wait_idle(max(0.0, deadline - time.monotonic()))
+                query.stop()
+
+    stoppers = [threading.Thread(target=stop, args=qg, daemon=True) for qg in queries]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _await(query: StreamingQuery, halt: _Halt) -> None:

@@ -224,7 +224,7 @@ class EffectivelyOnceSink:
     def producer(self) -> Producer:
         """The driver's transactional writer (``sparkscore.<query>.driver``); opening it fences older drivers."""
         if self._producer is None:
-            self._producer = open_producer(self._plan(-1, {}), "driver")
+            self._producer = open_producer(self._plan(-1, {}), "driver", self.cancel)
         return self._producer
 
     def _drop_producer(self) -> None:
@@ -279,12 +279,13 @@ class EffectivelyOnceSink:
         self._commit_partition = zlib.crc32(query) % len(partitions)
         tp = (self.commit_topic, self._commit_partition)
         _ = self.producer  # fences this query's older drivers
-        self.fence_writers(writers_named(self.client, self.offsets, tp, self.query_id, self.timeout_s))
+        named = writers_named(
+            self.client, self.offsets, tp, self.query_id, self.timeout_s, cancel=self.cancel
+        )
+        self.fence_writers(named)
         best: Marker | None = None
         position = 0
-        for m in committed_records(
-            self.client, self.offsets, {(self.commit_topic, self._commit_partition): 0}, self.timeout_s
-        ):
+        for m in committed_records(self.client, self.offsets, {tp: 0}, self.timeout_s, cancel=self.cancel):
             raw = m.value()
             if m.key() == query and raw:
                 marker = Marker.from_json(raw)
@@ -307,7 +308,9 @@ class EffectivelyOnceSink:
                 on_delivery=delivery,
             )
             flush(producer, delivery, self.timeout_s, f"batch {marker.batch_id}'s commit marker", self.cancel)
-            commit_transaction(producer, self.timeout_s, f"batch {marker.batch_id}'s commit marker")
+            commit_transaction(
+                producer, self.timeout_s, f"batch {marker.batch_id}'s commit marker", self.cancel
+            )
         except (SinkError, KafkaException) as exc:
             self._drop_producer()
             if isinstance(exc, SinkError):
@@ -338,7 +341,7 @@ class EffectivelyOnceSink:
         plan = self._plan(-1, {})
 
         def fence(i: int) -> None:
-            kc.discard_producer(open_producer(plan, f"p{i}"))
+            kc.discard_producer(open_producer(plan, f"p{i}", self.cancel))
 
         with ThreadPoolExecutor(max_workers=min(8, writers - first)) as pool:
             list(pool.map(fence, range(first, writers)))
@@ -392,7 +395,7 @@ class EffectivelyOnceSink:
             # its writers first, so nothing more can be committed behind the scan's back.
             _ = self.producer
             self.fence_writers(max(last.writers, writers() if writers is not None else 0))
-            seen, scanned = written_ids(plan, self.offsets)
+            seen, scanned = written_ids(plan, self.offsets, cancel=self.cancel)
             plan = replace(plan, skip=frozenset(seen))
             if seen:
                 print(
@@ -443,7 +446,10 @@ class EffectivelyOnceSink:
 
     def close(self) -> None:
         if self._producer is not None:
-            if self._in_txn:
+            if self.cancel.is_set():
+                # The broker is lost: no abort to wait for (a restart's writer fences this one).
+                kc.discard_producer(self._producer)
+            elif self._in_txn:
                 abort(self._producer, self.timeout_s)
             self._producer = None
             self._in_txn = False

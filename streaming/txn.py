@@ -170,8 +170,11 @@ def fatal_reason(producer: Producer) -> str | None:
     return None
 
 
-def open_producer(plan: BatchPlan, writer: str) -> Producer:
-    """A transactional producer for ``writer``, initialised: every older one with its id is now fenced."""
+def open_producer(plan: BatchPlan, writer: str, cancel: threading.Event | None = None) -> Producer:
+    """A transactional producer for ``writer``, initialised: every older one with its id is now fenced.
+
+    ``cancel`` (the driver's: set when the broker is lost) ends the wait early.
+    """
     producer = kc.transactional_producer(
         {**plan.client, **plan.producer},
         plan.transactional_id(writer),
@@ -179,7 +182,7 @@ def open_producer(plan: BatchPlan, writer: str) -> Producer:
         **_max_bytes_setting(plan.max_bytes),
     )
     try:
-        producer.init_transactions(plan.timeout_s)
+        _until_done(producer.init_transactions, plan.timeout_s, cancel)
     except KafkaException as exc:
         kc.discard_producer(producer)
         raise SinkError(
@@ -218,11 +221,40 @@ FENCED_WHY = (
 )
 
 
-def commit_transaction(producer: Producer, timeout_s: float, what: str) -> None:
+def commit_transaction(
+    producer: Producer, timeout_s: float, what: str, cancel: threading.Event | None = None
+) -> None:
     try:
-        producer.commit_transaction(timeout_s)
+        _until_done(producer.commit_transaction, timeout_s, cancel)
     except KafkaException as exc:
         raise SinkError(f"cannot commit the transaction of {what}: {reason_of(exc)}") from None
+
+
+def _until_done(call: Any, timeout_s: float, cancel: threading.Event | None) -> None:
+    """``call(timeout)`` (init / commit a transaction) in steps of 1 s, so that ``cancel`` ends the wait.
+
+    librdkafka lets a transactional call that timed out (or failed with a retriable error, e.g.
+    a coordinator still loading) be called again; it picks up where the last one left off. A
+    set ``cancel`` raises :class:`SinkError` (the broker is lost).
+    """
+    if cancel is None:
+        call(timeout_s)
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if cancel.is_set():
+            raise SinkError("stopped waiting for the transaction coordinator: the broker is unreachable")
+        left = deadline - time.monotonic()
+        try:
+            call(max(0.1, min(1.0, left)))
+            return
+        except KafkaException as exc:
+            err = exc.args[0]
+            again = isinstance(err, KafkaError) and (err.code() == KafkaError._TIMED_OUT or err.retriable())
+            if not again or time.monotonic() >= deadline:
+                raise
+            if left > 1.0:
+                time.sleep(0.1)
 
 
 def abort(producer: Producer, timeout_s: float) -> None:

@@ -276,3 +276,80 @@ def test_reading_below_the_log_start_resumes_at_the_log_start_and_counts_what_wa
             list(kc.read_range(consumer, topic, 0, 0, 10, timeout_s=60))
     finally:
         consumer.close()
+
+
+@pytest.mark.parametrize("source", ["kafka", "kafka_py"])
+def test_offsets_gone_before_batch_0_read_them_are_counted_with_failondataloss_off(
+    apache, spark, stream_model, models, tmp_path, source
+):
+    """Retention ran between planning batch 0 and reading it: the summary says how much was skipped."""
+    from confluent_kafka import TopicPartition
+
+    from streaming import kafka_client as kc
+
+    topic = apache.topic(partitions=1, prefix="events-gone0")
+    apache.produce(topic, events()[:10])
+    cfg = stream_config(
+        apache,
+        f"gone0-{source}-{topic[-6:]}",
+        model_path=models["torchscript"],
+        kafka={"source": source},
+        # kafka_py records no initial offsets in the checkpoint: JSON ones tell where batch 0 starts.
+        input={
+            "topic": topic,
+            "fail_on_data_loss": False,
+            "starting_offsets": "earliest" if source == "kafka" else json.dumps({topic: {"0": 0}}),
+        },
+        job={"checkpoint": str(tmp_path / "checkpoint")},
+    )
+    admin = kc.make_admin(apache.conf)  # kept: a dropped client never resolves its futures
+
+    def trim(point: str, ctx: dict) -> None:
+        if point == "driver.before_produce" and ctx["batch"] == 0:
+            for fut in admin.delete_records([TopicPartition(topic, 0, 4)]).values():
+                fut.result()
+
+    faults.HOOK = trim
+    try:
+        summary = run(spark, cfg, stream_model, available_now=True)
+    finally:
+        faults.HOOK = None
+    assert summary.totals.get("lost") == 4
+    o = cfg.output
+    seen = Counter(
+        dict(m.headers())[H_ID].decode() for t in (o.topic, o.dlq_topic) for m in read_records(apache, t)
+    )
+    assert seen == Counter(f"{topic}/0/{i}" for i in range(4, 10))
+
+
+def test_a_partition_that_vanished_mid_batch_is_counted_not_fatal_with_failondataloss_off(
+    apache, spark, stream_model, models, tmp_path
+):
+    from streaming import kafka_client as kc
+
+    topic = apache.topic(partitions=1, prefix="events-vanish")
+    apache.produce(topic, events()[:6])
+    cfg = stream_config(
+        apache,
+        f"vanish-{topic[-6:]}",
+        model_path=models["torchscript"],
+        input={"topic": topic, "fail_on_data_loss": False},
+        job={"checkpoint": str(tmp_path / "checkpoint")},
+    )
+    run(spark, cfg, stream_model, available_now=True)
+    apache.produce(topic, events()[:5])
+    admin = kc.make_admin(apache.conf)
+
+    def delete(point: str, ctx: dict) -> None:
+        if point == "driver.before_produce" and ctx["batch"] == 1:
+            for fut in admin.delete_topics([topic]).values():
+                fut.result()
+
+    faults.HOOK = delete
+    try:
+        summary = run(spark, cfg, stream_model, available_now=True)
+    finally:
+        faults.HOOK = None
+    assert summary.totals.get("lost") == 5
+    o = cfg.output
+    assert sum(1 for t in (o.topic, o.dlq_topic) for _ in read_records(apache, t)) == 6

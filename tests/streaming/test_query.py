@@ -4,12 +4,17 @@ stopping a query only between batches."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+
+import pytest
 
 from streaming.query import (
     BatchGate,
+    batch_ranges,
     batch_size,
     batch_time_breakdown,
+    hadoop_reader,
     killed_by_the_stop_signal,
     stop_between_batches,
 )
@@ -37,7 +42,7 @@ def test_batch_size_is_unknown_rather_than_wrong(tmp_path):
     assert batch_size(str(tmp_path), 1) is None
     assert batch_size(str(tmp_path), 2) is None
     assert batch_size(str(tmp_path), 7) is None  # no such entry
-    assert batch_size("s3a://bucket/ck", 5) is None
+    assert batch_size("s3a://bucket/ck", 5) is None  # remote: only through a reader (hadoop_reader)
 
 
 class FakeQuery:
@@ -149,3 +154,64 @@ def test_other_query_failures_are_not_taken_for_a_stop():
     assert not killed_by_the_stop_signal(_QueryException("boom", _JavaThrowable("wrapper", exit_1)))
     assert not killed_by_the_stop_signal(_QueryException("java.io.EOFException", None))
     assert not killed_by_the_stop_signal(_QueryException("ExitCodeException exitCode=1300", None))
+
+
+def test_a_failed_batch_is_re_raised_in_a_few_lines_keeping_the_reason_and_the_stop_signature():
+    """Spark reads the whole foreachBatch traceback with a regex that overflows the JVM stack on long ones."""
+    from streaming.query import BatchFailed, short_errors
+
+    java = "\n".join(f"\tat org.apache.spark.Frame{i}.run(Frame.java:{i})" for i in range(3000))
+    huge = (
+        "An error occurred while calling o77.collect.\n: org.apache.spark.SparkException: Job 4 cancelled\n"
+        f"{java}\nCaused by: java.lang.InterruptedException\n{java}\n"
+        "streaming.plan.SinkError: cannot write batch 3: the broker is unreachable\n"
+    )
+    with pytest.raises(BatchFailed) as caught, short_errors():
+        raise RuntimeError(huge)
+    text = str(caught.value)
+    assert len(text) < 1000 and len(huge) > 100_000
+    assert text.splitlines()[0] == "SinkError: cannot write batch 3: the broker is unreachable"
+    # What Spark's StreamExecution.PROXY_ERROR looks for, so a stop mid-batch is still a stop.
+    assert re.search(
+        r"py4j.protocol.Py4JJavaError: An error occurred while calling.+(\r\n|\r|\n): java.lang.InterruptedException",
+        text,
+    )
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_batch_zero_starts_where_the_jvm_source_recorded_it_or_at_json_starting_offsets(tmp_path):
+    write_offsets(tmp_path, 0, {"events": {"0": 30, "1": 12}})
+    assert batch_ranges(str(tmp_path), 0) is None  # kafka_py with earliest / latest: unknown
+    # -2 (earliest) is the source's to resolve: that partition's start is unknown, so the whole is
+    with_json = batch_ranges(str(tmp_path), 0, starting='{"events": {"0": 5, "1": -2}}')
+    assert with_json is None
+    assert batch_ranges(str(tmp_path), 0, starting='{"events": {"0": 5, "1": 3}}') == {
+        ("events", 0): (5, 30),
+        ("events", 1): (3, 12),
+    }
+    sources = tmp_path / "sources" / "0"
+    sources.mkdir(parents=True)
+    (sources / "0").write_bytes(b'\x00v1\n{"events":{"0":4,"1":2}}')  # KafkaSourceInitialOffsetWriter
+    assert batch_ranges(str(tmp_path), 0) == {("events", 0): (4, 30), ("events", 1): (2, 12)}
+
+
+def test_a_remote_checkpoint_is_read_through_the_reader_it_is_given(tmp_path):
+    write_offsets(tmp_path, 3, {"events": {"0": 100}})
+    write_offsets(tmp_path, 4, {"events": {"0": 130}})
+    asked: list[str] = []
+
+    def read(path: str) -> str:
+        asked.append(path)
+        return (tmp_path / path.removeprefix("hdfs://nn/ck/")).read_text()
+
+    assert batch_ranges("hdfs://nn/ck", 4, read=read) == {("events", 0): (100, 130)}
+    assert asked == ["hdfs://nn/ck/offsets/4", "hdfs://nn/ck/offsets/3"]
+
+
+@pytest.mark.spark
+def test_the_hadoop_reader_reads_checkpoint_files_through_the_jvm(spark, tmp_path):
+    write_offsets(tmp_path, 1, {"events": {"0": 7}})
+    write_offsets(tmp_path, 2, {"events": {"0": 9}})
+    read = hadoop_reader(spark)
+    assert batch_ranges(f"file://{tmp_path}", 2, read=read) == {("events", 0): (7, 9)}
+    assert batch_ranges(f"file://{tmp_path}", 5, read=read) is None  # no such file: unknown

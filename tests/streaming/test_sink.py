@@ -37,7 +37,7 @@ from streaming.sink import (
     write_task,
     written_ids,
 )
-from tests.streaming.conftest import POLL_TIMEOUT_S, ROOT, read_records, stream_config, tally
+from tests.streaming.conftest import POLL_TIMEOUT_S, ROOT, read_records, stream_config, tally, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -326,7 +326,7 @@ def test_after_a_delivery_timeout_the_writer_is_purged_and_replaced(apache, apac
     old = sink.producer
     apache_kafka.proc.send_signal(19)  # SIGSTOP: the broker accepts bytes and answers nothing
     try:
-        with pytest.raises(SinkError, match=r"batch 0 .*(timed out|not acknowledged)"):
+        with pytest.raises(SinkError, match=r"(?i)batch 0 .*(timed out|not acknowledged)"):
             sink.write_local(plan, records(30))
         assert len(old) == 0, "records of the failed attempt are still queued"
     finally:
@@ -580,3 +580,51 @@ def test_a_task_slower_than_the_transaction_timeout_commits_since_its_transactio
     finally:
         faults.HOOK = None
     exactly_once(apache, topics, 20)
+
+
+def test_the_log_cleaner_compacts_the_commit_topic_and_a_restart_resumes_from_the_newest_marker(apache):
+    """Real compaction (segments rolled every 100 ms, the broker's cleaner), not deleteRecords."""
+    out, dlq = apache.topic(partitions=2, prefix="out"), apache.topic(prefix="dlq")
+    commits = f"commits-compacted-{uuid.uuid4().hex[:8]}"
+    configs = {**COMMIT_TOPIC_CONFIGS, "segment.ms": "100", "min.cleanable.dirty.ratio": "0.01"}
+    kc.ensure_topics(apache.conf, {commits: kc.TopicSpec(1, 1, configs)})
+    topics = (out, dlq, commits)
+    query = str(uuid.uuid4())
+    sink = make_sink(apache, topics, query)
+    for batch in range(6):
+        plan = sink.begin(batch)
+        assert plan is not None
+        sink.commit(plan, sink.write_local(plan, records(5, first=5 * batch)))
+        time.sleep(0.2)  # the next marker starts a new segment: the older ones become cleanable
+
+    def markers() -> list[int]:
+        return [
+            json.loads(m.value())["batch_id"]
+            for m in read_records(apache, commits)
+            if m.key() == query.encode() and m.value()
+        ]
+
+    producer = kc.make_producer(apache.conf)
+
+    def compacted() -> bool:
+        # A write rolls the segment the newest marker sits in, so the cleaner may take the rest.
+        producer.produce(commits, key=b"another-query", value=b"{}")
+        producer.flush(POLL_TIMEOUT_S)
+        time.sleep(0.5)
+        return len(markers()) < 7
+
+    wait_until(compacted, "the log cleaner to compact the commit topic", timeout=120)
+    assert markers()[-1] == 5
+    # Removed by compaction, not by retention or deleteRecords: the log still starts at 0.
+    offsets = kc.Offsets(apache.conf)
+    try:
+        assert offsets.earliest([(commits, 0)]) == {(commits, 0): 0}
+    finally:
+        offsets.close()
+
+    restarted = make_sink(apache, topics, query)
+    assert restarted.begin(5) is None
+    plan = restarted.begin(6)
+    assert plan is not None
+    restarted.commit(plan, restarted.write_local(plan, records(5, first=30)))
+    exactly_once(apache, topics, 35)

@@ -375,9 +375,19 @@ def test_an_unreachable_broker_is_named_in_one_clear_error_before_any_query(kafk
 class _FlakyLeaderAdmin:
     """An AdminClient whose ListOffsets answers one error per partition once, then the offset."""
 
-    def __init__(self, first_error: int):
+    def __init__(self, first_error: int, *, broker_answers: bool = True, exists: bool = True):
         self.first_error = first_error
+        self.broker_answers = broker_answers
+        self.exists = exists
         self.calls = 0
+
+    def list_topics(self, timeout):
+        from confluent_kafka import KafkaError, KafkaException
+
+        if not self.broker_answers:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        topic = type("Topic", (), {"error": None, "partitions": {0: None, 1: None}})()
+        return type("Metadata", (), {"brokers": {1: "b"}, "topics": {"t": topic} if self.exists else {}})()
 
     def list_offsets(self, requests, isolation_level, request_timeout):
         from concurrent.futures import Future
@@ -388,7 +398,7 @@ class _FlakyLeaderAdmin:
         futures = {}
         for tp in requests:
             fut: Future = Future()
-            if self.calls == 1:
+            if self.calls == 1 or not self.broker_answers:
                 fut.set_exception(KafkaException(KafkaError(self.first_error)))
             else:
                 fut.set_result(type("Info", (), {"offset": 7 + tp.partition})())
@@ -407,7 +417,7 @@ def test_listing_offsets_waits_out_a_leader_election_instead_of_failing():
 def test_listing_offsets_of_a_partition_that_is_gone_is_data_loss_at_once():
     from confluent_kafka import KafkaError
 
-    admin = _FlakyLeaderAdmin(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    admin = _FlakyLeaderAdmin(KafkaError.UNKNOWN_TOPIC_OR_PART, exists=False)
     with pytest.raises(kc.DataLossError, match="t/0 no longer exists"):
         kc.list_offsets(admin, [("t", 0)], "latest", timeout_s=5)
     assert admin.calls == 1
@@ -449,3 +459,30 @@ def test_read_committed_plans_the_batch_end_at_the_last_stable_offset_not_the_hi
     finally:
         reader.stop()
         producer.abort_transaction(POLL_TIMEOUT_S)
+
+
+def test_an_unknown_partition_that_no_broker_confirms_is_a_timeout_not_data_loss():
+    """librdkafka answers "unknown partition" while the broker is down: that is not lost data."""
+    from confluent_kafka import KafkaError
+
+    admin = _FlakyLeaderAdmin(KafkaError._UNKNOWN_PARTITION, broker_answers=False)
+    with pytest.raises(kc.KafkaTimeoutError, match="t/0: no broker answered within 1 s"):
+        kc.list_offsets(admin, [("t", 0)], "latest", timeout_s=1)
+
+
+@pytest.mark.kafka
+def test_a_partition_is_gone_only_when_a_broker_says_so(kafka):
+    topic = kafka.topic(partitions=1)
+    with socket.socket() as s:  # a loopback port with nothing listening: a stopped broker
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = kc.make_consumer({"bootstrap.servers": f"127.0.0.1:{port}"})
+    up = kc.make_consumer(kafka.conf)
+    try:
+        assert not kc.partition_gone(down, topic, 0, 2)
+        assert not kc.partition_gone(up, topic, 0, POLL_TIMEOUT_S)
+        assert kc.partition_gone(up, topic, 1, POLL_TIMEOUT_S)
+        assert kc.partition_gone(up, f"never-{uuid.uuid4().hex[:8]}", 0, POLL_TIMEOUT_S)
+    finally:
+        down.close()
+        up.close()

@@ -14,13 +14,12 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from streaming import kafka_client as kc
-from streaming.broker import TansuBroker
-from streaming.query import DRIVER_WRITE_MAX_EVENTS, QueryFailed, check_spark_conf, run
+from streaming.broker import ApacheKafkaBroker, TansuBroker
+from streaming.query import DRIVER_WRITE_MAX_EVENTS, QueryFailed, run
 from streaming.source import SOURCE_RUNNER
 from tests.streaming.conftest import (
     ROOT,
@@ -267,6 +266,50 @@ def test_a_broker_stopped_mid_run_fails_the_job_with_one_sentence_and_little_log
     assert len(connects) <= 20, f"{len(connects)} reconnect lines:\n" + "\n".join(connects[:40])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stats", [False, True], ids=["stats-off", "stats-on"])
+def test_a_stopped_apache_kafka_broker_is_one_sentence_never_data_loss_and_no_stack_overflow(
+    models, tmp_path, stats
+):
+    """Found running the job as a new user would: a broker that merely stopped was reported as lost data.
+
+    The broker timeout (15 s) is longer than it took the job to die of a DataLossError (7 s).
+    """
+    with ApacheKafkaBroker(log_path=str(tmp_path / "kafka.log")) as broker:
+        k = Kafka(broker.bootstrap)
+        config = job_config(
+            k,
+            tmp_path,
+            models,
+            "stopped",
+            kafka={"broker_timeout_ms": 15000, "latest_offsets_by": "listOffsets"},
+            stats={"enabled": stats, "trigger": "1 seconds"},
+        )
+        log = tmp_path / "job.log"
+        proc = submit(config, log)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
+                "the job's first micro-batch",
+                timeout=240,
+            )
+            assert proc.poll() is None, log.read_text()[-3000:]
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    # The broker is stopped now (the with block stopped it).
+    out = finish(proc, log)
+    errors = [line for line in out.splitlines() if line.startswith("[sparkscore] error:")]
+    assert proc.returncode == 1, out[-3000:]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(
+        f"[sparkscore] error: lost the Kafka broker at '{broker.bootstrap}': no answer for 15 s"
+    ), out[-3000:]
+    assert "DataLossError" not in out, out[-5000:]
+    assert "StackOverflowError" not in out, out[-5000:]
+    assert len(out.splitlines()) < 200, f"{len(out.splitlines())} log lines:\n{out[-5000:]}"
+
+
 def test_a_broker_restarted_without_its_data_is_data_loss_naming_topic_and_offsets(
     spark, stream_model, models, tmp_path
 ):
@@ -322,8 +365,16 @@ def test_available_now_without_the_input_topic_is_an_error_unless_allowed(
     assert summary.totals.get(o.topic, 0) + summary.totals.get(o.dlq_topic, 0) == 0
 
 
-def test_speculative_task_copies_are_refused():
-    speculating = SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: "true"))
-    with pytest.raises(ConfigError, match="spark.speculation=true .* set spark.speculation=false"):
-        check_spark_conf(speculating)  # type: ignore[arg-type]
-    check_spark_conf(SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: default)))  # type: ignore[arg-type]
+@pytest.mark.slow
+def test_speculative_task_copies_are_refused_before_any_query_starts(kafka, models, tmp_path):
+    """The job as a user runs it, with speculation switched on in its [spark] section."""
+    config = job_config(kafka, tmp_path, models, "speculation", spark={"spark.speculation": "true"})
+    log = tmp_path / "job.log"
+    proc = submit(config, log)
+    out = finish(proc, log)
+    assert proc.returncode == 2, out[-3000:]
+    assert "[sparkscore] error: spark.speculation=true runs a second copy of slow write tasks" in out, out[
+        -3000:
+    ]
+    assert "set spark.speculation=false for the stream job" in out
+    assert "[sparkscore] reading" not in out  # refused before any query started

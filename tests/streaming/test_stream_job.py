@@ -22,11 +22,11 @@ import pyarrow as pa
 import pytest
 
 from jobs import stream_score
-from streaming import query
+from streaming import faults, query
 from streaming.backends import JVM, PYTHON, local_jars
 from streaming.query import run
 from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_QUERY, H_TOPIC
-from tests.streaming.conftest import ROOT, event, wait_until
+from tests.streaming.conftest import ROOT, event, read_records, wait_until
 from udfs.core import load_scorer, score_batch
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
@@ -299,7 +299,17 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
         source=source,
     )
     cfg = load(path)
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    # Batch 2 holds still with its records sent and its transaction open (before its marker):
+    # the kill lands there, inside the transaction, not between two batches.
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        faults.ENV: "driver.before_marker:batch=2,action=sleep,seconds=600",
+        faults.ENV_DIR: str(folder),
+    }
     log = tmp_path / "killed.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -312,11 +322,15 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
         )
         try:
             wait_until(
-                lambda: proc.poll() is not None or kafka.count(cfg.output.topic) > 0,
-                "the first predictions of the job that gets killed",
+                lambda: proc.poll() is not None or (folder / "driver.before_marker-driver-b2.fired").exists(),
+                "batch 2 of the job that gets killed to hold its transaction open",
                 timeout=600,
             )
             assert proc.poll() is None, log.read_text()[-2000:]
+            o = cfg.output
+            committed = sum(len(read_records(kafka, t)) for t in (o.topic, o.dlq_topic))
+            sent = sum(len(read_records(kafka, t, committed=False)) for t in (o.topic, o.dlq_topic))
+            assert sent > committed > 0, "the kill must land inside an open transaction"
         finally:
             # kill -9 the driver and everything it started, at once: a crash of the whole driver host.
             victims = _tree(proc.pid)
@@ -326,7 +340,7 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
             proc.wait(30)
     wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
     written_before = kafka.count(cfg.output.topic) + kafka.count(cfg.output.dlq_topic)
-    assert written_before < len(values), "the job finished before it was killed; nothing was tested"
+    assert written_before == committed < len(values), "the job finished before it was killed"
 
     # Same topics and checkpoint; no batch limit, so the rest drains in one go.
     restart = load(
@@ -337,8 +351,9 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
     summary = run(spark, restart, stream_model, available_now=True)
     assert summary.backend == source
 
-    preds, dlq = kafka.read(cfg.output.topic), kafka.read(cfg.output.dlq_topic)
-    ids = Counter(r.headers[H_ID] for r in preds + dlq)
+    # What a read_committed consumer sees (the dead run's open transaction was aborted).
+    preds, dlq = read_records(kafka, cfg.output.topic), read_records(kafka, cfg.output.dlq_topic)
+    ids = Counter(dict(r.headers())[H_ID] for r in preds + dlq)
     assert len(ids) == len(values) and set(ids.values()) == {1}, (written_before, ids.most_common(3))
     assert len(preds) == len(values) - len(bad) and len(dlq) == len(bad)
     assert summary.batches >= 1
