@@ -209,12 +209,23 @@ def write_toml(raw: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def read_records(k: Kafka, topic: str, *, committed: bool = True) -> list[Any]:
-    """Every record of ``topic`` a consumer sees: read_committed (the sink's promise) or read_uncommitted."""
+    """Every record of ``topic`` a consumer sees now: read_committed (the sink's promise) or read_uncommitted.
+
+    On Apache Kafka a committed read ends at the last stable offset: a transaction still open
+    (a writer killed inside it) is not waited for, as a consumer would not see past it either.
+    """
     conf = kc.committed_reader_conf(k.conf) if committed else k.conf
     consumer = kc.make_consumer(conf)
     out: list[Any] = []
+    ends = k.end_offsets(topic)
+    if committed and k.kind == APACHE:
+        stable = kc.Offsets(conf, timeout_s=POLL_TIMEOUT_S)
+        try:
+            ends = {p: off for (_, p), off in stable.latest([(topic, p) for p in ends]).items()}
+        finally:
+            stable.close()
     try:
-        for part, end in sorted(k.end_offsets(topic).items()):
+        for part, end in sorted(ends.items()):
             for msgs in kc.read_range(
                 consumer, topic, part, 0, end, timeout_s=POLL_TIMEOUT_S, committed=committed
             ):
