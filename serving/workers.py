@@ -363,6 +363,14 @@ def _worker_of(path: str) -> str:
 # -- the supervisor --------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In a worker before it runs: SIGTERM when the supervisor dies (even by SIGKILL), no orphans."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -394,7 +402,7 @@ class Supervisor:
         fd = self.sock.fileno()
         cmd = [sys.executable, "-m", "serving", *self.argv]
         cmd += ["--worker-fd", str(fd), "--worker-index", str(index), "--worker-dir", self.rundir]
-        self.procs[index] = subprocess.Popen(cmd, pass_fds=(fd,))
+        self.procs[index] = subprocess.Popen(cmd, pass_fds=(fd,), preexec_fn=_die_with_parent)
         self.started[index] = time.monotonic()
 
     def write_metrics(self) -> None:
