@@ -151,6 +151,7 @@ class App:
         self.max_body = cfg.server.max_body_bytes
         self.max_concurrency = cfg.server.max_concurrency
         self.inflight = 0  # requests being handled (admitted at the door, not yet answered)
+        service.admitted = lambda: self.inflight  # type: ignore[method-assign]
         self.body_timeout = cfg.server.body_timeout_s
         self.token = token.encode() if token else None
         # The other worker processes (serving.workers.Peers), when there are several.

@@ -2,7 +2,9 @@
 
 One loop task owns the queue. It takes a free worker slot, then waits until
 either ``max_batch_size`` requests are queued (a full batch goes at once) or the
-oldest queued request has waited ``max_wait_ms`` since it *arrived*, and hands
+oldest queued request has waited ``max_wait_ms`` since it *arrived*, or no other
+request the server has admitted is on its way to the queue (waiting could only
+add latency), and hands
 the batch to a small thread pool. Up to ``workers`` batches compute at once, so
 a slow batch does not hold back the next one; while every worker is busy the
 queue simply grows into the next batch.
@@ -104,6 +106,9 @@ class Batcher:
         self._watch_timer: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
         self.computing = 0  # requests inside batches being scored
+        # How many requests the server has admitted and not answered (None: unknown). When every one of
+        # them is already queued or computing here, nobody is about to join the batch: it goes at once.
+        self.admitted: Callable[[], int] | None = None
         self.stopped = False
         self.batches_running = 0
         metrics.gauge(
@@ -257,6 +262,10 @@ class Batcher:
             # uvloop timers have millisecond resolution: a shorter sleep would return at once and
             # the loop would spin until the deadline. Within half a millisecond, send now.
             if delay <= 0.0005:
+                break
+            # Waiting for company only pays when some is on its way (parsed, awaiting Redis): with every
+            # admitted request here already (closed-loop clients, low load), the wait is pure latency.
+            if self.admitted is not None and self.admitted() <= len(q) + self.computing:
                 break
             await self._sleep(max(0.001, round(delay, 3)))
         batch: list[_Pending] = []

@@ -130,6 +130,15 @@ class Service:
         )
 
     def _version(self, runner: ModelRunner, role: str) -> ModelVersion:
+        mv = self._new_version(runner, role)
+        mv.batcher.admitted = lambda: self.admitted()
+        return mv
+
+    def admitted(self) -> int:
+        """Requests the HTTP layer has admitted and not answered; set by :class:`serving.app.App`."""
+        return 1 << 30  # unknown: the batcher waits max_wait_ms as configured
+
+    def _new_version(self, runner: ModelRunner, role: str) -> ModelVersion:
         vm = self.metrics.for_version(runner.version, role)
         if runner.model.is_ensemble:
             vm.labelled_gauge(

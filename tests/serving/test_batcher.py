@@ -195,3 +195,13 @@ def test_a_stopped_batcher_refuses_work_instead_of_accepting_what_nothing_will_r
             await asyncio.wait_for(b.submit((1.0,), 1000.0), 5)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_goes_at_once_when_every_admitted_request_is_already_queued(serve):
+    # max_wait_ms of a minute: a lone request (closed-loop clients, low load) must not wait for
+    # company that is not coming. Nothing else is admitted, so its batch goes at once.
+    srv = serve(batcher={"max_wait_ms": 60_000.0, "default_timeout_ms": 30_000.0}, cache={"enabled": False})
+    with httpx.Client(timeout=20) as client:
+        for i in range(3):
+            resp = client.post(srv.url + "/predict", json={"features": row(30.0 + i)})
+            assert resp.status_code == 200, resp.text
