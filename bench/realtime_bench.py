@@ -515,6 +515,116 @@ def _wrk_run(port: int, script: Path, duration: float) -> dict[str, Any]:
     }
 
 
+# Every request distinct (a counter in the features): no cache or coalescing can help anyone.
+WRK_DISTINCT_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format(BODY, n, 18 + n % 60, n % 50, n / 1000.0, n % 20)
+  return wrk.format(nil, "PATH", nil, body)
+end
+"""
+WRK_BODIES = {
+    "predict": '\'{"user_id": %d, "features": [%d, %d, %.3f, %d]}\'',
+    "batch_of_one": '\'{"id": %d, "features": [[%d, %d, %.3f, %d]]}\'',
+}
+CLOSED_LOOP_CONNECTIONS = (16, 64)
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def wrk_distinct(
+    port: int, path: str, body: str, connections: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """One wrk run (one thread, ``connections`` connections, every body distinct): rps and p99."""
+    script = workdir / f"wrk_distinct_{body}.lua"
+    script.write_text(WRK_DISTINCT_LUA.replace("BODY", WRK_BODIES[body]).replace("PATH", path))
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+    out = subprocess.run(
+        [*cmd, f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_pin(CLIENT_CPU),
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    done = int(re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).group(1))  # type: ignore[union-attr]
+    took = re.search(r"requests in ([\d.]+)(m?s)", out)
+    secs = float(took.group(1)) * (0.001 if took.group(2) == "ms" else 1.0)  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    return {
+        "rps": round((done - errors) / secs, 1),
+        "p99_ms": round(_ms(p99.group(1)), 3) if p99 else None,
+        "errors": errors,
+        "loadavg_1m": _loadavg(),
+    }
+
+
+def closed_loop_part(args: argparse.Namespace) -> dict[str, Any]:
+    """``closed_loop``: every server at 16 and 64 connections, wrk, distinct bodies, median of 3 runs."""
+    if shutil.which("wrk") is None:
+        return {"available": False, "reason": "wrk is not installed (apt-get install wrk)"}
+    out: dict[str, Any] = {str(c): {} for c in CLOSED_LOOP_CONNECTIONS}
+    wanted = set(args.variants.split(",")) if args.variants else None
+    load = [_loadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for variant in variants(work):
+            if wanted is not None and variant.name not in wanted:
+                continue
+            try:
+                server = variant.start(DEMO_MODEL)
+            except (PeerUnavailable, RuntimeError) as exc:
+                for c in CLOSED_LOOP_CONNECTIONS:
+                    out[str(c)][variant.name] = {"available": False, "reason": str(exc)}
+                print(f"  {variant.name}: cannot run here: {exc}", flush=True)
+                continue
+            try:
+                for c in CLOSED_LOOP_CONNECTIONS:
+                    wrk_distinct(server.port, "/predict", variant.body, c, 1.0, work)  # warm-up
+                    runs = [
+                        wrk_distinct(server.port, "/predict", variant.body, c, args.closed_seconds, work)
+                        for _ in range(args.closed_repeats)
+                    ]
+                    load.append(_loadavg())
+                    out[str(c)][variant.name] = {
+                        "rps": float(np.median([r["rps"] for r in runs])),
+                        "p99_ms": float(np.median([r["p99_ms"] for r in runs if r["p99_ms"] is not None])),
+                        "runs": runs,
+                    }
+                    print(
+                        f"  {variant.name} @ {c}: {out[str(c)][variant.name]['rps']:,.0f} req/s, "
+                        f"p99 {out[str(c)][variant.name]['p99_ms']} ms (median of {len(runs)})",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+    for c in CLOSED_LOOP_CONNECTIONS:
+        figures = out[str(c)]
+        ours = figures.get("sparkscore", {}).get("rps")
+        peers = {
+            k: v["rps"]
+            for k, v in figures.items()
+            if k not in ("sparkscore", "unbatched") and v.get("rps") is not None
+        }
+        if ours and peers:
+            best = max(peers, key=lambda k: peers[k])
+            figures["vs_best_peer"] = {"peer": best, "ratio": round(ours / peers[best], 2)}
+    out["setup"] = (
+        f"wrk -t1 on CPU {CLIENT_CPU}, servers pinned to CPU {SERVER_CPU}, every request body distinct, cache off; "
+        f"median of {args.closed_repeats} runs of {args.closed_seconds:g} s after a 1 s warm-up"
+    )
+    out["loadavg"] = [min(load), max(load)]
+    return out
+
+
 def closed_loop_runs(
     server: Server, once: Callable[[float], dict[str, Any]], duration: float, repeats: int
 ) -> list[dict[str, Any]]:
@@ -643,7 +753,8 @@ def ray_server(model: Path) -> Server:
     port = _free_port()
     cmd = [py, str(ROOT / "bench" / "peers" / "ray_serve_app.py"), "--model", str(model), "--port", str(port)]
     # Ray's processes inherit the pinning; its own telemetry stays off.
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # Ray Serve's docs for throughput: the throughput-optimized mode (which also turns access logs off).
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     return Server("ray_serve", cmd, port, "/predict", env=env)
 
 
@@ -1359,6 +1470,11 @@ def main() -> None:
     p.add_argument("--variants", help="comma-separated variants to sweep (default: all); for short dev runs")
     common.add_ensemble_args(p, "realtime.json")
     p.add_argument(
+        "--closed-only", action="store_true", help="run only the closed-loop part (merged into realtime.json)"
+    )
+    p.add_argument("--closed-seconds", type=float, default=5.0)
+    p.add_argument("--closed-repeats", type=int, default=3)
+    p.add_argument(
         "--ensemble-repeats",
         type=int,
         default=2,
@@ -1371,6 +1487,12 @@ def main() -> None:
     common.check_ensemble_args(p, args)
     out = RESULTS / "realtime.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.closed_only:
+        previous["closed_loop"] = closed_loop_part(args)
+        out.write_text(json.dumps(previous, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in previous["closed_loop"].items()}, indent=1)[:3000])
+        print(f"[bench] wrote {out}")
+        return
     if args.only == "ensemble":
         results = previous
     else:
@@ -1380,6 +1502,7 @@ def main() -> None:
             return
         if not args.ensemble and "ensemble" in previous:
             results["ensemble"] = previous["ensemble"]  # kept from its own run
+        results["closed_loop"] = closed_loop_part(args)
         if "onnx" in previous:
             results.setdefault("onnx", previous["onnx"])  # bench/onnx_bench.py's part, from its own run
     if args.ensemble:
