@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -222,3 +223,36 @@ def test_every_worker_serves_one_version_after_a_kill_a_load_and_concurrent_load
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0
+
+
+@pytest.mark.slow
+def test_workers_exit_when_their_supervisor_is_killed(versions, tmp_path):  # noqa: F811
+    port = free_port()
+    model = tmp_path / "model.pt"
+    model.write_bytes(Path(versions["a"]).read_bytes())
+    cmd = [sys.executable, "-m", "serving", "--config", "conf/serve.toml", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--workers", "2", "--model", str(model)], cwd=ROOT)
+    try:
+        wait_until(lambda: len(children(proc.pid)) == 2, "two workers", timeout=60)
+        workers = children(proc.pid)
+    finally:
+        proc.kill()  # SIGKILL: the supervisor cannot forward anything
+        proc.wait(30)
+
+    def gone() -> bool:
+        alive = []
+        for pid in workers:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            except FileNotFoundError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        return not alive
+
+    try:
+        wait_until(gone, "the orphaned workers to exit", timeout=60)
+    finally:
+        for pid in workers:  # whatever the outcome, nothing of this test keeps running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
