@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--mode",
-        choices=["errorifexists", "overwrite", "append"],
-        help="write mode (default errorifexists; overwrite replaces only the partitions written)",
+        choices=["errorifexists", "overwrite", "append", "merge"],
+        help="write mode (default errorifexists; overwrite replaces only the partitions written; "
+        "merge upserts by [output] merge_on, Delta only)",
     )
     p.add_argument("--max-error-rate", type=float, help="fail when more than this fraction of rows are bad")
     p.add_argument("--quarantine", help="also write the bad rows, with their reasons, here")
@@ -108,7 +109,13 @@ def run(cfg: BatchConfig) -> Summary:
     model = resolve(cfg.model)
     # A model that does not load or does not fit its config is refused before Spark starts.
     check_model(model)
-    spark = build_session("sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows)
+    spark = build_session(
+        "sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows, delta=cfg.uses_delta
+    )
+    if cfg.uses_delta:
+        from udfs import delta
+
+        delta.check_session(spark)
 
     # Everything a run can be refused for is checked before a row of data is read.
     df = read_input(spark, cfg.input)

@@ -31,7 +31,8 @@ from tests.streaming.brokers import (  # noqa: E402, F401
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    """local[2] with Spark's JVM Kafka connector (build/jars, from ``make jars``) on the classpath.
+    """local[2] with Spark's JVM Kafka connector and Delta Lake (build/jars, from ``make jars``) on the
+    classpath, Delta's extension and catalog configured.
 
     Both Kafka sources are then available in-process; ``source = "auto"`` without the
     connector is tested through spark-submit subprocesses (tests/streaming/test_backends.py).
@@ -49,6 +50,10 @@ def spark(tmp_path_factory):
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.session.timeZone", "UTC")
+        # Delta Lake (its jars are in build/jars too): the extension and catalog a Delta job gets.
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
         # Spark's own catalog, with its tables in a throwaway warehouse folder.
         .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
         .getOrCreate()

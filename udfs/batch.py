@@ -31,13 +31,14 @@ if TYPE_CHECKING:
 # Formats Spark ships with (and the tests cover); any other name is handed to Spark as is.
 BUILTIN_FORMATS = ("parquet", "orc", "json", "csv")
 Option = str | int | float | bool
-WriteMode = Literal["errorifexists", "overwrite", "append"]
+WriteMode = Literal["errorifexists", "overwrite", "append", "merge"]
 
 
 def _check_source(kind: str, table: str | None, path: str | None, fmt: str | None, options: dict) -> None:
     if (table is None) == (path is None):
         raise ValueError(f"give either table or path (with format) for the {kind}, not both or neither")
-    if table is not None and (fmt is not None or options):
+    # format = "delta" beside a table says the table is a Delta table (the session then gets Delta).
+    if table is not None and ((fmt is not None and fmt != "delta") or options):
         raise ValueError(f"format and options apply to a path {kind}; a table knows its own format")
 
 
@@ -51,11 +52,40 @@ class InputConfig:
     options: dict[str, Option] = field(default_factory=dict)
     schema: str | None = None  # DDL, e.g. "age double, price double" (csv and json otherwise infer it)
     where: str | None = None  # a SQL filter: score only the rows it keeps
+    # Delta time travel: read the table as of a version or a timestamp ("2026-11-30 00:00:00").
+    version_as_of: int | None = None
+    timestamp_as_of: str | None = None
+    # Score only the rows added since the last successful run (a Delta input; see udfs.incremental).
+    incremental: bool = False
+    checkpoint: str | None = None  # where an incremental run keeps its progress
 
     def __post_init__(self) -> None:
         _check_source("input", self.table, self.path, self.format, self.options)
         if self.table is not None and self.schema is not None:
             raise ValueError("schema applies to a path input; a table has its own schema")
+        if self.version_as_of is not None and self.timestamp_as_of is not None:
+            raise ValueError("give version_as_of or timestamp_as_of, not both")
+        if self.path is not None and self.format != "delta":
+            for key in ("version_as_of", "timestamp_as_of", "incremental"):
+                if getattr(self, key) not in (None, False):
+                    raise ValueError(f"{key} reads a Delta table: set format = 'delta' for the input path")
+        if self.incremental:
+            if self.version_as_of is not None or self.timestamp_as_of is not None:
+                raise ValueError("an incremental run reads what is new; drop version_as_of / timestamp_as_of")
+            if not self.checkpoint:
+                raise ValueError(
+                    "an incremental run needs checkpoint = 'PATH', a folder of its own where it keeps "
+                    "how far it has scored"
+                )
+
+    @property
+    def delta(self) -> bool:
+        return (
+            self.format == "delta"
+            or self.incremental
+            or self.version_as_of is not None
+            or self.timestamp_as_of is not None
+        )
 
     @property
     def describe(self) -> str:
@@ -75,10 +105,31 @@ class OutputConfig:
     partition_by: tuple[str, ...] = ()
     # Input columns carried into the output; empty means all of them.
     keep_columns: tuple[str, ...] = ()
+    # Delta only: upsert by these key columns (MERGE INTO), or replace only the rows this SQL
+    # predicate selects (one partition's rescoring).
+    merge_on: tuple[str, ...] = ()
+    replace_where: str | None = None
 
     def __post_init__(self) -> None:
         # format stays allowed with a table: it is the provider of a table the run creates.
         _check_source("output", self.table, self.path, None, self.options)
+        if self.merge_on and self.mode == "errorifexists":
+            object.__setattr__(self, "mode", "merge")  # merge_on alone means merge
+        if self.mode == "merge" and not self.merge_on:
+            raise ValueError("mode 'merge' needs merge_on = ['key', ...], the columns that identify a row")
+        if self.merge_on and self.mode != "merge":
+            raise ValueError(f"merge_on upserts by key; it cannot be combined with mode {self.mode!r}")
+        if self.replace_where is not None:
+            if self.mode == "errorifexists":
+                object.__setattr__(self, "mode", "overwrite")
+            if self.mode != "overwrite":
+                raise ValueError(f"replace_where overwrites the rows it selects; not with mode {self.mode!r}")
+        if self.path is not None and self.format != "delta" and (self.merge_on or self.replace_where):
+            raise ValueError("merge_on and replace_where write a Delta table: set format = 'delta'")
+
+    @property
+    def delta(self) -> bool:
+        return self.format == "delta" or bool(self.merge_on) or self.replace_where is not None
 
     @property
     def describe(self) -> str:
@@ -107,6 +158,11 @@ class BatchConfig:
     output: OutputConfig
     job: JobConfig = JobConfig()
     spark: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uses_delta(self) -> bool:
+        """Whether the run reads or writes Delta Lake (its session then needs Delta)."""
+        return self.input.delta or self.output.delta
 
 
 def plural(n: int, word: str) -> str:
@@ -206,6 +262,7 @@ def check_output_target(spark: SparkSession, out: OutputConfig, columns: list[st
             f"partition_by {missing} are not among the output columns {columns}; "
             "add them to keep_columns or drop them from partition_by"
         )
+    _check_delta_target(spark, out, columns)
     if out.table is None or not spark.catalog.tableExists(out.table):
         return
     if out.mode == "errorifexists":
@@ -225,6 +282,24 @@ def check_output_target(spark: SparkSession, out: OutputConfig, columns: list[st
             f"output table {out.table!r} is partitioned by {partitions}, not {list(out.partition_by)}; "
             "drop partition_by or match it"
         )
+
+
+def _check_delta_target(spark: SparkSession, out: OutputConfig, columns: list[str]) -> None:
+    """merge_on and replace_where need a Delta target; merge_on keys in the rows and the target."""
+    from udfs import delta
+
+    target: list[str] | None = None
+    if out.table is not None and spark.catalog.tableExists(out.table):
+        if (out.merge_on or out.replace_where) and not delta.is_delta_table(spark, out.table):
+            raise ConfigError(
+                f"output table {out.table!r} is not a Delta table; merge_on and replace_where write "
+                "Delta tables only"
+            )
+        target = spark.table(out.table).columns
+    elif out.path is not None and out.merge_on and delta.is_delta_path(spark, out.path):
+        target = spark.read.format("delta").load(out.path).columns
+    if out.merge_on:
+        delta.merge_columns_check(out.merge_on, columns, target, out.describe)
 
 
 # --- read and write -----------------------------------------------------------------------------
@@ -255,15 +330,25 @@ def read_input(spark: SparkSession, inp: InputConfig) -> DataFrame:
     """The input as a DataFrame (lazy: only the schema is read), filtered by ``where``."""
     from pyspark.errors import AnalysisException
 
+    from udfs import delta
+
+    travel: dict[str, str] = {}
+    delta.time_travel(travel, inp.version_as_of, inp.timestamp_as_of)
     if inp.table is not None:
         if not spark.catalog.tableExists(inp.table):
             raise InputPathError(
                 f"input table {inp.table!r} does not exist; tables there: {_tables_in(spark, inp.table)}"
             )
-        df = spark.read.table(inp.table)
+        try:
+            df = spark.read.options(**travel).table(inp.table)
+            if travel:
+                df.schema  # noqa: B018 - Spark Connect resolves lazily: a missing version fails here
+        except Exception as exc:
+            delta.time_travel_error(f"input table {inp.table!r}", inp.version_as_of, inp.timestamp_as_of, exc)
+            raise
     else:
         fmt = inp.format or "parquet"
-        reader = spark.read.format(fmt).options(**inp.options)
+        reader = spark.read.format(fmt).options(**inp.options).options(**travel)
         if inp.schema is not None:
             try:
                 reader = reader.schema(inp.schema)
@@ -273,7 +358,10 @@ def read_input(spark: SparkSession, inp: InputConfig) -> DataFrame:
                 ) from None
         try:
             df = reader.load(inp.path)
+            if fmt == "delta":
+                df.schema  # noqa: B018 - Spark Connect resolves lazily: a missing version fails here
         except Exception as exc:  # a missing format comes back as a raw Py4JJavaError
+            delta.time_travel_error(f"input {inp.path!r}", inp.version_as_of, inp.timestamp_as_of, exc)
             if _format_missing(exc):
                 raise _format_error("input", fmt) from None
             if isinstance(exc, AnalysisException):
@@ -407,10 +495,16 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
     """
     from pyspark.errors import AnalysisException
 
+    from udfs import delta
+
     spark = df.sparkSession
+    table_exists = out.table is not None and spark.catalog.tableExists(out.table)
+    if out.delta or (table_exists and delta.is_delta_table(spark, str(out.table))):
+        _write_delta(df, out, table_exists)
+        return
     with _dynamic_partition_overwrite(spark):
         if out.table is not None:
-            if spark.catalog.tableExists(out.table):
+            if table_exists:
                 if out.mode == "errorifexists":
                     raise OutputExistsError(f"output table {out.table!r} already exists")
                 if out.mode == "overwrite" and not _is_partitioned(spark, out.table):
@@ -448,6 +542,55 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
             if _format_missing(exc):
                 raise _format_error("output", fmt) from None
             raise
+
+
+def _write_delta(df: DataFrame, out: OutputConfig, table_exists: bool) -> None:
+    """Write a Delta table: every mode is one atomic commit (a failed run leaves the table as it was).
+
+    ``overwrite`` replaces the table (or, partitioned, only the partitions written),
+    ``replace_where`` the rows its predicate selects, ``merge`` upserts by ``merge_on``.
+    """
+    from udfs import delta
+
+    spark = df.sparkSession
+    exists = table_exists if out.table is not None else delta.is_delta_path(spark, str(out.path))
+    if exists and out.mode == "errorifexists":
+        raise OutputExistsError(f"output {out.describe} already exists")
+    if exists and out.mode == "merge":
+        target = spark.table(out.table) if out.table else spark.read.format("delta").load(str(out.path))
+        delta.merge(df.select(*target.columns), delta.sql_name(out.table, out.path), out.merge_on)
+        return
+    if exists and out.table is not None:
+        df = df.select(*spark.table(out.table).columns)
+    mode = "errorifexists" if out.mode == "merge" else out.mode  # merge into nothing: a new table
+    writer = df.write.format("delta").mode(mode).options(**out.options)
+    if out.partition_by and not exists:
+        writer = writer.partitionBy(*out.partition_by)
+    if out.replace_where is not None:
+        writer = writer.option("replaceWhere", out.replace_where)
+    elif mode == "overwrite" and out.partition_by:
+        writer = writer.option("partitionOverwriteMode", "dynamic")
+    try:
+        if out.table is not None and not exists:
+            # Created empty first, then written by its location like a path: Spark's observed counts
+            # do not come back from a Delta CTAS through the catalog.
+            empty = spark.createDataFrame([], df.schema)  # not df.limit(0): that would fire df's observations
+            create = empty.write.format("delta").options(**out.options)
+            if out.partition_by:
+                create = create.partitionBy(*out.partition_by)
+            create.saveAsTable(out.table)
+            writer = writer.mode("overwrite")
+        if out.table is not None:
+            writer.save(delta.location(spark, out.table))
+        else:
+            writer.save(str(out.path))
+    except Exception as exc:
+        if "REPLACE_WHERE" in delta.condition(exc):
+            raise ConfigError(
+                f"replace_where {out.replace_where!r} does not select every row the run wrote, so nothing "
+                "was written; filter the input with the same predicate ([input] where)"
+            ) from None
+        raise
 
 
 # --- counts, the error-rate limit and the quarantine --------------------------------------------

@@ -18,7 +18,11 @@ DEFAULTS = {
 
 
 def build_session(
-    app_name: str, conf: dict[str, str] | None = None, *, arrow_batch_rows: int | None = None
+    app_name: str,
+    conf: dict[str, str] | None = None,
+    *,
+    arrow_batch_rows: int | None = None,
+    delta: bool = False,
 ) -> SparkSession:
     """A SparkSession for a job.
 
@@ -31,9 +35,22 @@ def build_session(
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     # Under spark-submit this attaches to its JVM, whose system properties hold the user's settings.
+    # A plain `python` run that uses Delta starts its JVM with Delta's jars from `make jars`.
+    launch = {k: v for k, v in (conf or {}).items() if k in ("spark.jars", "spark.jars.packages")}
+    if delta and SparkContext._gateway is None and "spark.jars.packages" not in launch:
+        from udfs.delta import local_delta_jars
+
+        jars = [j for j in launch.get("spark.jars", "").split(",") if j]
+        launch["spark.jars"] = ",".join(dict.fromkeys(jars + local_delta_jars()))
+    if launch and SparkContext._gateway is None:
+        SparkContext._ensure_initialized(conf=SparkConf(loadDefaults=False).setAll(list(launch.items())))
     SparkContext._ensure_initialized()
     given = SparkConf()
     wanted = dict(DEFAULTS)
+    if delta:
+        from udfs.delta import SESSION_CONF
+
+        wanted.update(SESSION_CONF)
     if arrow_batch_rows:
         wanted["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(arrow_batch_rows)
     wanted.update(conf or {})
