@@ -373,6 +373,7 @@ def metadata(
     model = runner.model
     accepted = {"accepted_datatypes": sorted(V2_FLOAT)}
     sig = runner.signature
+    inputs: list[dict[str, Any]]
     if sig is not None:
         inputs = [
             {"name": spec.name, "datatype": V2_DATATYPE[spec.dtype], "shape": [-1, *sig.dims(spec)]}
