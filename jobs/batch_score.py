@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write mode (default errorifexists; overwrite replaces only the partitions written; "
         "merge upserts by [output] merge_on, Delta only)",
     )
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="score only the rows the Delta input gained since the last run ([input] checkpoint)",
+    )
+    p.add_argument("--checkpoint", help="where an incremental run keeps its progress ([input] checkpoint)")
     p.add_argument("--max-error-rate", type=float, help="fail when more than this fraction of rows are bad")
     p.add_argument("--quarantine", help="also write the bad rows, with their reasons, here")
     p.add_argument(
@@ -70,6 +76,12 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
             inp = replace(inp, table=args.input_table, path=None, format=None, options={}, schema=None)
         if args.where is not None:
             inp = replace(inp, where=args.where or None)
+        if args.incremental or args.checkpoint:
+            inp = replace(
+                inp,
+                incremental=inp.incremental or args.incremental,
+                checkpoint=args.checkpoint or inp.checkpoint,
+            )
         if args.output:
             out = replace(out, table=None, path=args.output)
         elif args.output_table:
@@ -83,7 +95,10 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
     except ValueError as exc:
         raise ConfigError(f"command line: {exc}") from None
     model = with_overrides(cfg.model, path=args.model, member_outputs=args.member_outputs or None)
-    return replace(cfg, model=model, input=inp, output=out, job=job)
+    try:
+        return replace(cfg, model=model, input=inp, output=out, job=job)
+    except ValueError as exc:
+        raise ConfigError(f"command line: {exc}") from None
 
 
 def run(cfg: BatchConfig) -> Summary:
@@ -138,11 +153,22 @@ def run(cfg: BatchConfig) -> Summary:
     print(f"[sparkscore] scoring {cfg.input.describe} into {cfg.output.describe}", flush=True)
     startup = time.monotonic() - started
 
-    df, read = observe_rows(df)
     tracker = model_load_tracker(df)
-    # Quarantined rows carry every input column, so the transform keeps them all in that case.
-    scored = df.transform(with_predictions(model, keep=None if cfg.job.quarantine else keep, tracker=tracker))
-    written = write_scored(scored, cfg, columns=[*keep, *predictions], read=read)
+    batches = None
+    if cfg.input.incremental:
+        from udfs import incremental
+
+        incremental.check_checkpoint(spark, cfg)
+        new_rows = incremental.read_new_rows(spark, cfg)
+        scored = new_rows.transform(with_predictions(model, keep=keep, tracker=tracker))
+        written, batches = incremental.score_new_rows(scored, cfg, columns=[*keep, *predictions])
+    else:
+        df, read = observe_rows(df)
+        # Quarantined rows carry every input column, so the transform keeps them all in that case.
+        scored = df.transform(
+            with_predictions(model, keep=None if cfg.job.quarantine else keep, tracker=tracker)
+        )
+        written = write_scored(scored, cfg, columns=[*keep, *predictions], read=read)
     return Summary(
         input_rows=written.input_rows,
         output_rows=written.output_rows,
@@ -155,6 +181,7 @@ def run(cfg: BatchConfig) -> Summary:
         bisect_calls=tracker.value.get(BISECT_CALLS, 0),
         model_version=model.version,
         model_source=model_source(model),
+        incremental_batches=batches,
     )
 
 

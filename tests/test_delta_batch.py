@@ -262,3 +262,38 @@ def test_delta_without_its_jars_is_one_sentence_naming_the_package(models, tmp_p
     lines = [line for line in proc.stderr.splitlines() if "[sparkscore] error" in line]
     assert lines and "--packages io.delta:delta-spark_2.13:4.4.0" in lines[0], proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_incremental_runs_score_only_the_new_rows_and_say_how_many(spark, models, tmp_path, capsys):
+    first = events(40)
+    write_delta(spark, first, tmp_path / "in")
+    inp = f'path = "{tmp_path / "in"}"\nformat = "delta"\ncheckpoint = "{tmp_path / "ckpt"}"'
+    out = f'path = "{tmp_path / "out"}"\nformat = "delta"\n{KEEP}'
+    cfg = config(tmp_path, models["torchscript"], input=inp, output=out)
+    assert run_job(cfg, "--incremental") == 0
+    assert "incremental: 40 new rows since the last run" in capsys.readouterr().out
+    more = events(4, start=100, seed=2)
+    write_delta(spark, more, tmp_path / "in", "append")
+    assert run_job(cfg, "--incremental") == 0
+    assert "incremental: 4 new rows since the last run" in capsys.readouterr().out
+    assert run_job(cfg, "--incremental") == 0  # nothing new: nothing written
+    assert "incremental: 0 new rows since the last run (0 micro-batches)" in capsys.readouterr().out
+    written = spark.read.format("delta").load(str(tmp_path / "out"))
+    want = expected(spark, pa.concat_tables([first, more]), models["torchscript"])
+    assert_approx_df_equality(written.select(*want.columns), want, 1e-6, ignore_row_order=True)
+    assert history(spark, tmp_path / "out") == ["WRITE", "WRITE"]
+
+    # The same checkpoint for another table: one sentence, nothing read or written.
+    write_delta(spark, events(5, seed=9), tmp_path / "other")
+    other = config(
+        tmp_path,
+        models["torchscript"],
+        input=inp.replace(str(tmp_path / "in"), str(tmp_path / "other")),
+        output=out,
+        name="other.toml",
+    )
+    assert run_job(other, "--incremental") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"incremental checkpoint '{tmp_path / 'ckpt'}' belongs to input '{tmp_path / 'in'}'" in err, err
+    assert len(err.splitlines()) == 1
+    assert history(spark, tmp_path / "out") == ["WRITE", "WRITE"]

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from udfs.errors import ConfigError, ErrorRateExceeded, InputPathError, OutputExistsError, whole_sentences
@@ -159,6 +159,20 @@ class BatchConfig:
     job: JobConfig = JobConfig()
     spark: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.input.incremental:
+            out = self.output
+            if out.mode in ("overwrite",) or out.replace_where is not None:
+                raise ValueError(
+                    "an incremental run adds what is new to the output: use mode 'append' or merge_on, "
+                    "not overwrite or replace_where"
+                )
+            if out.mode == "errorifexists":
+                # The first run creates the output, every later one appends what is new.
+                object.__setattr__(self, "output", replace(out, mode="append"))
+            if self.job.max_error_rate is not None or self.job.quarantine:
+                raise ValueError("max_error_rate and quarantine apply to whole runs, not incremental ones")
+
     @property
     def uses_delta(self) -> bool:
         """Whether the run reads or writes Delta Lake (its session then needs Delta)."""
@@ -166,8 +180,8 @@ class BatchConfig:
 
 
 def plural(n: int, word: str) -> str:
-    """'1 row', '2 rows', '1,000 rows'."""
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+    """'1 row', '2 rows', '1,000 rows', '2 micro-batches'."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}{'es' if word.endswith('ch') else 's'}"
 
 
 def rate(rows: int, seconds: float) -> str:
@@ -191,6 +205,7 @@ class Summary:
     model_source: str = ""  # where it came from (models:/ctr@champion (version 3, pytorch), a file)
     model_errors: int = 0  # rows the model itself raised for (found by bisecting their batch)
     bisect_calls: int = 0  # the extra model calls that bisection made
+    incremental_batches: int | None = None  # an incremental run: how many micro-batches it took
 
     @property
     def error_rate(self) -> float:
@@ -209,9 +224,16 @@ class Summary:
             if self.model_errors or self.bisect_calls
             else ""
         )
+        new = (
+            f"[sparkscore] incremental: {plural(self.input_rows, 'new row')} since the last run "
+            f"({plural(self.incremental_batches, 'micro-batch')})\n"
+            if self.incremental_batches is not None
+            else ""
+        )
         return (
             model
             + bisected
+            + new
             + (
                 f"[sparkscore] rows in: {self.input_rows:,}  out: {self.output_rows:,}  "
                 f"scored: {self.scored:,}  errors: {self.errors:,} ({self.error_rate:.2%})\n"
