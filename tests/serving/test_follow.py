@@ -134,3 +134,70 @@ def test_a_canary_candidate_may_be_a_registry_alias(serve, registry):
     cand = CandidateConfig(model=spec(registry, "models:/demo_ctr@challenger"), traffic=1.0)
     srv = serve(model=model, candidate=cand)
     wait_until(lambda: version(srv).startswith("2+"), "the canary to answer")
+
+
+@pytest.mark.slow
+def test_with_two_workers_the_moved_alias_is_rolled_out_to_both(registry, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.serving.conftest import free_port
+    from tests.serving.test_workers import samples
+
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        f"""
+[model]
+path = "models:/demo_ctr@champion"
+registry_uri = "{registry["uri"]}"
+cache_dir = "{registry["root"] / "cache"}"
+name = "demo_ctr"
+input_columns = {list(demo.CTR_FEATURES)!r}
+device = "cpu"
+
+[server]
+port = {port}
+workers = 2
+
+[reload]
+follow = "models:/demo_ctr@champion"
+poll_s = 0.1
+""".replace("'", '"')
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "--config", str(cfg)], cwd=root)
+    url = f"http://127.0.0.1:{port}"
+
+    def both_ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"the supervisor exited with {proc.returncode}")
+        try:
+            return samples(url, "sparkscore_ready") == {"0": 1.0, "1": 1.0}
+        except httpx.TransportError:
+            return False
+
+    def versions() -> dict[str, str]:
+        return httpx.get(url + "/v2/models/demo_ctr", timeout=20).json()["parameters"]["workers"]
+
+    try:
+        wait_until(both_ready, "both workers to be ready", timeout=120)
+        assert {v.split("+")[0] for v in versions().values()} == {"1"}
+        mlflow_demo.set_alias(registry["root"], "demo_ctr", "champion", registry["v2"])
+        wait_until(
+            lambda: {v.split("+")[0] for v in versions().values()} == {"2"} and len(versions()) == 2,
+            "both workers to serve version 2",
+            timeout=120,
+        )
+        # One worker polls the registry; the other got the version through the rollout.
+        polls = samples(url, "sparkscore_registry_polls_total")
+        assert set(polls) == {"0"}
+        for i in range(10):
+            resp = httpx.post(url + "/predict", json={"features": [20.0 + i, 1.0, 2.0, 3.0]}, timeout=20)
+            assert resp.json()["model_version"].startswith("2+")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
