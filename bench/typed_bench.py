@@ -11,6 +11,8 @@
   ``input_tensor_shapes = [[13], [8]]``, the predict function taking the two arrays;
 * ``plain_torch``: pyarrow + torch on the same files, one process per core, no Spark.
 
+Every variant writes the same columns: ``id``, the outputs, ``model_version`` and ``error``.
+
 ``text`` (variable-length token ids with a generated attention mask): ``sparkscore`` (pads each
 model call to its longest row, rows sorted by length first: ``bucket_by_length``),
 ``sparkscore_no_buckets`` (pads each call to its longest row in arrival order) and ``plain_torch``
@@ -108,7 +110,7 @@ def _dlrm_predict_fn(path: str) -> Any:
     return make_predict_fn
 
 
-def run_predict_batch_udf(spark: Any, path: str, data: Path, out: Path) -> None:
+def run_predict_batch_udf(spark: Any, path: str, data: Path, out: Path, version: str) -> None:
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
     from pyspark.sql.types import DoubleType
@@ -121,7 +123,13 @@ def run_predict_batch_udf(spark: Any, path: str, data: Path, out: Path) -> None:
     df = spark.read.parquet(str(data))
     dense = F.array(*[F.col(c) for c in examples.DENSE])
     sparse = F.array(*[F.col(c) for c in examples.CATS])
-    df.select("id", udf(dense, sparse).alias("ctr")).write.mode("overwrite").parquet(str(out))
+    # The same table as sparkscore writes: the prediction, the model version and a (null) error.
+    df.select(
+        "id",
+        udf(dense, sparse).alias("ctr"),
+        F.lit(version).alias("model_version"),
+        F.lit(None).cast("string").alias("error"),
+    ).write.mode("overwrite").parquet(str(out))
 
 
 _models: dict[str, Any] = {}
@@ -133,7 +141,7 @@ def _plain_init() -> None:
     torch.set_num_threads(1)
 
 
-def _plain_file(job: tuple[str, str, str, str]) -> tuple[int, int]:
+def _plain_file(job: tuple[str, str, str, str, str]) -> tuple[int, int]:
     """One file scored with pyarrow + torch; returns (rows, padded tokens)."""
     import numpy as np
     import pyarrow as pa
@@ -142,7 +150,7 @@ def _plain_file(job: tuple[str, str, str, str]) -> tuple[int, int]:
 
     from udfs import examples
 
-    name, src, dst, path = job
+    name, src, dst, path, version = job
     if path not in _models:
         _models[path] = torch.jit.load(path).eval()
     model = _models[path]
@@ -157,8 +165,13 @@ def _plain_file(job: tuple[str, str, str, str]) -> tuple[int, int]:
                 )
                 sparse = np.column_stack([batch.column(c).to_numpy() for c in examples.CATS])
                 y = model(torch.from_numpy(dense), torch.from_numpy(sparse)).to(torch.float64).numpy()
-                cols = [batch.column("id"), pa.array(y)]
-                names = ["id", "ctr"]
+                cols = [
+                    batch.column("id"),
+                    pa.array(y),
+                    pa.repeat(pa.scalar(version), n),
+                    pa.nulls(n, pa.string()),
+                ]
+                names = ["id", "ctr", "model_version", "error"]
             else:
                 tokens = batch.column("tokens")
                 offsets = tokens.offsets.to_numpy()
@@ -177,8 +190,14 @@ def _plain_file(job: tuple[str, str, str, str]) -> tuple[int, int]:
                         model(torch.from_numpy(ids), torch.from_numpy(mask)), -1
                     ).numpy()
                     padded += len(idx) * width
-                cols = [batch.column("id"), pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 3)]
-                names = ["id", "probabilities"]
+                cols = [
+                    batch.column("id"),
+                    pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 3),
+                    pa.array(probs.argmax(1).astype(np.int32)),
+                    pa.repeat(pa.scalar(version), n),
+                    pa.nulls(n, pa.string()),
+                ]
+                names = ["id", "probabilities", "label", "model_version", "error"]
         out = pa.RecordBatch.from_arrays(cols, names=names)
         if writer is None:
             writer = pq.ParquetWriter(dst, out.schema)
@@ -189,9 +208,9 @@ def _plain_file(job: tuple[str, str, str, str]) -> tuple[int, int]:
     return rows, padded
 
 
-def run_plain(pool: Any, name: str, path: str, data: Path, out: Path) -> int:
+def run_plain(pool: Any, name: str, path: str, data: Path, out: Path, version: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(name, str(f), str(out / f.name), path) for f in sorted(data.glob("*.parquet"))]
+    jobs = [(name, str(f), str(out / f.name), path, version) for f in sorted(data.glob("*.parquet"))]
     return sum(p for _, p in pool.imap_unordered(_plain_file, jobs, chunksize=1))
 
 
@@ -215,7 +234,7 @@ def padding(data: Path, bucket: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000, help="DLRM rows (the text table gets a quarter)")
+    p.add_argument("--rows", type=int, default=1_000_000, help="DLRM rows (the text table gets a tenth)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--out", type=Path, default=common.RESULTS / "batch.json")
@@ -233,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     data = {
         "dlrm": make_data("dlrm", args.rows, args.files),
-        "text": make_data("text", args.rows // 4, args.files),
+        "text": make_data("text", args.rows // 10, args.files),
     }
     spark = start_spark(cores, BATCH, args.files, {})
     models = {
@@ -251,17 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         ("dlrm", "sparkscore"): lambda: run_sparkscore(spark, models["dlrm"], data["dlrm"], out / "d-s"),
         ("dlrm", "predict_batch_udf"): lambda: run_predict_batch_udf(
-            spark, str(paths["dlrm"]), data["dlrm"], out / "d-p"
+            spark, str(paths["dlrm"]), data["dlrm"], out / "d-p", models["dlrm"].version
         ),
         ("dlrm", "plain_torch"): lambda: run_plain(
-            pool, "dlrm", str(paths["dlrm"]), data["dlrm"], out / "d-t"
+            pool, "dlrm", str(paths["dlrm"]), data["dlrm"], out / "d-t", models["dlrm"].version
         ),
         ("text", "sparkscore"): lambda: run_sparkscore(spark, models["text"], data["text"], out / "t-s"),
         ("text", "sparkscore_no_buckets"): lambda: run_sparkscore(
             spark, models["text_nb"], data["text"], out / "t-n"
         ),
         ("text", "plain_torch"): lambda: run_plain(
-            pool, "text", str(paths["text"]), data["text"], out / "t-t"
+            pool, "text", str(paths["text"]), data["text"], out / "t-t", models["text"].version
         ),
     }
     # Warm-up: every variant once on the full data (JIT, worker start-up, page cache).
@@ -279,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = round(os.getloadavg()[0], 2)
     # Same predictions: sparkscore against plain torch, and against predict_batch_udf.
     run_sparkscore(spark, models["dlrm"], data["dlrm"], out / "d-s")
-    run_predict_batch_udf(spark, str(paths["dlrm"]), data["dlrm"], out / "d-p")
-    run_plain(pool, "dlrm", str(paths["dlrm"]), data["dlrm"], out / "d-t")
+    run_predict_batch_udf(spark, str(paths["dlrm"]), data["dlrm"], out / "d-p", models["dlrm"].version)
+    run_plain(pool, "dlrm", str(paths["dlrm"]), data["dlrm"], out / "d-t", models["dlrm"].version)
     got = {
         k: pq.read_table(out / k, columns=["id", "ctr"]).sort_by("id").column("ctr").to_numpy()
         for k in ("d-s", "d-p", "d-t")
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     pool.close()
     spark.stop()
 
-    rows = {"dlrm": args.rows, "text": args.rows // 4}
+    rows = {"dlrm": args.rows, "text": args.rows // 10}
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in ("dlrm", "text"):
         entry: dict[str, Any] = {}

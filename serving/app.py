@@ -3,7 +3,8 @@
 Routes:
 
 * ``POST /predict``: one instance ``{"user_id", "item_id", "features"?, "context"?,
-  "timeout_ms"?}``, a JSON list of instances, or ``{"instances": [...], "timeout_ms"?}``.
+  "timeout_ms"?}`` (a model with ``[[model.inputs]]``: ``{"inputs": {name: value}}``), a JSON list
+  of instances, or ``{"instances": [...], "timeout_ms"?}``.
 * KServe v2: ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON, or the binary tensor data
   extension: ``Inference-Header-Content-Length``, as ``tritonclient.http`` sends by default),
   ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``GET /v2/health/live``,

@@ -782,7 +782,18 @@ def rows_to_batch(sig: Signature, rows: list[tuple[Any, ...]]) -> pa.RecordBatch
     An int input's column is int64 (exact ids) when every value is an integer, else float64 (so 3.5
     reaches :func:`decode_arrow` and gets its reason)."""
     arrays = []
-    for j, spec in enumerate(column_specs(sig)):
+    specs = column_specs(sig)
+    j = 0
+    while j < len(specs):
+        spec = specs[j]
+        if spec.columns and len(spec.columns) > 1:
+            # Several scalar columns of one input: one numpy matrix, then a column per slice.
+            k = len(spec.columns)
+            block = _scalar_block([r[j : j + k] for r in rows], spec)
+            if block is not None:
+                arrays.extend(block)
+                j += k
+                continue
         values = [r[j] for r in rows]
         depth = len(spec.dims) if spec.column is not None else 0
         array = None
@@ -799,7 +810,23 @@ def rows_to_batch(sig: Signature, rows: list[tuple[Any, ...]]) -> pa.RecordBatch
         if array is None:
             array = pa.array(_clean_floats(values), _nested(pa.float64(), depth))
         arrays.append(array)
+        j += 1
     return pa.RecordBatch.from_arrays(arrays, names=list(sig.columns))
+
+
+def _scalar_block(values: list[Any], spec: InputSpec) -> list[pa.Array] | None:
+    """Rows of ``k`` scalar values as ``k`` Arrow columns through one numpy matrix: int64 when every
+    value is an int (an int input), else float64; None when a value is None or not a plain number."""
+    try:
+        matrix = np.array(values)
+    except (ValueError, OverflowError):
+        return None
+    kind = matrix.dtype.kind
+    if matrix.ndim != 2 or kind not in "if" or (kind == "i" and matrix.dtype != np.int64):
+        return None
+    if kind == "i" and spec.dtype not in ("int64", "int32"):
+        matrix = matrix.astype(np.float64)
+    return [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
 
 
 def _all_ints(values: list[Any]) -> bool:

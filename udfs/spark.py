@@ -30,7 +30,16 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructField, StructType
 
 from udfs import model_cache
-from udfs.core import STATS, Scorer, check_input, check_model, load_scorer, output_schema, score_batch
+from udfs.core import (
+    MODEL_VERSION,
+    STATS,
+    Scorer,
+    check_input,
+    check_model,
+    load_scorer,
+    output_schema,
+    score_batch,
+)
 from udfs.device import resolve_device
 from udfs.errors import ColumnTypeError, DeviceError, MissingColumnsError, SparkscoreError
 from udfs.spec import ModelSpec, ResolvedModel, resolve
@@ -179,6 +188,9 @@ def _score_partitions(
     names) -> the ``keep`` columns as Spark sent them, then the prediction columns."""
     index = {name: i for i, name in enumerate(names)}
     positions = [index[name] for name in keep]
+    # model_version is the same on every row: the JVM adds it (see with_predictions), so it never
+    # crosses back from Python as a string per row.
+    version_at = output_schema(model).names.index(MODEL_VERSION)
 
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         scorer = _task_scorer(model, tracker)
@@ -192,10 +204,13 @@ def _score_partitions(
             fields = [
                 batch.schema.field(i).with_name(f"_sparkscore_out_{n}") for n, i in enumerate(positions)
             ]
-            fields += [
-                f.with_name(f"_sparkscore_out_{len(positions) + n}") for n, f in enumerate(preds.schema)
+            out = [
+                (f, c)
+                for n, (f, c) in enumerate(zip(preds.schema, preds.columns, strict=True))
+                if n != version_at
             ]
-            yield pa.RecordBatch.from_arrays(kept + preds.columns, schema=pa.schema(fields))
+            fields += [f.with_name(f"_sparkscore_out_{len(positions) + n}") for n, (f, _) in enumerate(out)]
+            yield pa.RecordBatch.from_arrays(kept + [c for _, c in out], schema=pa.schema(fields))
 
     return score_partition
 
@@ -241,12 +256,17 @@ def with_predictions(
         # result get the real names back.
         needed = list(dict.fromkeys(kept + list(model.spec.columns)))
         plain = [f"_sparkscore_{i}" for i in range(len(needed))]
+        version_at = len(kept) + output_schema(model).names.index(MODEL_VERSION)
+        from_python = [f for i, f in enumerate(schema.fields) if i != version_at]
         plain_schema = StructType(
-            [StructField(f"_sparkscore_out_{i}", f.dataType, f.nullable) for i, f in enumerate(schema.fields)]
+            [StructField(f"_sparkscore_out_{i}", f.dataType, f.nullable) for i, f in enumerate(from_python)]
         )
         selected = df.select(*[quoted(c).alias(p) for c, p in zip(needed, plain, strict=True)])
         scored = selected.mapInArrow(_score_partitions(model, needed, kept, tracker), plain_schema)
-        return scored.toDF(*schema.names)
+        out = [F.col(f.name) for f in plain_schema.fields]
+        # nullif keeps the column nullable, as the UDF's struct field is (the version is never "").
+        out.insert(version_at, F.nullif(F.lit(model.version), F.lit("")))
+        return scored.select(*out).toDF(*schema.names)
 
     return transform
 

@@ -95,6 +95,14 @@ class ModelSpec:
     bucket_by_length: bool = True
 
     def __post_init__(self) -> None:
+        # Built once: the scoring core reads it for every batch.
+        object.__setattr__(
+            self,
+            "_signature",
+            Signature(self.inputs, self.outputs or (OutputSpec(name="prediction"),), self.call)
+            if self.inputs
+            else None,
+        )
         if self.inputs:
             self._check_signature()
         elif self.outputs:
@@ -157,10 +165,7 @@ class ModelSpec:
     @property
     def signature(self) -> Signature | None:
         """The typed signature, or None for the one-input shorthand."""
-        if not self.inputs:
-            return None
-        outputs = self.outputs or (OutputSpec(name="prediction"),)
-        return _signature(self.inputs, outputs, self.call)
+        return self._signature  # type: ignore[attr-defined, no-any-return]
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -216,16 +221,6 @@ class ModelSpec:
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(m.path for m in self.member_specs)
-
-
-def _signature(inputs: tuple[InputSpec, ...], outputs: tuple[OutputSpec, ...], call: str) -> Signature:
-    return _SIGNATURES.get((inputs, outputs, call)) or _SIGNATURES.setdefault(
-        (inputs, outputs, call),
-        Signature(inputs, outputs, call),  # type: ignore[arg-type]
-    )
-
-
-_SIGNATURES: dict[tuple, Signature] = {}
 
 
 @dataclass(frozen=True)
