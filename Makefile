@@ -94,10 +94,14 @@ package: $(STAMP) ## build dist/sparkscore.zip (for --py-files) and a wheel
 bench-batch: need-java $(STAMP) ## batch benchmark (bench/results/batch.json and .png; ARGS="--rows N ...")
 	$(PY) bench/batch_bench.py $(ARGS)
 
+# Delta Lake writes vs Parquet and incremental vs full; merged into batch.json under "delta".
+bench-delta: need-java $(STAMP) jars ## Delta append/overwrite/MERGE vs Parquet, incremental vs full (batch.json "delta"; ARGS="--rows N")
+	$(PY) bench/delta_bench.py $(ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build dist spark-warehouse metastore_db derby.log
 
-.PHONY: help need-java setup jars demo demo-mlflow test test-fast lint format package bench-batch clean
+.PHONY: help need-java setup jars demo demo-mlflow test test-fast lint format package bench-batch bench-delta clean
 
 # --- serving ---
 serve: $(STAMP) $(DEMO)/ctr.pt ## real-time scorer on 127.0.0.1:8080 (demo model, no Redis; --redis-url via ARGS)
