@@ -454,3 +454,58 @@ def test_named_mlflow_tensors_become_typed_inputs_read_from_columns_of_their_nam
     out = score_batch(table, load_scorer(model))
     assert out["prediction"].to_pylist()[:2] == [9.0, 31.5]
     assert out["error"].to_pylist()[0] is None and out["error"].to_pylist()[2] is not None
+
+
+# -- the stream job's refresher (driver side; the Kafka runs are in tests/streaming/test_model_refresh.py)
+
+
+def test_refresher_keeps_the_version_through_a_registry_outage_and_refuses_a_broken_one(
+    registry, cache, tmp_path, capsys
+):
+    from streaming.model_refresh import ModelRefresher, record_of
+
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "champion", registry["v1"])
+    spec = spec_for(registry, "models:/demo_ctr@champion", cache)
+    v1 = resolve(spec)
+    refresher = ModelRefresher(spec, v1, refresh_s=1e-9)
+    db = registry["root"] / "mlflow.db"
+    shutil.move(db, tmp_path / "away.db")
+    try:
+        assert refresher.for_batch(1) is v1
+        assert refresher.for_batch(2) is v1
+    finally:
+        shutil.move(tmp_path / "away.db", db)
+    out = capsys.readouterr().out
+    assert out.count("cannot refresh the model") == 1 and "keeps scoring" in out  # once a minute
+    # A replay names the version its first attempt recorded, whatever the alias says now.
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "champion", registry["v2"])
+    assert refresher.for_batch(3, recorded=record_of(v1)).version == v1.version
+    assert refresher.for_batch(4).version.startswith(f"{registry['v2']}+")
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "champion", registry["v1"])
+
+
+def test_the_scorer_refuses_an_unknown_alias_with_exit_2_and_one_sentence(registry, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        f"""
+[model]
+path = "models:/demo_ctr@nope"
+registry_uri = "{registry["uri"]}"
+name = "demo_ctr"
+input_columns = {list(CTR)!r}
+""".replace("'", '"')
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving", "--config", str(cfg)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no alias 'nope'" in lines[0]
