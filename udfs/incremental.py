@@ -49,7 +49,7 @@ def check_checkpoint(spark: SparkSession, cfg: BatchConfig) -> None:
     this = {"input": cfg.input.table or cfg.input.path, "table_id": delta.table_id(spark, name)}
     marker = f"{checkpoint.rstrip('/')}/{MARKER}"
     try:
-        row = spark.read.json(marker).first()
+        row = spark.read.schema("input string, table_id string").json(marker).first()
     except Exception:  # noqa: BLE001 - no marker yet: a new checkpoint
         row = None
     if row is None:
