@@ -335,7 +335,9 @@ def realtime(args: argparse.Namespace) -> dict[str, Any]:
             sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/demo_ctr@champion",
             "--env-manager", "local", "--workers", "1", "-h", "127.0.0.1", "-p", str(port),
         ]  # fmt: skip
-        return rb.Server("mlflow_serve", cmd, port, "/ping", env={"MLFLOW_TRACKING_URI": registry})
+        # MLflow starts its scoring server with `uvicorn` from PATH: the venv's.
+        env = {"MLFLOW_TRACKING_URI": registry, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        return rb.Server("mlflow_serve", cmd, port, "/ping", env=env)
 
     for name, start, body in (
         ("sparkscore", sparkscore_server, "predict"),
