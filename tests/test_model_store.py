@@ -116,6 +116,17 @@ def test_version_number_alias_and_model_id_reach_the_same_artifacts(registry, ca
     assert by_id.members[0].store.registry_version == ""  # a logged model outside the registry
 
 
+def test_a_runs_uri_reaches_the_model_logged_in_that_run(registry, cache):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    run_id = client.get_model_version("demo_ctr", registry["v1"]).run_id
+    by_run = resolve(spec_for(registry, f"runs:/{run_id}/model", cache))
+    by_version = resolve(spec_for(registry, f"models:/demo_ctr/{registry['v1']}", cache))
+    assert by_run.content_hash == by_version.content_hash
+    assert by_run.format == "export"
+
+
 def test_registry_model_scores_like_the_module_it_was_logged_from(registry, cache):
     model = resolve(spec_for(registry, "models:/demo_ctr@champion", cache))
     check_model(model)
