@@ -3,8 +3,8 @@
 One loop task owns the queue. It takes a free worker slot, then waits until
 either ``max_batch_size`` requests are queued (a full batch goes at once) or the
 oldest queued request has waited ``max_wait_ms`` since it *arrived*, or no other
-request the server has admitted is on its way to the queue (waiting could only
-add latency), and hands
+request the server has admitted is on its way to the queue and the batch has as
+much company as it has had lately (waiting could only add latency), and hands
 the batch to a small thread pool. Up to ``workers`` batches compute at once, so
 a slow batch does not hold back the next one; while every worker is busy the
 queue simply grows into the next batch.
@@ -47,6 +47,7 @@ from udfs.core import short_reason
 log = logging.getLogger("serving.batcher")
 
 ScoreFn = Callable[[list[Any]], list[Any]]
+PEAK_S = 0.5
 
 
 class _Pending:
@@ -109,6 +110,11 @@ class Batcher:
         # How many requests the server has admitted and not answered (None: unknown). When every one of
         # them is already queued or computing here, nobody is about to join the batch: it goes at once.
         self.admitted: Callable[[], int] | None = None
+        # The most requests admitted at once lately (at submit times, forgotten after PEAK_S): how much
+        # company a batch can expect. A batch goes early only once it has that much, so clients that
+        # arrive one after another (64 connections) still fill batches.
+        self._peak = 0
+        self._peak_at = 0.0
         self.stopped = False
         self.batches_running = 0
         metrics.gauge(
@@ -150,6 +156,10 @@ class Batcher:
         A request identical (same ``key``) to one in flight joins it instead of queueing.
         Raises :class:`QueueFull` at once when the queue is full. ``gone``: see :class:`_Pending`.
         """
+        if self.admitted is not None:
+            seen, at = self.admitted(), time.monotonic()
+            if seen >= self._peak or at - self._peak_at > PEAK_S:
+                self._peak, self._peak_at = seen, at
         loop = self._loop
         if loop is None or self.stopped:
             raise NotReady(
@@ -265,8 +275,10 @@ class Batcher:
                 break
             # Waiting for company only pays when some is on its way (parsed, awaiting Redis): with every
             # admitted request here already (closed-loop clients, low load), the wait is pure latency.
-            if self.admitted is not None and self.admitted() <= len(q) + self.computing:
-                break
+            if self.admitted is not None:
+                here = len(q) + self.computing
+                if self.admitted() <= here and here >= self._peak:
+                    break
             await self._sleep(max(0.001, round(delay, 3)))
         batch: list[_Pending] = []
         now = time.monotonic()
