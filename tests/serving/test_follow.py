@@ -27,18 +27,27 @@ class TwoOutputs(torch.nn.Module):
         return torch.cat([x[:, :1], x[:, 1:2]], dim=1)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    """demo_ctr v1 (@champion), v2 (@challenger, other weights) and v3 (broken), in a fresh store."""
-    root = tmp_path / "mlflow"
-    versions = {
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """demo_ctr v1, v2 (other weights) and v3 (broken), logged once for the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return {
+        "root": root,
+        "uri": mlflow_demo.registry_uri(root),
         "v1": mlflow_demo.log_pytorch(demo.ctr_module(0), root, alias="champion"),
         "v2": mlflow_demo.log_pytorch(demo.ctr_module(1), root, alias="challenger"),
         "v3": mlflow_demo.log_pytorch(TwoOutputs(), root, alias=None),
     }
+
+
+@pytest.fixture
+def registry(store):
+    """The module's registry with @champion on v1 and @challenger on v2 again, and cold caches."""
+    mlflow_demo.set_alias(store["root"], "demo_ctr", "champion", store["v1"])
+    mlflow_demo.set_alias(store["root"], "demo_ctr", "challenger", store["v2"])
     model_store.forget()
     model_cache.clear()
-    yield {"root": root, "uri": mlflow_demo.registry_uri(root), **versions}
+    yield store
     model_store.forget()
     model_cache.clear()
 
