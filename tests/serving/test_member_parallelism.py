@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,7 @@ def test_member_timeout_bounds_the_call_including_a_wait_for_a_thread(member_pat
     from udfs.core import QuorumError
 
     spec = config(member_paths).model
-    model = resolve(type(spec)(**{**spec.__dict__, "member_timeout_ms": 200.0}))
+    model = resolve(dataclasses.replace(spec, member_timeout_ms=200.0))
     scorer = load_scorer(model)
     x = np.ones((2, WIDTH), dtype=np.float32)
     with ThreadPoolExecutor(1) as pool:

@@ -173,8 +173,8 @@ def test_a_full_connection_pool_is_local_back_pressure_not_a_redis_failure(redis
 def test_a_request_waiting_on_a_slow_feature_store_gets_504_at_its_deadline(serve, redis_db):
     seed(redis_db.client())
     # Generous Redis timeouts: the request's own deadline is what must bound the wait.
-    srv = serve(redis={"url": redis_db.url, "socket_timeout_ms": 3000.0, "retry_after_s": 0.1})
-    sleeper = threading.Thread(target=lambda: redis_db.client().execute_command("DEBUG", "SLEEP", "1.5"))
+    srv = serve(redis={"url": redis_db.url, "socket_timeout_ms": 8000.0, "retry_after_s": 0.1})
+    sleeper = threading.Thread(target=lambda: redis_db.client().execute_command("DEBUG", "SLEEP", "4"))
     sleeper.start()
     try:
         wait_until(lambda: not answers_quickly(redis_db), "redis-server to be busy sleeping")
