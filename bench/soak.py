@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -497,7 +498,7 @@ def summarize(
                 )
     reasons: dict[str, int] = {}
     for i in np.nonzero(status >= 500)[0]:
-        key = f"{status[i]} {versions[i]}"
+        key = re.sub(r"\d+(\.\d+)? ms", "N ms", f"{status[i]} {versions[i]}")
         reasons[key] = reasons.get(key, 0) + 1
     faults = [(e["start"], e["end"] + FAULT_TAIL_S) for e in events]
     fives = status >= 500
