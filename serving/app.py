@@ -13,11 +13,13 @@ Routes:
   (load the model file again, or ``{"parameters": {"path": ...}}``, and swap it in without downtime).
 * ``GET /metrics``: Prometheus text (with several workers: every worker's, in one scrape).
 
-Status codes: 400 malformed JSON (or too deeply nested), 401 bad token, 404 unknown
-entity/model, 408 body not received in time, 413 body too large, 422 wrong
-types/lengths/datatypes/bad feature values (the message names the field, or is the
+Status codes: 400 malformed JSON (or nested deeper than 64), readiness while not ready (empty
+body), 401 bad token, 404 unknown entity/model, 405 wrong method on a known route (with Allow),
+408 headers or body not received in time, 413 body too large, 422 wrong
+types/lengths/datatypes/shapes/bad feature values (the message names the field, or is the
 scoring core's reason), 429 queue full (with Retry-After), 500 model failure,
-503 not ready / feature store down, 504 deadline.
+503 not ready / shed at the door / feature store down (with Retry-After), 504 deadline.
+An answer sent before the request's body was read, or while draining, closes the connection.
 """
 
 from __future__ import annotations
