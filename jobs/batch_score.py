@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score only the rows the Delta input gained since the last run ([input] checkpoint)",
     )
     p.add_argument("--checkpoint", help="where an incremental run keeps its progress ([input] checkpoint)")
+    p.add_argument("--remote", help="run through a Spark Connect server, e.g. sc://127.0.0.1:15002")
     p.add_argument("--max-error-rate", type=float, help="fail when more than this fraction of rows are bad")
     p.add_argument("--quarantine", help="also write the bad rows, with their reasons, here")
     p.add_argument(
@@ -101,8 +102,9 @@ def load_config(args: argparse.Namespace) -> BatchConfig:
         raise ConfigError(f"command line: {exc}") from None
 
 
-def run(cfg: BatchConfig) -> Summary:
-    """Score ``cfg.input`` into ``cfg.output``; returns the run's counts."""
+def run(cfg: BatchConfig, *, remote: str | None = None) -> Summary:
+    """Score ``cfg.input`` into ``cfg.output``; returns the run's counts. ``remote``: a Spark Connect
+    URL (``sc://host:port``): the run then uses no SparkContext, accumulator or JVM gateway."""
     from udfs.batch import check_local_paths, check_output_target, observe_rows, read_input, write_scored
     from udfs.core import check_input, check_model, output_schema
     from udfs.session import build_session
@@ -124,9 +126,14 @@ def run(cfg: BatchConfig) -> Summary:
     model = resolve(cfg.model)
     # A model that does not load or does not fit its config is refused before Spark starts.
     check_model(model)
-    spark = build_session(
-        "sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows, delta=cfg.uses_delta
-    )
+    if remote:
+        from udfs.session import connect_session
+
+        spark = connect_session(remote, cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows)
+    else:
+        spark = build_session(
+            "sparkscore-batch", cfg.spark, arrow_batch_rows=cfg.job.arrow_batch_rows, delta=cfg.uses_delta
+        )
     if cfg.uses_delta:
         from udfs import delta
 
@@ -169,6 +176,7 @@ def run(cfg: BatchConfig) -> Summary:
             with_predictions(model, keep=None if cfg.job.quarantine else keep, tracker=tracker)
         )
         written = write_scored(scored, cfg, columns=[*keep, *predictions], read=read)
+    loads: dict[str, int] = dict(tracker.value) if tracker is not None else {}
     return Summary(
         input_rows=written.input_rows,
         output_rows=written.output_rows,
@@ -176,9 +184,9 @@ def run(cfg: BatchConfig) -> Summary:
         errors=written.errors,
         startup_seconds=startup,
         scoring_seconds=written.seconds,
-        model_loads={k: v for k, v in tracker.value.items() if k not in (MODEL_ERRORS, BISECT_CALLS)},
-        model_errors=tracker.value.get(MODEL_ERRORS, 0),
-        bisect_calls=tracker.value.get(BISECT_CALLS, 0),
+        model_loads={k: v for k, v in loads.items() if k not in (MODEL_ERRORS, BISECT_CALLS)},
+        model_errors=loads.get(MODEL_ERRORS, 0),
+        bisect_calls=loads.get(BISECT_CALLS, 0),
         model_version=model.version,
         model_source=model_source(model),
         incremental_batches=batches,
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_query_context_logs()
     try:
         cfg = load_config(args)
-        summary = run(cfg)
+        summary = run(cfg, remote=args.remote)
     except SparkscoreError as exc:
         report_error(f"[sparkscore] error: {exc}")
         return 2

@@ -429,14 +429,37 @@ def _fs(spark: SparkSession, path: str) -> tuple[object, object]:
     return p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), p  # type: ignore[union-attr]
 
 
+def _connect(spark: SparkSession) -> bool:
+    from udfs.spark import is_connect
+
+    return is_connect(spark)
+
+
 def _exists(spark: SparkSession, path: str) -> bool:
+    if _connect(spark):
+        # No JVM in this process: ask through the DataFrame API (a missing path fails analysis).
+        try:
+            spark.read.format("binaryFile").load(path).schema  # noqa: B018
+            return True
+        except Exception:  # noqa: BLE001 - PATH_NOT_FOUND
+            return False
     fs, p = _fs(spark, path)
     return bool(fs.exists(p))  # type: ignore[attr-defined]
 
 
 def _delete(spark: SparkSession, path: str) -> None:
+    if _connect(spark):
+        return  # Spark Connect has no filesystem API: a failed new output stays for the user to remove
     fs, p = _fs(spark, path)
     fs.delete(p, True)  # type: ignore[attr-defined]
+
+
+def _no_swap_under_connect(spark: SparkSession, what: str) -> None:
+    if _connect(spark):
+        raise ConfigError(
+            f"overwriting {what} atomically needs a file swap, which Spark Connect cannot do; write a "
+            "Delta table (format = 'delta'), whose overwrite is one commit, or a partitioned output"
+        )
 
 
 def _rename(spark: SparkSession, src: str, dst: str) -> None:
@@ -530,12 +553,13 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
                 if out.mode == "errorifexists":
                     raise OutputExistsError(f"output table {out.table!r} already exists")
                 if out.mode == "overwrite" and not _is_partitioned(spark, out.table):
+                    _no_swap_under_connect(spark, f"table {out.table!r}")
                     _overwrite_table_atomically(df, out.table)
                     return
                 columns = spark.table(out.table).columns
                 df.select(*columns).write.insertInto(out.table, overwrite=out.mode == "overwrite")
                 return
-            writer = df.write.mode("errorifexists")
+            writer = df.write.mode("error")
             if out.format is not None:
                 writer = writer.format(out.format)
             if out.partition_by:
@@ -546,8 +570,14 @@ def write_output(df: DataFrame, out: OutputConfig) -> None:
         fmt = out.format or "parquet"
         existed = _exists(spark, out.path)
         swap = out.mode == "overwrite" and not out.partition_by and existed
+        if swap:
+            _no_swap_under_connect(spark, f"path {out.path!r}")
         target = _beside(out.path, "staging") if swap else out.path
-        writer = df.write.format(fmt).mode("errorifexists" if swap else out.mode).options(**out.options)
+        writer = (
+            df.write.format(fmt)
+            .mode("error" if swap or out.mode == "errorifexists" else out.mode)
+            .options(**out.options)
+        )
         if out.partition_by:
             writer = writer.partitionBy(*out.partition_by)
         try:
@@ -585,7 +615,10 @@ def _write_delta(df: DataFrame, out: OutputConfig, table_exists: bool) -> None:
     if exists and out.table is not None:
         df = df.select(*spark.table(out.table).columns)
     mode = "errorifexists" if out.mode == "merge" else out.mode  # merge into nothing: a new table
-    writer = df.write.format("delta").mode(mode).options(**out.options)
+    # "error", not "errorifexists": Spark Connect accepts only the short name.
+    writer = (
+        df.write.format("delta").mode("error" if mode == "errorifexists" else mode).options(**out.options)
+    )
     if out.partition_by and not exists:
         writer = writer.partitionBy(*out.partition_by)
     if out.replace_where is not None:
@@ -677,7 +710,9 @@ def write_scored(scored: DataFrame, cfg: BatchConfig, *, columns: list[str], rea
     job = cfg.job
     started = time.monotonic()
     output = scored.select(*columns) if columns != scored.columns else scored
-    if job.max_error_rate is None and not job.quarantine:
+    # A MERGE runs its source inside a SQL command, whose observed counts Spark Connect does not
+    # return: merged runs count from the persisted scores instead (scored once either way).
+    if job.max_error_rate is None and not job.quarantine and cfg.output.mode != "merge":
         wrote = Observation("sparkscore_output")
         output = output.observe(wrote, F.count(F.lit(1)).alias("rows"), F.count(ERROR).alias("bad"))
         write_output(output, cfg.output)

@@ -69,3 +69,25 @@ def build_session(
         spark.conf.set("spark.sql.files.minPartitionNum", str(2 * parallelism))
     spark.sparkContext.setLogLevel(os.environ.get("SPARKSCORE_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def connect_session(
+    url: str, conf: dict[str, str] | None = None, *, arrow_batch_rows: int | None = None
+) -> SparkSession:
+    """A Spark Connect session to ``url`` (``sc://host:port``). Only runtime SQL settings can be set
+    from a client; the server's own configuration (jars, Delta's extension) is the server's."""
+    if not url.startswith("sc://"):
+        from udfs.errors import ConfigError
+
+        raise ConfigError(f"--remote takes a Spark Connect URL such as sc://127.0.0.1:15002, got {url!r}")
+    spark = SparkSession.builder.remote(url).getOrCreate()
+    wanted = (
+        {"spark.sql.execution.arrow.maxRecordsPerBatch": str(arrow_batch_rows)} if arrow_batch_rows else {}
+    )
+    static = ("spark.sql.extensions", "spark.sql.catalog.", "spark.sql.warehouse.dir")
+    wanted.update(
+        {k: v for k, v in (conf or {}).items() if k.startswith("spark.sql.") and not k.startswith(static)}
+    )
+    for key, value in wanted.items():
+        spark.conf.set(key, value)
+    return spark

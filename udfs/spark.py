@@ -122,8 +122,11 @@ class _DictSum(AccumulatorParam):  # type: ignore[type-arg]
         return a
 
 
-def model_load_tracker(df: DataFrame) -> Accumulator:  # type: ignore[type-arg]
-    """An accumulator that collects how many times each Python worker loaded the model."""
+def model_load_tracker(df: DataFrame) -> Accumulator | None:  # type: ignore[type-arg]
+    """An accumulator that collects how many times each Python worker loaded the model (None under
+    Spark Connect, which has no accumulators)."""
+    if is_connect(df.sparkSession):
+        return None
     return df.sparkSession.sparkContext.accumulator({}, _DictSum())
 
 
