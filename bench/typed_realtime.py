@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
-    entry = {name: {k: v for k, v in r.items() if k != "details"} for name, r in results.items()}
+    entry: dict[str, Any] = {
+        name: {k: v for k, v in r.items() if k != "details"} for name, r in results.items()
+    }
     a, b = entry["sparkscore"]["max_rps_p99_under_50ms"], entry["fastapi_async"]["max_rps_p99_under_50ms"]
     entry["ratio"] = round(a / b, 2) if b else None
     entry["target_ratio"] = 2.0

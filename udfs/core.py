@@ -554,7 +554,7 @@ def _merge_parts(
     """The scored parts of a bisected batch as one prediction, the failed rows as errors."""
     good_rows = np.flatnonzero(feats.valid)
     valid = feats.valid.copy()
-    errors = list(feats.errors) if feats.errors is not None else [None] * len(valid)
+    errors: list[str | None] = list(feats.errors) if feats.errors is not None else [None] * len(valid)
     failed = 0
     for rows, _, reason in parts:
         if reason is not None:
@@ -709,7 +709,7 @@ def probe_inputs(
     """``rows`` rows of the lowest valid value of every input (length 2 for a variable one)."""
     from udfs.signature import NUMPY
 
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for spec in sig.inputs:
         dims = tuple(2 if d == -1 else d for d in sig.dims(spec))
         if spec.mask_of is not None:

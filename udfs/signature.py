@@ -343,10 +343,10 @@ def _flatten(col: pa.Array, dims: tuple[int, ...], label: str) -> _Leaves:
             first_len = lengths.copy()
             if d == -1:
                 empty = lengths == 0 if nulls is None else (lengths == 0) & ~nulls
-                for r in np.flatnonzero(empty):
+                for r in np.flatnonzero(empty).tolist():
                     reasons.setdefault(int(r), f"empty sequence: {label}")
             else:
-                for r in np.flatnonzero(lengths != d):
+                for r in np.flatnonzero(lengths != d).tolist():
                     if nulls is None or not nulls[r]:
                         reasons.setdefault(
                             int(r), f"wrong shape: {label} expects {_shape(dims)}, got {lengths[r]} values"
@@ -462,7 +462,7 @@ def _clean_columns(batch: pa.RecordBatch | pa.Table, spec: InputSpec) -> np.ndar
     matrix = np.column_stack(cols) if len(cols) > 1 else cols[0].reshape(-1, 1)
     if spec.dtype.startswith("float"):
         with np.errstate(over="ignore", invalid="ignore"):
-            out = matrix.astype(NUMPY[spec.dtype], copy=False)
+            out: np.ndarray = matrix.astype(NUMPY[spec.dtype], copy=False)
         if not np.isfinite(out).all():
             return None
         return out.reshape(-1)
@@ -499,7 +499,7 @@ def decode_arrow(
                 arr, bad, word = _convert(lv.values, spec.dtype)
                 if bad is not None:
                     raw = None
-                    for r in np.flatnonzero(bad):
+                    for r in np.flatnonzero(bad).tolist():
                         if int(r) in reasons:
                             continue
                         raw = raw if raw is not None else col.to_pylist()
@@ -521,7 +521,7 @@ def decode_arrow(
                 cs = np.concatenate([[0], np.cumsum(bad, dtype=np.int64)])
                 row_bad = (cs[offsets[1:]] - cs[offsets[:-1]]) > 0
                 raw = None
-                for r in np.flatnonzero(row_bad):
+                for r in np.flatnonzero(row_bad).tolist():
                     if int(r) in reasons:
                         continue
                     j = int(np.flatnonzero(bad[offsets[r] : offsets[r + 1]])[0])
@@ -529,7 +529,7 @@ def decode_arrow(
                     at = f"[{_index(spec.dims, first[r], j)}]" if spec.dims else ""
                     reasons[int(r)] = f"{word}: {label}{at} = {_fmt(raw[offsets[r] + j])}"
         if spec.variable and spec.max_length is not None:
-            for r in np.flatnonzero(first > spec.max_length):
+            for r in np.flatnonzero(first > spec.max_length).tolist():
                 reasons.setdefault(
                     int(r),
                     f"sequence too long: {label} has {first[r]} values, max_length is {spec.max_length}",
@@ -547,7 +547,7 @@ def decode_arrow(
             if oob.any():
                 cs = np.concatenate([[0], np.cumsum(oob, dtype=np.int64)])
                 row_bad = (cs[offsets[1:]] - cs[offsets[:-1]]) > 0
-                for r in np.flatnonzero(row_bad):
+                for r in np.flatnonzero(row_bad).tolist():
                     if int(r) in reasons:
                         continue
                     j = int(np.flatnonzero(oob[offsets[r] : offsets[r + 1]])[0])
