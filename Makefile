@@ -65,6 +65,19 @@ $(KAFKA_JARS): jvm/kafka-broker/pom.xml
 	$(MVN) -f jvm/kafka-broker/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath build/kafka/libs)
 	touch $@
 
+# Hadoop's local file system with java.nio permissions (no forked chmod per checkpoint file): jvm/localfs.
+LOCALFS_JAR := build/localfs/sparkscore-localfs.jar
+$(LOCALFS_JAR): $(wildcard jvm/localfs/sparkscore/hadoop/*.java) $(STAMP)
+	@command -v javac >/dev/null || { echo "javac (a JDK) is required to build $@ (apt-get install openjdk-17-jdk-headless)"; exit 1; }
+	rm -rf build/localfs && mkdir -p build/localfs/classes
+	javac --release 17 -d build/localfs/classes -cp "$$($(PY) -c 'import pyspark, os; print(os.path.join(os.path.dirname(pyspark.__file__), "jars", "*"))')" jvm/localfs/sparkscore/hadoop/*.java
+	jar cf $@ -C build/localfs/classes .
+
+localfs: $(LOCALFS_JAR) ## build/localfs: local checkpoints without a forked chmod per file (bench/checkpoint_bench.py)
+
+bench-checkpoint: $(LOCALFS_JAR) ## checkpoint cost per micro-batch: Hadoop's chmod vs java.nio (bench/results/checkpoint.json)
+	$(PY) bench/checkpoint_bench.py $(ARGS)
+
 jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and the Apache Kafka broker (build/kafka/libs) with Maven
 
 # Most test time is waiting (JVM starts, brokers, micro-batch triggers): three pytest workers, each
@@ -169,9 +182,10 @@ bench-stream: $(STAMP) $(DEMO)/ctr.pt jars ## streaming benchmark: both sources 
 
 # Kills the task or the driver at each named point of a batch (streaming/faults.py), restarts, and
 # counts the records per event; plus zombies, retention, expired offsets and a delivery timeout.
-faults: setup jars ## fault-injection suite on Apache Kafka (bench/results/faults.json)
-	SPARKSCORE_FAULTS_JSON=$(abspath bench/results/faults.json) $(PY) -m pytest -q \
-	  tests/streaming/test_faults.py tests/streaming/test_sink.py -k "not tansu"
+faults: setup jars ## fault-injection suite on Apache Kafka, both sources, driver killed for real (bench/results/faults.json)
+	rm -f bench/results/faults.json
+	SPARKSCORE_FAULTS_JSON=$(abspath bench/results/faults.json) $(PY) -m pytest -q $(PYTEST_PARALLEL) \
+	  tests/streaming/test_faults.py tests/streaming/test_faults_driver.py tests/streaming/test_sink.py -k "not tansu"
 	@cat bench/results/faults.json
 
 bench-brokers: $(STAMP) jars ## launch-to-serving time of Tansu and Apache Kafka (bench/results/brokers.json and .png)

@@ -22,13 +22,18 @@ x ``--warmup`` events (so every Python worker has loaded the model):
   one worker per partition in one consumer group, from the separate venv that
   ``make bench-stream`` builds; when it cannot run, the JSON says why.
 
-Saturation: a burst of ``--backlog`` events is produced as fast as possible;
-sustained events/s is measured between the 10 % and 90 % arrival marks of their
-predictions (start-up and the tail are left out). Fixed rate: ``--rate``
+Saturation: ``--backlog`` events are in the input topic before the variant starts
+(so its pace, never the producer's, is measured); sustained events/s is measured
+between the 10 % and 90 % arrival marks of their predictions (start-up and the tail
+are left out). Fixed rate: ``--rate``
 events/s for ``--seconds``; end-to-end latency is the time from just before an
 event is produced to the arrival of the fetch response that carries its
 prediction (p50 / p90 / p99, and per second of send time in ``timeline``); the
-delivered rate is taken between the 10 % and 90 % arrival marks too. The
+reader stamps a fetch when its first record is there (``poll``), not at the end of a
+50 ms batching wait. The delivered rate is taken between the 10 % and 90 % arrival
+marks too. ``--stats-run`` adds the stream job with its statistics query on (fixed
+rate only; the other variants run without it, doing the same work). The targets are
+judged per source, both on the same one. The
 reader is a ``read_committed`` consumer: a prediction of the stream job counts
 when its transaction has committed, as its consumers see it. Producer
 and reader run in their own processes. The load generator is gentle with the
@@ -74,6 +79,9 @@ DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
 FAUST_PYTHON = ROOT / "build" / "faust-venv" / "bin" / "python"
 SOURCES = ("kafka", "kafka_py")
 VARIANTS = ("sparkscore_kafka", "sparkscore_kafka_py", "plain_loop_2proc", "faust")
+# The stream job with its window statistics query on (the default in conf/stream.toml): the
+# other variants leave it off, so that every variant does the same work.
+STATS_SUFFIX = "+stats"
 BROKERS = {"kafka": ("apache_kafka", "Apache Kafka 4.1.1"), "tansu": ("tansu", "Tansu 0.6.0, in memory")}
 PARTITIONS = 2
 IN, OUT, DLQ = "events", "predictions", "events.dlq"
@@ -107,7 +115,8 @@ commit_topic = "sparkscore.commits"
 partitions = 2
 
 [stats]
-enabled = false
+enabled = {stats}
+trigger = "10 seconds"
 
 [job]
 checkpoint = "{checkpoint}"
@@ -182,13 +191,25 @@ class Reader:
             time.sleep(0.2)
         self.consumer.assign([kc.TopicPartition(OUT, p, 0) for p in parts])
 
+    def _next(self) -> tuple[float, list[Any]]:
+        """(arrival time, records) of what has arrived: stamped when the first record is there.
+
+        ``consume(n, timeout)`` returns only once ``n`` records or the timeout are reached, so
+        with a 50 ms timeout a sample could be stamped up to 50 ms late. ``poll`` returns as soon
+        as one record is there; the rest of what has arrived is then drained without waiting.
+        """
+        first = self.consumer.poll(0.05)
+        now = time.time()
+        if first is None:
+            return now, []
+        return now, [first, *self.consumer.consume(10_000, timeout=0)]
+
     def count_until(self, n: int, timeout_s: float, died: Any = lambda: False) -> list[float]:
         """Arrival times of the next ``n`` records (no parsing: the saturation phase); stops early if ``died()``."""
         arrivals: list[float] = []
         deadline = time.monotonic() + timeout_s
         while len(arrivals) < n and time.monotonic() < deadline and not died():
-            msgs = self.consumer.consume(10_000, timeout=0.05)
-            now = time.time()
+            now, msgs = self._next()
             arrivals += [now] * sum(1 for m in msgs if m.error() is None)
         return arrivals
 
@@ -202,8 +223,7 @@ class Reader:
         lat: list[float] = []
         deadline = time.monotonic() + timeout_s
         while len(lat) < n and time.monotonic() < deadline:
-            msgs = self.consumer.consume(10_000, timeout=0.05)
-            now = time.time()
+            now, msgs = self._next()
             for msg in msgs:
                 if msg.error() is not None:
                     continue
@@ -305,7 +325,7 @@ def start_system(
             for _ in range(PARTITIONS)
         ]
     else:
-        source = variant.removeprefix("sparkscore_")
+        source = variant.removeprefix("sparkscore_").removesuffix(STATS_SUFFIX)
         cfg = tmp / "stream.toml"
         cfg.write_text(
             textwrap.dedent(JOB_TOML).format(
@@ -317,6 +337,7 @@ def start_system(
                 predictions=OUT,
                 dlq=DLQ,
                 checkpoint=tmp / "ck",
+                stats=str(variant.endswith(STATS_SUFFIX)).lower(),
             )
         )
         spark_submit = Path(sys.executable).parent / "spark-submit"
@@ -438,8 +459,8 @@ def batch_breakdown(log: str) -> dict[str, float] | None:
 class Running:
     """A fresh broker, the reader and one variant under test, warmed up: one measurement phase."""
 
-    def __init__(self, variant: str, args: argparse.Namespace, phase: str) -> None:
-        self.variant, self.args, self.phase = variant, args, phase
+    def __init__(self, variant: str, args: argparse.Namespace, phase: str, *, prefill: int = 0) -> None:
+        self.variant, self.args, self.phase, self.prefill = variant, args, phase, prefill
         self.tmpdir = tempfile.TemporaryDirectory(prefix=f"stream-bench-{variant}-{phase}-")
         self.tmp = Path(self.tmpdir.name)
         self.log = self.tmp / "system.log"
@@ -457,9 +478,17 @@ class Running:
                 {"bootstrap.servers": self.broker.bootstrap},
                 {IN: PARTITIONS, OUT: PARTITIONS, DLQ: PARTITIONS},
             )
+            if self.prefill:
+                # The whole backlog is in the topic before the variant starts: saturation is then
+                # the variant's own pace, never the producer's.
+                print(f"[{self.variant}] {self.phase}: filling {self.prefill:,} events first", flush=True)
+                start_producer(self.broker.bootstrap, self.prefill, 0, "sat").wait()
             self.load_before = os.getloadavg()[0]
             self.reader = Reader(self.broker.bootstrap)
+            self.started = time.time()
             self.procs = start_system(self.variant, self.broker.bootstrap, self.latest_by, self.tmp, self.log)
+            if self.prefill:
+                return self  # start-up is left out by the 10-90 % window instead of a warm-up
             # Warm-up in rounds, so every Python worker has loaded the model before anything is timed.
             a = self.args
             print(
@@ -502,12 +531,9 @@ class Running:
 
 
 def saturation_phase(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    with Running(variant, args, "saturation") as run:
-        print(f"[{variant}] a burst of {args.backlog:,} events", flush=True)
-        started = time.time()
-        filler = start_producer(run.broker.bootstrap, args.backlog, 0, "sat")
+    with Running(variant, args, "saturation", prefill=args.backlog) as run:
+        started = run.started
         arrivals = run.reader.count_until(args.backlog, timeout_s=args.timeout, died=run.died)
-        filler.wait()
         run.expect(arrivals, args.backlog)
         a = np.asarray(arrivals)
         lo, hi = a[int(0.1 * len(a))], a[int(0.9 * len(a)) - 1]
@@ -620,28 +646,39 @@ def chart(results: dict[str, Any], path: Path, rate: float, broker: str) -> None
 
 
 def targets(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The better sparkscore source against the two-process plain loop, and its p50 at the fixed rate."""
+    """Both targets for one source: throughput against the two-process plain loop, p50 at the fixed rate.
+
+    Each source is judged on both; the one meeting more targets (then the faster) is reported, so
+    the two figures never come from different sources. ``by_source`` has them all.
+    """
     ours = [v for v in ("sparkscore_kafka", "sparkscore_kafka_py") if "events_per_s" in results.get(v, {})]
     base = results.get("plain_loop_2proc", {}).get("events_per_s")
     if not ours or not base:
         return None
-    best = max(ours, key=lambda v: results[v]["events_per_s"])
-    fastest = min(
-        ours, key=lambda v: (results[v]["fixed_rate"].get("incomplete", False), results[v]["p50_ms"] or 1e12)
-    )
-    ratio = results[best]["events_per_s"] / base
-    p50 = results[fastest]["p50_ms"]
-    return {
-        "throughput_best": best,
-        "throughput_ratio": round(ratio, 3),
-        "throughput_ratio_target": RATIO_TARGET,
-        "throughput_met": bool(ratio >= RATIO_TARGET),
-        "latency_best": fastest,
-        "p50_ms": p50,
-        "p50_ms_target": P50_TARGET_MS,
-        "p50_met": bool(
-            p50 is not None and p50 <= P50_TARGET_MS and not results[fastest]["fixed_rate"].get("incomplete")
+    by_source = {}
+    for v in ours:
+        ratio = results[v]["events_per_s"] / base
+        p50 = results[v]["p50_ms"]
+        incomplete = results[v]["fixed_rate"].get("incomplete", False)
+        by_source[v] = {
+            "throughput_ratio": round(ratio, 3),
+            "throughput_met": bool(ratio >= RATIO_TARGET),
+            "p50_ms": p50,
+            "p50_met": bool(p50 is not None and p50 <= P50_TARGET_MS and not incomplete),
+        }
+    best = max(
+        ours,
+        key=lambda v: (
+            by_source[v]["throughput_met"] + by_source[v]["p50_met"],
+            by_source[v]["throughput_ratio"],
         ),
+    )
+    return {
+        "source": best,
+        **by_source[best],
+        "throughput_ratio_target": RATIO_TARGET,
+        "p50_ms_target": P50_TARGET_MS,
+        "by_source": by_source,
     }
 
 
@@ -675,6 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma list of {', '.join(VARIANTS)}")
     p.add_argument("--log-dir", help="keep each variant's log here")
+    p.add_argument(
+        "--stats-run",
+        default="kafka",
+        help="also run this source's job with its statistics query on (fixed-rate phase only); '' for none",
+    )
     args = p.parse_args(argv)
     if args.cmd == "produce":
         produce(args.bootstrap, IN, args.n, args.rate, args.prefix)
@@ -706,6 +748,12 @@ def main(argv: list[str] | None = None) -> int:
             results[variant] = {"not_run": why}
             continue
         results[variant] = run_variant(variant, args)
+    if args.stats_run:
+        if args.stats_run not in SOURCES:
+            p.error(f"--stats-run must be one of {list(SOURCES)} or ''")
+        stats_variant = f"sparkscore_{args.stats_run}{STATS_SUFFIX}"
+        fixed = fixed_rate_phase(stats_variant, args)
+        results[stats_variant] = {"p50_ms": fixed["p50_ms"], "p99_ms": fixed["p99_ms"], "fixed_rate": fixed}
     key, broker_name = BROKERS[args.broker]
     section: dict[str, Any] = {"broker": broker_name, **results}
     met = targets(results)
@@ -743,11 +791,16 @@ def main(argv: list[str] | None = None) -> int:
     for v, r in results.items():
         if "not_run" in r:
             print(f"{v}: not run: {r['not_run']}")
+        elif "events_per_s" not in r:
+            print(
+                f"{v} (fixed rate only): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"{r['fixed_rate']['sustained_per_s']:,.0f}/s delivered"
+            )
     if met is not None:
         print(
-            f"throughput: {met['throughput_best']} {met['throughput_ratio']:.2f}x plain_loop_2proc "
+            f"{met['source']}: throughput {met['throughput_ratio']:.2f}x plain_loop_2proc "
             f"(target >= {RATIO_TARGET}: {'met' if met['throughput_met'] else 'missed'}); "
-            f"p50 at {args.rate:,.0f}/s: {met['latency_best']} {met['p50_ms']} ms "
+            f"p50 at {args.rate:,.0f}/s: {met['p50_ms']} ms "
             f"(target <= {P50_TARGET_MS}: {'met' if met['p50_met'] else 'missed'})"
         )
     print(f"wrote {path} (key {key!r}) and stream.png")

@@ -28,6 +28,25 @@ JVM_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
 CONNECTOR_VERSION = "4.2.0"
 JVM_PACKAGE = f"org.apache.spark:spark-sql-kafka-0-10_2.13:{CONNECTOR_VERSION}"
 LOCAL_JARS = Path(__file__).resolve().parents[1] / "build" / "jars"
+# `make localfs`: Hadoop's local file system setting permissions with java.nio (jvm/localfs).
+LOCALFS_JAR = Path(__file__).resolve().parents[1] / "build" / "localfs" / "sparkscore-localfs.jar"
+
+
+def localfs_settings() -> dict[str, str]:
+    """Spark settings for local checkpoints without a forked ``chmod`` per file (needs ``make localfs``).
+
+    Hadoop without its native library sets every new local file's permission by running
+    ``chmod``; these settings swap in the same file system with java.nio permissions. The
+    class path settings are read when the JVM starts (``spark-submit --driver-class-path``).
+    """
+    jar = str(LOCALFS_JAR)
+    return {
+        "spark.driver.extraClassPath": jar,
+        "spark.executor.extraClassPath": jar,
+        "spark.hadoop.fs.file.impl": "sparkscore.hadoop.NioLocalFileSystem",
+        "spark.hadoop.fs.AbstractFileSystem.file.impl": "sparkscore.hadoop.NioLocalFs",
+    }
+
 
 # Options only kafka_py understands; never passed to the JVM source.
 PYTHON_ONLY_OPTIONS = ("latestOffsetsBy",)

@@ -459,7 +459,8 @@ def start_scoring(
             starting=cfg.input.starting_offsets,
         )
         size = None if ranges is None else sum(end - start for start, end in ranges.values())
-        if size is not None and size <= DRIVER_WRITE_MAX_EVENTS:
+        # Batch 0 (usually a backlog) always goes to the executors.
+        if batch_id > 0 and size is not None and size <= DRIVER_WRITE_MAX_EVENTS:
             # Same records, same headers, same markers as the executors' path; no extra Python stage.
             table = batch.toArrow()
             result = sink.write_local(plan, (r for b in table.to_batches() for r in record_rows(b)))

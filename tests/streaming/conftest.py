@@ -246,12 +246,20 @@ def fault_results() -> dict[str, dict[str, int]]:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    import fcntl
     import os
+    import tempfile
 
     path = os.environ.get(FAULTS_JSON_ENV)
     if path and _FAULT_RESULTS:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(dict(sorted(_FAULT_RESULTS.items())), indent=2) + "\n")
+        # pytest-xdist workers each finish with their own results: merge them under a lock.
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(Path(tempfile.gettempdir()) / "sparkscore-faults-json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = json.loads(out.read_text()) if out.exists() and out.stat().st_size else {}
+            merged.update(_FAULT_RESULTS)
+            out.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
 
 
 def tally(seen: dict[str, int], expected: set[str], deduplicated: int) -> dict[str, int]:
@@ -262,3 +270,16 @@ def tally(seen: dict[str, int], expected: set[str], deduplicated: int) -> dict[s
         "lost": len(expected - set(seen)),
         "deduplicated": deduplicated,
     }
+
+
+@pytest.fixture(params=["kafka", "kafka_py"], ids=lambda s: f"source={s}")
+def scenario(request, apache, spark, stream_model, models, tmp_path, monkeypatch):
+    """Makes a fault scenario (``tests/streaming/fault_scenarios.py``) with each source in turn."""
+    from tests.streaming.fault_scenarios import Scenario
+
+    def make(tag: str) -> Any:
+        return Scenario(
+            apache, spark, stream_model, models["torchscript"], tmp_path, monkeypatch, tag, request.param
+        )
+
+    return make

@@ -1,23 +1,19 @@
-"""Every crash window of the stream job, hit on purpose (``streaming/faults.py``), then a restart.
+"""Every crash window of the stream job's executor writers, hit on purpose, then a restart; lost offsets.
 
-Each test runs the job on Apache Kafka until a named fault point fires (a Python worker
-exits, i.e. the task dies; or the driver fails there and abandons its open transaction,
-as a dead driver would), restarts it on the same checkpoint, and checks that the output
-and dead-letter topics hold exactly one record per event for ``read_committed``
-consumers. Where the window leaves committed output behind, the restart must have
-de-duplicated some records; where it leaves an aborted transaction, ``read_uncommitted``
-consumers see it (the documented limit). ``make faults`` writes the figures to
-``bench/results/faults.json``.
-
-Batch 0 is written by the executors (one writer per input partition, ``p0`` and ``p1``);
-later small batches by the driver. 16 events over 2 partitions, 8 per batch.
+Each scenario test runs the job on Apache Kafka, with the JVM ``kafka`` source and with
+``kafka_py``, until a named writer fault point fires (the task's Python worker exits,
+i.e. the task dies), restarts it on the same checkpoint, and checks that the output and
+dead-letter topics hold exactly one record per event for ``read_committed`` consumers.
+Where the window leaves committed output behind, the restart must have de-duplicated some
+records; where it leaves an aborted transaction, ``read_uncommitted`` consumers see it (the
+documented limit). The driver's windows are in ``test_faults_driver.py``; the scenarios in
+``fault_scenarios.py``. ``make faults`` writes the figures to ``bench/results/faults.json``.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -25,77 +21,9 @@ from streaming import faults
 from streaming.query import QueryFailed, run
 from streaming.sink import H_ID
 from tests.streaming.conftest import event, read_records, stream_config, tally
+from tests.streaming.fault_scenarios import events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
-
-
-def events() -> list[bytes]:
-    good = [
-        event(f"u{i}", [20.0 + i, 1.0, 9.5, float(i % 7)], f"2026-01-01T00:00:{i:02d}Z") for i in range(12)
-    ]
-    bad = [b"not json", event("ub1", [1.0, 2.0]), event("ub2", None), b""]
-    return good + bad
-
-
-class Scenario:
-    """One job (topics, checkpoint) on Apache Kafka, run until a fault fires and then again."""
-
-    def __init__(self, apache, spark, model, model_path: str, tmp_path: Path, monkeypatch, tag: str) -> None:
-        self.k, self.spark, self.model, self.monkeypatch = apache, spark, model, monkeypatch
-        self.folder = tmp_path / "faults"
-        self.folder.mkdir()
-        topic = apache.topic(partitions=2, prefix=f"events-{tag}")
-        self.values = events()
-        apache.produce(topic, self.values)
-        self.cfg = stream_config(
-            apache,
-            f"{tag}-{topic[-6:]}",
-            model_path=model_path,
-            input={"topic": topic, "max_offsets_per_trigger": 8},
-            job={"checkpoint": str(tmp_path / "checkpoint")},
-        )
-        self.ids = {f"{r.topic}/{r.partition}/{r.offset}" for r in apache.read(topic)}
-
-    def crash(self, spec: str) -> str:
-        """Run until the fault fires; the run must fail there. Returns its error."""
-        self.monkeypatch.setenv(faults.ENV, spec)
-        self.monkeypatch.setenv(faults.ENV_DIR, str(self.folder))
-        try:
-            with pytest.raises(QueryFailed) as failed:
-                run(self.spark, self.cfg, self.model, available_now=True)
-        finally:
-            self.monkeypatch.delenv(faults.ENV)
-            self.monkeypatch.delenv(faults.ENV_DIR)
-        assert list(self.folder.glob("*.fired")), f"the fault {spec!r} never fired: {failed.value}"
-        return str(failed.value)
-
-    def restart(self) -> int:
-        """Run to the end on the same checkpoint; returns how many records it did not write again."""
-        summary = run(self.spark, self.cfg, self.model, available_now=True)
-        return summary.totals.get("skipped", 0)
-
-    def seen(self, *, committed: bool = True) -> Counter:
-        o = self.cfg.output
-        return Counter(
-            dict(m.headers())[H_ID].decode()
-            for t in (o.topic, o.dlq_topic)
-            for m in read_records(self.k, t, committed=committed)
-        )
-
-    def check(self, name: str, deduplicated: int, results: dict) -> dict[str, int]:
-        outcome = tally(self.seen(), self.ids, deduplicated)
-        results[name] = outcome
-        assert outcome == {"events": 16, "duplicates": 0, "lost": 0, "deduplicated": deduplicated}
-        return outcome
-
-
-@pytest.fixture
-def scenario(request, apache, spark, stream_model, models, tmp_path, monkeypatch):
-    def make(tag: str) -> Scenario:
-        return Scenario(apache, spark, stream_model, models["torchscript"], tmp_path, monkeypatch, tag)
-
-    return make
-
 
 # -- batch 0: task writers on the executors ---------------------------------------------------
 
@@ -121,44 +49,32 @@ def test_a_task_killed_after_k_of_its_records(scenario, fault_results):
     assert sum(s.seen(committed=False).values()) == 16 + 3
 
 
-def test_the_driver_dying_after_the_tasks_committed_but_before_the_marker(scenario, fault_results):
-    s = scenario("before-marker")
-    s.crash("driver.before_marker:batch=0")
-    assert (s.folder / "writer.after_commit-p0-b0").exists() and (
-        s.folder / "writer.after_commit-p1-b0"
-    ).exists()
+def test_a_task_killed_with_all_its_records_sent_before_it_commits(scenario, fault_results):
+    s = scenario("before-commit")
+    s.crash(f"writer.before_commit:batch=0,writer=p1,action=exit,{AFTER_P0}")
     deduplicated = s.restart()
-    assert deduplicated == 8  # the whole batch was committed by its tasks
-    s.check("before_marker", deduplicated, fault_results)
+    assert deduplicated == 4  # p0's; p1's 4 were in its open transaction, aborted
+    s.check("writer_before_commit", deduplicated, fault_results)
+    assert sum(s.seen(committed=False).values()) == 16 + 4
 
 
-def test_the_driver_dying_after_the_marker_before_sparks_commit(scenario, fault_results):
-    s = scenario("after-marker")
-    s.crash("driver.after_marker:batch=0")
+def test_a_task_killed_just_after_it_committed(scenario, fault_results):
+    s = scenario("after-commit")
+    s.crash(f"writer.after_commit:batch=0,writer=p1,action=exit,{AFTER_P0}")
     deduplicated = s.restart()
-    assert deduplicated == 8  # Spark re-runs batch 0; its marker says it is written
-    s.check("after_marker", deduplicated, fault_results)
+    assert deduplicated == 8  # both tasks had committed: the batch failed, but its records are all there
+    s.check("writer_after_commit", deduplicated, fault_results)
 
 
-# -- batch 1: the driver writes records and marker in one transaction ---------------------------
-
-
-def test_the_driver_dying_after_k_of_its_records(scenario, fault_results):
-    s = scenario("driver-after-k")
-    s.crash("driver.after_records:k=5,batch=1")
-    deduplicated = s.restart()
-    assert deduplicated == 0  # nothing of batch 1 was committed
-    s.check("driver_after_k_of_n", deduplicated, fault_results)
-    assert sum(s.seen(committed=False).values()) == 16 + 5
-
-
-def test_the_driver_dying_with_its_records_sent_before_the_marker(scenario, fault_results):
-    s = scenario("driver-before-marker")
-    s.crash("driver.before_marker:batch=1")
-    deduplicated = s.restart()
-    assert deduplicated == 0  # records and marker were one transaction, never committed
-    s.check("driver_before_marker", deduplicated, fault_results)
-    assert sum(s.seen(committed=False).values()) == 16 + 8
+def test_sparks_own_task_retry_writes_a_killed_tasks_records_once_in_the_same_run(scenario, fault_results):
+    """local[2, 3]: Spark retries a failed task itself (spark.task.maxFailures 3), no restart needed."""
+    s = scenario("task-retry")
+    rc, log = s.run_job("writer.after_records:k=3,batch=0,writer=p1,action=exit", master="local[2,3]")
+    assert rc == 0, log
+    assert (s.folder / "writer.after_records-p1-b0.fired").exists()
+    assert "16 events ->" in log, log
+    s.check("task_retry", 0, fault_results)
+    assert sum(s.seen(committed=False).values()) == 16 + 3  # the killed attempt's 3, aborted
 
 
 def test_fault_specs_are_checked():
@@ -205,7 +121,7 @@ def test_expired_offsets_with_failondataloss_off_read_what_is_left_and_count_the
         dict(m.headers())[H_ID].decode() for t in (o.topic, o.dlq_topic) for m in read_records(apache, t)
     )
     expected = {f"{topic}/0/{i}" for i in [*range(10), *range(15, 20)]}
-    fault_results["expired_offsets"] = tally(seen, expected, summary.totals.get("skipped", 0))
+    fault_results["expired_offsets.kafka_py"] = tally(seen, expected, summary.totals.get("skipped", 0))
     assert seen == Counter(expected)
 
 

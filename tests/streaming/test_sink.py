@@ -299,7 +299,7 @@ def test_a_zombie_attempt_is_fenced_and_each_record_is_written_once(kafka_any, b
     assert skipped == (0 if broker_kind == "apache" else 30)
     if broker_kind == "apache":
         seen = ids_in(kafka_any, topics[0], topics[1])
-        fault_results["zombie"] = tally(seen, {f"events/0/{i}" for i in range(30)}, skipped)
+        fault_results["zombie.sink"] = tally(seen, {f"events/0/{i}" for i in range(30)}, skipped)
 
 
 def test_an_attempt_that_opens_its_writer_after_another_committed_writes_nothing(kafka_any):
@@ -341,7 +341,7 @@ def test_after_a_delivery_timeout_the_writer_is_purged_and_replaced(apache, apac
     assert sum(ids_in(apache, topics[0], topics[1], committed=False).values()) == 30
     exactly_once(apache, topics, 30)
     seen = ids_in(apache, topics[0], topics[1])
-    fault_results["flush_timeout"] = tally(seen, {f"events/0/{i}" for i in range(30)}, 0)
+    fault_results["flush_timeout.sink"] = tally(seen, {f"events/0/{i}" for i in range(30)}, 0)
 
 
 # -- the commit topic over months -------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_markers_are_found_after_retention_removed_the_early_ones(apache, fault_
     restarted.commit(plan, restarted.write_local(plan, records(10, first=30)))
     exactly_once(apache, topics, 40)
     seen = ids_in(apache, out, dlq)
-    fault_results["retention"] = tally(
+    fault_results["retention.sink"] = tally(
         seen, {f"events/0/{i}" for i in range(40)}, restarted.totals["skipped"]
     )
 
@@ -545,7 +545,7 @@ time.sleep(600)
     exactly_once(apache, topics, 20)
     assert sum(ids_in(apache, out, dlq, committed=False).values()) == 40  # the dead run's 20 were aborted
     seen = ids_in(apache, out, dlq)
-    fault_results["open_marker_transaction"] = tally(seen, {f"events/0/{i}" for i in range(20)}, 0)
+    fault_results["open_marker_transaction.sink"] = tally(seen, {f"events/0/{i}" for i in range(20)}, 0)
 
 
 def test_a_task_slower_than_the_transaction_timeout_commits_since_its_transaction_opens_after_scoring(
