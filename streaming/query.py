@@ -282,6 +282,9 @@ _INTERRUPTIONS = re.compile(
 )
 
 
+_SPARK_SAID = re.compile(r"^\S.*(Job aborted|Exception: |Error: )")
+
+
 @contextlib.contextmanager
 def short_errors() -> Any:
     """Re-raise a ``foreachBatch`` failure as :class:`BatchFailed` with a message of a few lines.
@@ -298,8 +301,12 @@ def short_errors() -> Any:
         yield
     except Exception as exc:  # noqa: BLE001 - re-raised, shortened
         ours = f"{type(exc).__name__}: {exc}"
-        text = (ours if _CAUSE.match(ours) else failure_reason(exc))[:2000]
         full = "\n".join(_exception_texts(exc))
+        text = (ours if _CAUSE.match(ours) else failure_reason(exc))[:2000]
+        if not _CAUSE.match(text):
+            # Not one of ours: add what the Spark job said (e.g. "Job aborted due to stage failure").
+            said = [line.strip()[:300] for line in full.splitlines() if _SPARK_SAID.search(line)]
+            text = "\n".join(dict.fromkeys([text, *said[:2]]))
         extra = []
         if (found := _INTERRUPTIONS.search(full)) is not None:
             extra.append(

@@ -88,12 +88,7 @@ class Scenario:
 
     def run_job(self, spec: str, *, master: str | None = None) -> tuple[int, str]:
         """Run the job (``--available-now``) as its own process with the fault ``spec``: (exit code, log tail)."""
-        raw = (
-            self.raw
-            if master is None
-            else {**self.raw, "spark": {**self.raw["spark"], "spark.master": master}}
-        )
-        config = write_toml(raw, self.tmp_path / "stream.toml")
+        config = write_toml(self.raw, self.tmp_path / "stream.toml")
         log = self.tmp_path / "job.log"
         env = {
             **os.environ,
@@ -102,6 +97,10 @@ class Scenario:
             faults.ENV: spec,
             faults.ENV_DIR: str(self.folder),
         }
+        if master is not None:
+            # As spark-submit --master gives it: a job started with python launches its JVM with
+            # spark-submit's default master, which wins over the config's [spark] one.
+            env["PYSPARK_SUBMIT_ARGS"] = f"--master {master} pyspark-shell"
         cmd = [
             sys.executable,
             str(ROOT / "jobs" / "stream_score.py"),
