@@ -92,7 +92,7 @@ def test_a_reused_worker_keeps_models_on_one_gpu_only(monkeypatch, tmp_path):
     from udfs.spec import ResolvedMember
 
     monkeypatch.setattr(model_cache, "load_module", lambda path, fmt, device: f"module on {device}")
-    monkeypatch.setattr(model_cache, "file_hash", lambda path: "h")
+    monkeypatch.setattr(model_cache, "files_hash", lambda files: "h")
     path = tmp_path / "m.pt"
     path.write_bytes(b"x")
     member = ResolvedMember("m", str(path), "h", "v", "torchscript", 1.0)
