@@ -137,3 +137,34 @@ def test_a_row_the_model_raises_for_fails_alone_and_is_counted_in_the_metrics(se
     metrics = srv.get("/metrics").text
     count = [line for line in metrics.splitlines() if line.startswith("sparkscore_model_error_rows_total")]
     assert count and float(count[0].split()[-1]) >= 1
+
+
+class Flagged(torch.nn.Module):
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        return x.double().sum(1) + 10 * flag.double()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_kserve_v2_takes_fp64_and_bool_tensors(serve, tmp_path, binary):
+    path = tmp_path / "flagged.pt"
+    torch.jit.save(torch.jit.script(Flagged()), str(path))
+    table = {
+        "path": str(path),
+        "name": "flagged",
+        "device": "cpu",
+        "inputs": [
+            {"name": "x", "column": "x", "shape": [2], "dtype": "float64"},
+            {"name": "flag", "column": "flag", "shape": [], "dtype": "bool"},
+        ],
+    }
+    srv = serve(model=resolve(from_dict(ModelSpec, table, where="model")))
+    client = triton.InferenceServerClient(url=urlparse(srv.url).netloc)
+    try:
+        x = triton.InferInput("x", [2, 2], "FP64")
+        x.set_data_from_numpy(np.array([[1.5, 2.0], [3.0, 4.0]]), binary_data=binary)
+        flag = triton.InferInput("flag", [2], "BOOL")
+        flag.set_data_from_numpy(np.array([True, False]), binary_data=binary)
+        out = client.infer("flagged", [x, flag])
+        np.testing.assert_array_equal(out.as_numpy("score"), [13.5, 7.0])
+    finally:
+        client.close()
