@@ -404,6 +404,7 @@ def list_offsets(
             request_timeout=max(1.0, deadline - time.monotonic()),
         )
         pending = []
+        metadata: list[Any] = []  # asked at most once a round, however many partitions failed
         for tp, fut in futures.items():
             try:
                 out[(tp.topic, tp.partition)] = fut.result().offset
@@ -416,7 +417,9 @@ def list_offsets(
                 # ("leader epoch is older than broker epoch"), and one that is down "unknown
                 # partition": a broker going away must be reported as such (the job's broker
                 # watch), never as lost data.
-                if partition_gone(admin, tp.topic, tp.partition, min(5.0, timeout_s)):
+                if not metadata:
+                    metadata.append(_metadata(admin, min(5.0, timeout_s)))
+                if _gone_in(metadata[0], tp.topic, tp.partition):
                     if missing_ok:
                         continue
                     _raise_list_offsets_error(tp, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
@@ -548,11 +551,20 @@ def partition_gone(client: Consumer | AdminClient, topic: str, partition: int, t
     believed once a broker has confirmed it. Asks for every topic (asking for one could make a
     broker with ``auto.create.topics.enable`` create it again).
     """
+    return _gone_in(_metadata(client, timeout_s), topic, partition)
+
+
+def _metadata(client: Consumer | AdminClient, timeout_s: float) -> Any:
+    """Every topic's metadata from a broker; None when no broker answers."""
     try:
         md = client.list_topics(timeout=max(1.0, timeout_s))
     except KafkaException:
-        return False  # nobody answered: the broker is down, not the partition gone
-    if not md.brokers:
+        return None  # nobody answered: the broker is down, not the partition gone
+    return md if md.brokers else None
+
+
+def _gone_in(md: Any, topic: str, partition: int) -> bool:
+    if md is None:
         return False
     found = md.topics.get(topic)
     if found is None:
