@@ -82,11 +82,24 @@ def connect_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def remote(connect_url):
+    """A Connect session beside any classic one this pytest worker made for earlier files.
+
+    ``getOrCreate`` refuses a remote session while a classic one exists; ``create`` does not, and
+    marks the process as Connect mode (so ``pyspark.sql.functions`` build Connect columns). The
+    mark is taken back afterwards, so files that run later in this worker get classic columns.
+    """
     from pyspark.sql import SparkSession
 
-    session = SparkSession.builder.remote(connect_url).getOrCreate()
-    yield session
-    session.stop()
+    before = os.environ.get("SPARK_CONNECT_MODE_ENABLED")
+    session = SparkSession.builder.remote(connect_url).create()
+    try:
+        yield session
+    finally:
+        session.stop()
+        if before is None:
+            os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+        else:
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = before
 
 
 @pytest.fixture(scope="module")
