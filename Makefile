@@ -80,9 +80,10 @@ bench-checkpoint: $(LOCALFS_JAR) ## checkpoint cost per micro-batch: Hadoop's ch
 
 jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and the Apache Kafka broker (build/kafka/libs) with Maven
 
-# Most test time is waiting (JVM starts, brokers, micro-batch triggers): three pytest workers, each
-# taking whole files so a file's module-scoped fixtures (brokers, Spark tables) are built once.
-PYTEST_PARALLEL ?= -n 3 --dist loadfile
+# Most test time is waiting (JVM starts, brokers, micro-batch triggers; the CPUs are idle about
+# two thirds of a run): four pytest workers, each taking whole files so a file's module-scoped
+# fixtures (brokers, Spark tables) are built once.
+PYTEST_PARALLEL ?= -n 4 --dist loadfile
 test: setup jars ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
 	$(PY) -m pytest tests $(PYTEST_PARALLEL)
 

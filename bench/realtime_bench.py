@@ -70,6 +70,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/, serving/ and udfs/ live one level up
 from bench import common  # noqa: E402
+from streaming.broker import free_port as _free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
@@ -400,14 +401,6 @@ def _pin(cpu: int) -> Any:
             os.sched_setaffinity(0, {cpu})
 
     return preexec
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:

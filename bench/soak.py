@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import common  # noqa: E402
+from streaming.broker import free_port as common_free_port  # noqa: E402
 
 DEMO = ROOT / "build" / "demo" / "ctr.pt"
 NO_ANSWER_S = 10.0
@@ -239,14 +240,6 @@ class Redis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-
-
-def common_free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def second_version(path: Path) -> None:

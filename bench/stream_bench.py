@@ -71,8 +71,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, table, write_json  # noqa: E402
 from streaming import kafka_client as kc  # noqa: E402
-from streaming.backends import local_jars  # noqa: E402
-from streaming.broker import ApacheKafkaBroker, LocalBroker, TansuBroker  # noqa: E402
+from streaming.backends import LOCALFS_JAR, local_jars, localfs_settings  # noqa: E402
+from streaming.broker import (  # noqa: E402
+    ApacheKafkaBroker,
+    LocalBroker,
+    TansuBroker,
+    free_port,
+)
 
 RESULTS = ROOT / "bench" / "results"
 DEMO_MODEL = ROOT / "build" / "demo" / "ctr.pt"
@@ -82,6 +87,9 @@ VARIANTS = ("sparkscore_kafka", "sparkscore_kafka_py", "plain_loop_2proc", "faus
 # The stream job with its window statistics query on (the default in conf/stream.toml): the
 # other variants leave it off, so that every variant does the same work.
 STATS_SUFFIX = "+stats"
+# The stream job with Hadoop's local file system swapped for jvm/localfs (no forked chmod per
+# checkpoint file; `make localfs`).
+LOCALFS_SUFFIX = "+localfs"
 BROKERS = {"kafka": ("apache_kafka", "Apache Kafka 4.1.1"), "tansu": ("tansu", "Tansu 0.6.0, in memory")}
 PARTITIONS = 2
 IN, OUT, DLQ = "events", "predictions", "events.dlq"
@@ -325,7 +333,11 @@ def start_system(
             for _ in range(PARTITIONS)
         ]
     else:
-        source = variant.removeprefix("sparkscore_").removesuffix(STATS_SUFFIX)
+        base = variant.removeprefix("sparkscore_")
+        nio = base.endswith(LOCALFS_SUFFIX)
+        base = base.removesuffix(LOCALFS_SUFFIX)
+        stats = base.endswith(STATS_SUFFIX)
+        source = base.removesuffix(STATS_SUFFIX)
         cfg = tmp / "stream.toml"
         cfg.write_text(
             textwrap.dedent(JOB_TOML).format(
@@ -337,13 +349,18 @@ def start_system(
                 predictions=OUT,
                 dlq=DLQ,
                 checkpoint=tmp / "ck",
-                stats=str(variant.endswith(STATS_SUFFIX)).lower(),
+                stats=str(stats).lower(),
             )
         )
         spark_submit = Path(sys.executable).parent / "spark-submit"
         log4j = ROOT / "conf" / "log4j2.properties"
         # The README's local line: Spark expands the quoted glob itself.
         jars = ["--jars", str(ROOT / "build" / "jars" / "*.jar")] if source == "kafka" else []
+        if nio:  # checkpoint files written with java.nio permissions (make localfs), as the README says
+            settings = localfs_settings()
+            jars += ["--driver-class-path", settings.pop("spark.driver.extraClassPath")]
+            for k, v in settings.items():
+                jars += ["--conf", f"{k}={v}"]
         cmds = [
             [
                 str(spark_submit),
@@ -359,14 +376,6 @@ def start_system(
         subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         for cmd in cmds
     ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_system(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -717,6 +726,11 @@ def main(argv: list[str] | None = None) -> int:
         default="kafka",
         help="also run this source's job with its statistics query on (fixed-rate phase only); '' for none",
     )
+    p.add_argument(
+        "--localfs-run",
+        default="",
+        help="also run this source's job with java.nio checkpoint files (make localfs; fixed-rate phase only)",
+    )
     args = p.parse_args(argv)
     if args.cmd == "produce":
         produce(args.bootstrap, IN, args.n, args.rate, args.prefix)
@@ -754,6 +768,15 @@ def main(argv: list[str] | None = None) -> int:
         stats_variant = f"sparkscore_{args.stats_run}{STATS_SUFFIX}"
         fixed = fixed_rate_phase(stats_variant, args)
         results[stats_variant] = {"p50_ms": fixed["p50_ms"], "p99_ms": fixed["p99_ms"], "fixed_rate": fixed}
+    if args.localfs_run:
+        if args.localfs_run not in SOURCES:
+            p.error(f"--localfs-run must be one of {list(SOURCES)} or ''")
+        if not LOCALFS_JAR.exists():
+            print(f"[bench] {LOCALFS_JAR} is missing: run `make localfs`")
+            return 2
+        nio_variant = f"sparkscore_{args.localfs_run}{LOCALFS_SUFFIX}"
+        fixed = fixed_rate_phase(nio_variant, args)
+        results[nio_variant] = {"p50_ms": fixed["p50_ms"], "p99_ms": fixed["p99_ms"], "fixed_rate": fixed}
     key, broker_name = BROKERS[args.broker]
     section: dict[str, Any] = {"broker": broker_name, **results}
     met = targets(results)

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -48,7 +49,32 @@ class BrokerError(SparkscoreError):
     """The broker binary is missing, the port is taken, or the broker did not come up."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
+    """A free 127.0.0.1 port below the kernel's ephemeral range, for a server started next.
+
+    The kernel never gives such a port to a client socket or to a bind to port 0, so the port stays
+    free until the server binds it (many parallel tests and Spark's own servers pick ephemeral
+    ports), and a client still retrying a stopped broker's port cannot reach another process's
+    listener there (a stray connection once flooded a job's log from Spark's accumulator server).
+    """
+    low = _ephemeral_low()
+    if low > 12_000:
+        rng = random.SystemRandom()
+        for _ in range(500):
+            port = rng.randrange(10_000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -570,8 +570,12 @@ _BATCH_FAILED = re.compile(r"[\w.]*\b(BatchFailed): (.+)")
 
 
 # Hadoop runs `chmod` for local checkpoint files when its native library is missing; a Ctrl-C or a
-# SIGTERM sent to the job's whole process group kills it too (exit 128 + SIGINT or SIGTERM).
-_KILLED_HELPER = re.compile(r"ExitCodeException exitCode=(130|143)\b")
+# SIGTERM sent to the job's whole process group kills it too (exit 128 + SIGINT or SIGTERM), or
+# kills the JDK's jspawnhelper before it has exec'd `chmod` ("Failed to exec spawn helper: pid: N,
+# signal: 2", seen in a full-suite run).
+_KILLED_HELPER = re.compile(
+    r"ExitCodeException exitCode=(130|143)\b|Failed to exec spawn helper: pid: \d+, signal: (2|15)\b"
+)
 
 
 def killed_by_the_stop_signal(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from streaming.broker import free_port
 from udfs import demo, predict_udf, with_predictions
 from udfs.core import load_scorer, score_batch
 from udfs.spec import ModelSpec, resolve
@@ -28,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CTR = demo.CTR_FEATURES
 ROWS = [(1, 30.0, 1.0, 5.0, 1.0), (2, None, 1.0, 5.0, 1.0), (3, 41.0, 2.0, 6.0, 3.0)]
 SCHEMA = "id long, age double, purchase_count double, price double, category_id double"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

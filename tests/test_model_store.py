@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from streaming.broker import free_port
 from udfs import demo, mlflow_demo, model_cache, model_store
 from udfs.core import check_model, load_scorer, score_batch
 from udfs.errors import ModelLoadError
@@ -184,11 +185,8 @@ def test_a_missing_sqlite_registry_is_one_sentence_and_is_not_created(tmp_path, 
 
 
 def test_an_unreachable_registry_server_is_one_sentence(cache):
-    import socket
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     spec = ModelSpec(
         path="models:/demo_ctr@champion", input_columns=CTR, registry_uri=f"http://127.0.0.1:{port}"
     )

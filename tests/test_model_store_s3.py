@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streaming.broker import free_port
 from udfs import demo, mlflow_demo, model_cache, model_store
 from udfs.core import check_model, load_scorer, score_batch
 from udfs.model_store import ModelStoreError
@@ -22,12 +23,6 @@ from udfs.spec import ModelSpec, resolve
 CTR = demo.CTR_FEATURES
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "models"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

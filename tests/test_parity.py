@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from jobs import batch_score, stream_score
+from streaming.broker import free_port as _free_port
 from streaming.sink import H_ERROR
 from tests.streaming.conftest import Kafka
 from udfs.spec import ModelSpec, resolve
@@ -184,12 +184,6 @@ def score_stream_job(kafka: Kafka, model_section: str, tmp: Path, tag: str, sour
 
 
 # -- path 3: the real-time scorer over HTTP ---------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def score_http(model_section: str, tmp: Path) -> dict[str, dict[str, Scored]]:

@@ -32,14 +32,9 @@ from serving.config import (
     ServerConfig,
 )
 from serving.model import ModelRunner, Row
+from streaming.broker import free_port
 from udfs.demo import CTR_FEATURES
 from udfs.spec import ModelSpec, ResolvedModel, resolve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

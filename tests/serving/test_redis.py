@@ -126,8 +126,15 @@ def test_after_a_redis_restart_stale_pooled_connections_are_retried_not_failures
     redis = start_redis()
     try:
         seed(redis.client())
-        # Generous socket timeouts: this test is about broken connections, not a slow machine.
-        srv = serve(redis={"url": redis.url, "retry_after_s": 60.0, "socket_timeout_ms": 2000.0})
+        # Generous socket and connect timeouts: this test is about broken connections, not a slow machine.
+        srv = serve(
+            redis={
+                "url": redis.url,
+                "retry_after_s": 60.0,
+                "socket_timeout_ms": 2000.0,
+                "connect_timeout_ms": 2000.0,
+            }
+        )
 
         def ask(i: int) -> int:
             body = {"user_id": "u1", "item_id": "i1", "context": {"price": float(i)}}

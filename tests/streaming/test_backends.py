@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from jobs import stream_score
 from streaming import kafka_client as kc
 from streaming.backends import CONNECTOR_VERSION, JVM, PYTHON, local_jars
+from streaming.broker import free_port
 from tests.streaming.conftest import ROOT
 from tests.streaming.test_stream_job import make_events, write_config
 
@@ -114,9 +114,7 @@ def test_source_kafka_without_the_connector_is_one_sentence_naming_make_jars_and
 def test_an_unreachable_broker_is_one_sentence_within_15_s_for_both_sources(
     spark, models, tmp_path, capsys, source
 ):
-    with socket.socket() as s:  # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port with nothing listening
 
     class Nowhere:
         bootstrap = f"127.0.0.1:{port}"

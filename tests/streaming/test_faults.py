@@ -20,7 +20,7 @@ import pytest
 from streaming import faults
 from streaming.query import QueryFailed, run
 from streaming.sink import H_ID
-from tests.streaming.conftest import event, read_records, stream_config, tally
+from tests.streaming.conftest import event, on_source, read_records, stream_config, tally
 from tests.streaming.fault_scenarios import events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
 AFTER_P0 = "after=writer.after_commit-p0-b0"
 
 
+@on_source("kafka_py")
 def test_a_task_killed_before_it_produces(scenario, fault_results):
     s = scenario("before-produce")
     s.crash(f"writer.before_produce:batch=0,writer=p1,action=exit,{AFTER_P0}")
@@ -39,6 +40,7 @@ def test_a_task_killed_before_it_produces(scenario, fault_results):
     s.check("before_produce", deduplicated, fault_results)
 
 
+@on_source("kafka")
 def test_a_task_killed_after_k_of_its_records(scenario, fault_results):
     s = scenario("after-k")
     s.crash(f"writer.after_records:k=3,batch=0,writer=p1,action=exit,{AFTER_P0}")
@@ -49,6 +51,7 @@ def test_a_task_killed_after_k_of_its_records(scenario, fault_results):
     assert sum(s.seen(committed=False).values()) == 16 + 3
 
 
+@on_source("kafka_py")
 def test_a_task_killed_with_all_its_records_sent_before_it_commits(scenario, fault_results):
     s = scenario("before-commit")
     s.crash(f"writer.before_commit:batch=0,writer=p1,action=exit,{AFTER_P0}")
@@ -58,6 +61,7 @@ def test_a_task_killed_with_all_its_records_sent_before_it_commits(scenario, fau
     assert sum(s.seen(committed=False).values()) == 16 + 4
 
 
+@on_source("kafka")
 def test_a_task_killed_just_after_it_committed(scenario, fault_results):
     s = scenario("after-commit")
     s.crash(f"writer.after_commit:batch=0,writer=p1,action=exit,{AFTER_P0}")
@@ -66,6 +70,7 @@ def test_a_task_killed_just_after_it_committed(scenario, fault_results):
     s.check("writer_after_commit", deduplicated, fault_results)
 
 
+@on_source("kafka_py")
 def test_sparks_own_task_retry_writes_a_killed_tasks_records_once_in_the_same_run(scenario, fault_results):
     """local[2, 3]: Spark retries a failed task itself (spark.task.maxFailures 3), no restart needed."""
     s = scenario("task-retry")

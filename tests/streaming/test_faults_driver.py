@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.streaming.conftest import on_source
+
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
 
 
 # -- batch 0: the tasks wrote and committed; the driver writes only the marker ------------------
 
 
+@on_source("kafka_py")
 def test_the_driver_killed_after_the_tasks_committed_but_before_the_marker(scenario, fault_results):
     s = scenario("before-marker")
     s.kill_driver_at("driver.before_marker:batch=0")
@@ -28,6 +31,7 @@ def test_the_driver_killed_after_the_tasks_committed_but_before_the_marker(scena
     s.check("before_marker", deduplicated, fault_results)
 
 
+@on_source("kafka")
 def test_the_driver_killed_after_the_marker_before_sparks_commit(scenario, fault_results):
     s = scenario("after-marker")
     s.kill_driver_at("driver.after_marker:batch=0")
@@ -39,6 +43,7 @@ def test_the_driver_killed_after_the_marker_before_sparks_commit(scenario, fault
 # -- batch 1: the driver writes records and marker in one transaction ---------------------------
 
 
+@on_source("kafka")
 def test_the_driver_killed_before_it_produces(scenario, fault_results):
     s = scenario("driver-before-produce")
     s.kill_driver_at("driver.before_produce:batch=1")
@@ -48,6 +53,7 @@ def test_the_driver_killed_before_it_produces(scenario, fault_results):
     assert sum(s.seen(committed=False).values()) == 16
 
 
+@on_source("kafka_py")
 def test_the_driver_killed_after_k_of_its_records(scenario, fault_results):
     s = scenario("driver-after-k")
     s.kill_driver_at("driver.after_records:k=5,batch=1")
@@ -57,6 +63,7 @@ def test_the_driver_killed_after_k_of_its_records(scenario, fault_results):
     assert sum(s.seen(committed=False).values()) == 16 + 5
 
 
+@on_source("kafka")
 def test_the_driver_killed_with_its_records_sent_before_the_marker(scenario, fault_results):
     s = scenario("driver-before-marker")
     s.kill_driver_at("driver.before_marker:batch=1")

@@ -147,6 +147,15 @@ def test_a_checkpoint_helper_killed_by_ctrl_c_or_sigterm_is_recognised_in_the_ca
         # StreamingQuery.exception() passes no origin, only the cause, captured in its turn.
         captured = _QueryException(f"ExitCodeException exitCode={code}: ", None)
         assert killed_by_the_stop_signal(_QueryException("=== Streaming Query ===", None, captured))
+    # The signal can also kill the JDK's spawn helper before it has exec'd chmod.
+    for sig in (2, 15):
+        spawn = _JavaThrowable(
+            'java.io.IOException: Cannot run program "chmod": error=0, Failed to exec spawn helper: '
+            f"pid: 18466, signal: {sig}"
+        )
+        assert killed_by_the_stop_signal(
+            _QueryException("=== Streaming Query ===", _JavaThrowable("q", spawn))
+        )
 
 
 def test_other_query_failures_are_not_taken_for_a_stop():
@@ -154,6 +163,8 @@ def test_other_query_failures_are_not_taken_for_a_stop():
     assert not killed_by_the_stop_signal(_QueryException("boom", _JavaThrowable("wrapper", exit_1)))
     assert not killed_by_the_stop_signal(_QueryException("java.io.EOFException", None))
     assert not killed_by_the_stop_signal(_QueryException("ExitCodeException exitCode=1300", None))
+    spawn_9 = _JavaThrowable("Failed to exec spawn helper: pid: 18466, signal: 9")  # not a stop signal
+    assert not killed_by_the_stop_signal(_QueryException("boom", spawn_9))
 
 
 def test_a_failed_batch_is_re_raised_in_a_few_lines_keeping_the_reason_and_the_stop_signature():

@@ -12,7 +12,6 @@ batch short, so each test seals its partitions with a sentinel batch (see
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 
 import pytest
@@ -21,6 +20,7 @@ from pyspark.sql.streaming.datasource import ReadAllAvailable
 
 from streaming import kafka_client as kc
 from streaming.backends import JVM, PYTHON, available_backends, choose_backend, read_kafka
+from streaming.broker import free_port
 from streaming.source import (
     KafkaStreamReader,
     SourceOptionError,
@@ -362,9 +362,7 @@ def test_kafka_py_fails_a_query_whose_offsets_are_past_the_log_unless_told_not_t
 
 
 def test_an_unreachable_broker_is_named_in_one_clear_error_before_any_query(kafka):
-    with socket.socket() as s:  # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port with nothing listening
     with pytest.raises(
         kc.KafkaConfigError, match=rf"no Kafka broker answered at '127.0.0.1:{port}'.*make broker"
     ):
@@ -473,9 +471,7 @@ def test_an_unknown_partition_that_no_broker_confirms_is_a_timeout_not_data_loss
 @pytest.mark.kafka
 def test_a_partition_is_gone_only_when_a_broker_says_so(kafka):
     topic = kafka.topic(partitions=1)
-    with socket.socket() as s:  # a loopback port with nothing listening: a stopped broker
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port with nothing listening: a stopped broker
     down = kc.make_consumer({"bootstrap.servers": f"127.0.0.1:{port}"})
     up = kc.make_consumer(kafka.conf)
     try:
