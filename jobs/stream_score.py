@@ -1,4 +1,4 @@
-"""Streaming inference: Kafka events in, predictions (and a dead-letter topic) out, window stats.
+"""Streaming inference: Kafka events (or a Delta table) in, predictions (Kafka or Delta) out, window stats.
 
     SPARK_LOCAL_IP=127.0.0.1 spark-submit [--jars 'build/jars/*.jar'] \
         jobs/stream_score.py --config conf/stream.toml \
@@ -17,6 +17,13 @@ org.apache.spark:spark-sql-kafka-0-10_2.13:4.2.0``) the source is
 ``format("kafka")``; without it, the Python source ``kafka_py``. An ensemble's
 records also carry ``degraded`` and ``missing_members`` (a member failed and the
 quorum answered), and with ``--member-outputs`` each member's prediction.
+
+``[output] kind = "delta"`` writes the predictions to a Delta table instead,
+exactly once (``streaming/delta_sink.py``: idempotent ``foreachBatch`` appends
+with ``txnAppId`` / ``txnVersion``), the dead letters to the Kafka topic or a
+Delta table of their own; ``[input] kind = "delta"`` reads a Delta table's new
+rows instead of a topic (``streaming/delta_source.py``). Delta's jars come from
+``make jars`` (a plain ``python`` run) or ``--packages io.delta:delta-spark_2.13:4.4.0``.
 
 ``--available-now`` drains what is in the topic and exits (then runs the
 statistics query the same way; a missing input topic is an error unless
@@ -98,8 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         from streaming.backends import launch_jvm
 
-        launch_jvm(cfg.spark)  # [spark] "spark.jars" must be on the JVM's class path from its start
-        spark = build_session("sparkscore-stream", {**SPARK_DEFAULTS, **cfg.spark})
+        spark_conf = dict(cfg.spark)
+        if cfg.uses_delta and "spark.jars.packages" not in spark_conf:
+            # A plain `python` run that uses Delta starts its JVM with Delta's jars from `make jars`
+            # (under spark-submit the JVM runs already: its --packages / --jars count).
+            from udfs.delta import local_delta_jars
+
+            jars = [j for j in spark_conf.get("spark.jars", "").split(",") if j]
+            spark_conf["spark.jars"] = ",".join(dict.fromkeys(jars + local_delta_jars()))
+        launch_jvm(spark_conf)  # [spark] "spark.jars" must be on the JVM's class path from its start
+        spark = build_session("sparkscore-stream", {**SPARK_DEFAULTS, **spark_conf}, delta=cfg.uses_delta)
         summary = run(spark, cfg, model, available_now=args.available_now, duration_s=args.duration)
     except SparkscoreError as exc:
         print(f"[sparkscore] error: {exc}", file=sys.stderr, flush=True)

@@ -12,6 +12,9 @@ Points, in the order a batch passes them:
   commit marker, after which only Spark's own commit log entry is missing).
 * ``writer.before_produce``, ``writer.after_records`` (``k``), ``writer.before_commit``,
   ``writer.after_commit``: an executor task writing its partition (``writer`` is ``p<index>``).
+* ``delta.before_write``, ``delta.after_write``: the driver of a Delta output (``[output] kind =
+  "delta"``) before its batch's first Delta commit and after its last (then only Spark's own commit
+  log entry is missing).
 
 Actions: ``raise`` (the default: :class:`InjectedFault`; the batch fails and the sink abandons
 its producer with the transaction left open, as a dead driver would), ``exit`` (``os._exit``:
@@ -48,6 +51,8 @@ POINTS = (
     "writer.after_records",
     "writer.before_commit",
     "writer.after_commit",
+    "delta.before_write",
+    "delta.after_write",
 )
 
 ACTIONS = ("raise", "exit", "kill", "sleep")

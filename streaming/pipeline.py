@@ -27,6 +27,8 @@ PARSE_ERROR = "parse_error"
 SOURCE_COLUMNS = ("key", "value", "topic", "partition", "offset")
 # The input message's headers (a source read with includeHeaders=true): kept for dead letters.
 HEADERS = "headers"
+# A record id given by the source itself (a Delta source: table/file/row); else topic/partition/offset.
+RID = "rid"
 _CORRUPT = "_sparkscore_corrupt"
 # Event time goes out as ISO-8601 in UTC with microseconds, whatever the session time zone.
 JSON_OPTIONS = {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX", "timeZone": "UTC"}
@@ -139,7 +141,12 @@ def parse_events(
 
 
 def _source_columns(df: DataFrame) -> list[str]:
-    return [*SOURCE_COLUMNS, HEADERS] if HEADERS in df.columns else list(SOURCE_COLUMNS)
+    return [*SOURCE_COLUMNS, *(c for c in (HEADERS, RID) if c in df.columns)]
+
+
+def record_id(df: DataFrame) -> Column:
+    """Which source record a row stands for: the source's own id, else ``topic/partition/offset``."""
+    return F.col(RID) if RID in df.columns else F.concat_ws("/", "topic", "partition", "offset")
 
 
 def score_events(
@@ -194,7 +201,7 @@ def to_records(
             F.when(ok, body.cast("binary")).otherwise(F.col("value")).alias("value"),
             why.alias("error"),
             # The record id: which source record this output stands for (dedup key and DLQ headers).
-            F.concat_ws("/", "topic", "partition", "offset").alias("rid"),
+            record_id(df).alias("rid"),
             *headers,
         )
 

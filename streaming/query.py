@@ -34,6 +34,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streaming import backends, kafka_client
 from streaming.config import StreamConfig
+from streaming.delta_sink import DEAD_LETTERS, PREDICTIONS, DeltaSink, with_dest
 from streaming.markers import writer_markers
 from streaming.model_refresh import ModelRefresher, record_of
 from streaming.pipeline import count_metrics, event_schema, parse_events, score_events, to_records
@@ -48,6 +49,9 @@ from streaming.sink import (
 )
 from streaming.stats import collect_windows, stats_records, window_stats
 from udfs.errors import ConfigError
+
+# The scoring query's source name for a Delta input (summary, messages).
+DELTA = "delta"
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -397,6 +401,11 @@ def scoring_frame(
     job's batch lines and summary rather than the query progress.
     """
     ev = cfg.events
+    if cfg.input.kind == "delta":
+        from streaming.delta_source import read_delta
+
+        # The table's rows; each micro-batch becomes events (as_events) and is scored in foreachBatch.
+        return read_delta(spark, cfg.input)
     parsed = backends.read_kafka(spark, backend, source_options(cfg)).transform(
         parse_events(ev.schema, user_id=ev.user_id, timestamp=ev.timestamp)
     )
@@ -406,15 +415,26 @@ def scoring_frame(
 
 
 def score_records(cfg: StreamConfig, model: ResolvedModel) -> Callable[[DataFrame], DataFrame]:
-    """Parsed events -> scored output records."""
+    """Parsed events -> what the output takes: the Kafka sink's records, or for a Delta output the
+    scored rows with their ``dest`` (streaming.delta_sink)."""
     ev = cfg.events
 
     def transform(df: DataFrame) -> DataFrame:
-        return df.transform(score_events(model, user_id=ev.user_id, timestamp=ev.timestamp)).transform(
-            to_records(model, user_id=ev.user_id, timestamp=ev.timestamp)
-        )
+        scored = df.transform(score_events(model, user_id=ev.user_id, timestamp=ev.timestamp))
+        if cfg.output.kind == "delta":
+            return with_dest(scored)
+        return scored.transform(to_records(model, user_id=ev.user_id, timestamp=ev.timestamp))
 
     return transform
+
+
+def batch_events(cfg: StreamConfig) -> Callable[[DataFrame], DataFrame]:
+    """A micro-batch of the source as parsed events (a Delta source's rows get the Kafka layout)."""
+    if cfg.input.kind != "delta":
+        return lambda df: df
+    from streaming.delta_source import as_events, name_of
+
+    return as_events(name_of(cfg.input), user_id=cfg.events.user_id, timestamp=cfg.events.timestamp)
 
 
 def replayed_model(sink: EffectivelyOnceSink, plan: BatchPlan) -> str:
@@ -433,15 +453,18 @@ def start_scoring(
     *,
     trigger: str | None = None,
     gate: BatchGate | None = None,
-) -> tuple[StreamingQuery, EffectivelyOnceSink]:
+) -> tuple[StreamingQuery, EffectivelyOnceSink | DeltaSink]:
     refresher = (
         ModelRefresher(cfg.model, model, cfg.job.model_refresh_s) if cfg.job.model_refresh_s > 0 else None
     )
-    records = scoring_frame(spark, cfg, model, backend, per_batch=refresher is not None)
-    sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
+    # Scored inside foreachBatch: with a model chosen per batch, and for a Delta source (its row ids).
+    per_batch = refresher is not None or cfg.input.kind == "delta"
+    records = scoring_frame(spark, cfg, model, backend, per_batch=per_batch)
     checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
-
     gate = gate or BatchGate()
+    if cfg.output.kind == "delta":
+        return start_delta_scoring(spark, cfg, model, records, per_batch, refresher, trigger, gate)
+    sink = _sink(cfg, (cfg.output.topic, cfg.output.dlq_topic), "scoring")
 
     def run_batch(batch: DataFrame, batch_id: int) -> None:
         with gate, short_errors():
@@ -456,8 +479,10 @@ def start_scoring(
         if refresher is not None:
             # The model for this whole batch, chosen before any of its tasks starts.
             current = refresher.for_batch(batch_id, replayed_model(sink, plan))
-            batch = batch.transform(score_records(cfg, current))
+            batch = batch.transform(batch_events(cfg)).transform(score_records(cfg, current))
             plan = replace(plan, model=record_of(current))
+        elif per_batch:
+            batch = batch.transform(batch_events(cfg)).transform(score_records(cfg, model))
         remote = "://" in checkpoint.removeprefix("file:")
         ranges = batch_ranges(
             checkpoint,
@@ -488,6 +513,54 @@ def start_scoring(
             f"{dlq:,} dead-lettered{skipped}{gone} ({time.monotonic() - started:.2f} s)",
             flush=True,
         )
+
+    writer = (
+        records.writeStream.queryName(cfg.job.query_name)
+        .option("checkpointLocation", checkpoint)
+        .foreachBatch(run_batch)
+    )
+    query = _trigger(writer, trigger or cfg.job.trigger).start()
+    sink.bind(query.id)
+    return query, sink
+
+
+def start_delta_scoring(
+    spark: SparkSession,
+    cfg: StreamConfig,
+    model: ResolvedModel,
+    records: DataFrame,
+    per_batch: bool,
+    refresher: ModelRefresher | None,
+    trigger: str | None,
+    gate: BatchGate,
+) -> tuple[StreamingQuery, DeltaSink]:
+    """The scoring query with a Delta output: the same scored rows, appended exactly once
+    (streaming.delta_sink); dead letters to Kafka (effectively once) or a Delta table."""
+    ev = cfg.events
+    dlq = None if cfg.output.delta_dlq else _sink(cfg, (cfg.output.dlq_topic,), "dead letters")
+    sink = DeltaSink(cfg.output, model, user_id=ev.user_id, timestamp=ev.timestamp, dlq=dlq)
+    # Refused before the query starts: a table that cannot take these rows (per batch: the columns
+    # of the source's empty schema scored).
+    probe = records
+    if per_batch:
+        probe = spark.createDataFrame([], records.schema).transform(batch_events(cfg))
+        probe = probe.transform(score_records(cfg, model))
+    sink.check(spark, probe)
+    checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
+
+    def run_batch(batch: DataFrame, batch_id: int) -> None:
+        with gate, short_errors():
+            started = time.monotonic()
+            if per_batch:
+                current = refresher.for_batch(batch_id) if refresher is not None else model
+                batch = batch.transform(batch_events(cfg)).transform(score_records(cfg, current))
+            preds, dlq_rows, skipped = sink.write(batch, batch_id)
+            again = f" ({skipped:,} of them written before a restart: skipped)" if skipped else ""
+            print(
+                f"[sparkscore] batch {batch_id}: {preds + dlq_rows:,} events -> {preds:,} predictions, "
+                f"{dlq_rows:,} dead-lettered{again} ({time.monotonic() - started:.2f} s)",
+                flush=True,
+            )
 
     writer = (
         records.writeStream.queryName(cfg.job.query_name)
@@ -727,15 +800,19 @@ class StreamSummary:
     progress: list[dict[str, Any]] = field(default_factory=list)  # the scoring query's recent progress
 
     def render(self, cfg: StreamConfig) -> str:
-        t = self.totals
-        preds, dlq, skipped = t.get(cfg.output.topic, 0), t.get(cfg.output.dlq_topic, 0), t.get("skipped", 0)
+        t, o = self.totals, cfg.output
+        keys = (o.topic, o.dlq_topic) if o.kind == "kafka" else (PREDICTIONS, DEAD_LETTERS)
+        preds, dlq, skipped = t.get(keys[0], 0), t.get(keys[1], 0), t.get("skipped", 0)
         lost = t.get("lost", 0)
+        # The Delta sink counts a replayed batch among its rows (Delta skipped writing them again).
+        events = preds + dlq + (skipped if o.kind == "kafka" else 0)
+        stats = f"; {self.stats_windows} stats record(s) on {cfg.stats.topic!r}" if cfg.stats.enabled else ""
         return (
-            f"[sparkscore] source {self.backend}: {self.batches} batch(es), {preds + dlq + skipped:,} events -> "
-            f"{preds:,} predictions on {cfg.output.topic!r}, {dlq:,} on {cfg.output.dlq_topic!r}"
+            f"[sparkscore] source {self.backend}: {self.batches} batch(es), {events:,} events -> "
+            f"{preds:,} predictions on {o.target}, {dlq:,} on {o.dlq_target}"
             + (f", {skipped:,} already written before a restart" if skipped else "")
             + (f", {lost:,} offsets gone from the broker before they were read" if lost else "")
-            + f"; {self.stats_windows} stats record(s) on {cfg.stats.topic!r}; {self.seconds:.1f} s"
+            + f"{stats}; {self.seconds:.1f} s"
             + (f"\n[sparkscore] {breakdown}" if (breakdown := batch_time_breakdown(self.progress)) else "")
         )
 
@@ -780,33 +857,46 @@ def run(
     """
     started = time.monotonic()
     check_spark_conf(spark)
-    backend = backends.choose_backend(spark, cfg.kafka.source)
+    delta_in = cfg.input.kind == "delta"
+    if cfg.uses_delta:
+        from udfs import delta
+
+        delta.check_session(spark)
+    backend = DELTA if delta_in else backends.choose_backend(spark, cfg.kafka.source)
     from streaming.pipeline import check_event_schema
 
-    # A wrong address or a stopped broker is the most common mistake: say so before Spark starts work.
-    kafka_client.check_reachable(cfg.kafka.client_conf, timeout_s=min(15.0, cfg.kafka.poll_timeout_ms / 1000))
-    check_event_schema(
-        event_schema(cfg.events.schema),
-        user_id=cfg.events.user_id,
-        timestamp=cfg.events.timestamp,
-        model=model,
-    )
-    if available_now:
+    if cfg.kafka_uses:
+        # A wrong address or a stopped broker is the most common mistake: say so before Spark starts work.
+        kafka_client.check_reachable(
+            cfg.kafka.client_conf, timeout_s=min(15.0, cfg.kafka.poll_timeout_ms / 1000)
+        )
+    if delta_in:
+        from streaming.delta_source import table_schema
+
+        schema = table_schema(spark, cfg.input)
+    else:
+        schema = event_schema(cfg.events.schema)
+    check_event_schema(schema, user_id=cfg.events.user_id, timestamp=cfg.events.timestamp, model=model)
+    if available_now and not delta_in:
         check_input_topics(cfg)
-    if cfg.output.create_topics:
+    if cfg.output.create_topics and cfg.kafka_uses:
         ensure_output_topics(cfg)
     trigger = "availableNow" if available_now else cfg.job.trigger
-    print(
-        f"[sparkscore] reading {source_options(cfg).get('subscribe', cfg.input.subscribe_pattern or cfg.input.assign)} "
-        f"with the {backend} source ({trigger} trigger)",
-        flush=True,
+    what = (
+        f"the Delta table {cfg.input.table or cfg.input.path}"
+        if delta_in
+        else f"{source_options(cfg).get('subscribe', cfg.input.subscribe_pattern or cfg.input.assign)} "
+        f"with the {backend} source"
     )
+    print(f"[sparkscore] reading {what} ({trigger} trigger)", flush=True)
     stop = threading.Event()
     restore_signals = install_stop_signals(spark, stop)
-    watch = BrokerWatch(cfg.kafka.client_conf, cfg.kafka.broker_timeout_ms / 1000).start()
+    watch = BrokerWatch(cfg.kafka.client_conf, cfg.kafka.broker_timeout_ms / 1000)
+    if cfg.kafka_uses:
+        watch.start()
     halt = _Halt(stop, watch)
     scoring_gate, stats_gate = BatchGate(), BatchGate()
-    sinks: list[EffectivelyOnceSink] = []
+    sinks: list[EffectivelyOnceSink | DeltaSink] = []
     queries: list[tuple[StreamingQuery, BatchGate]] = []
     try:
         scoring, sink = start_scoring(spark, cfg, model, backend, trigger=trigger, gate=scoring_gate)

@@ -1,0 +1,335 @@
+"""The stream job with Delta Lake: Kafka -> Delta exactly once (also across a kill -9 between the
+Delta commit and Spark's commit log), a Delta table as the source, and the configs it refuses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from chispa import assert_approx_df_equality
+
+from streaming import faults
+from streaming.config import StreamConfig
+from streaming.query import run
+from tests.streaming.conftest import (
+    ROOT,
+    event,
+    read_records,
+    stream_config,
+    stream_config_dict,
+    wait_until,
+    write_toml,
+)
+from tests.streaming.test_stream_job import _alive, _tree
+from udfs.config import from_dict
+from udfs.core import load_scorer, score_batch
+from udfs.delta import local_delta_jars
+from udfs.errors import ConfigError
+
+
+def _events(n: int, user: str = "u", minute: int = 0) -> tuple[list[bytes], dict[str, list[float]]]:
+    feats = {f"{user}{i}": [18.0 + i, float(i % 9), 5.0 + 3.5 * i, float(i % 20)] for i in range(n)}
+    ts = f"2026-01-01T00:{minute:02d}:00Z"
+    return [event(u, f, ts) for u, f in feats.items()], feats
+
+
+def _expected(spark, model, feats: dict[str, list[float]], ts: str):
+    """What the core says for these users: the prediction table's columns, as a frame."""
+    users = sorted(feats)
+    direct = score_batch(
+        pa.table({"features": pa.array([feats[u] for u in users], pa.list_(pa.float64()))}),
+        load_scorer(model),
+    ).to_pydict()
+    when = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
+    rows = [(u, p, when, model.version) for u, p in zip(users, direct["prediction"], strict=True)]
+    return spark.createDataFrame(
+        rows, "user_id string, prediction double, timestamp timestamp, model_version string"
+    )
+
+
+def _delta_txns(path: Path) -> dict[str, int]:
+    """appId -> the newest txnVersion Delta recorded in the table's log (its JSON commits)."""
+    found: dict[str, int] = {}
+    for commit in sorted((path / "_delta_log").glob("*.json")):
+        for line in commit.read_text().splitlines():
+            txn = json.loads(line).get("txn")
+            if txn:
+                found[txn["appId"]] = max(found.get(txn["appId"], -1), int(txn["version"]))
+    return found
+
+
+@pytest.mark.kafka
+@pytest.mark.spark
+@pytest.mark.slow
+def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it(
+    spark, kafka, stream_model, models, tmp_path
+):
+    tag = "k2d"
+    events = kafka.topic(partitions=2, prefix="events")
+    values, feats = _events(24)
+    bad = [b"not json", event("ubad", [1.0, 2.0])]
+    kafka.produce(events, values + bad)
+    table = tmp_path / "predictions"
+    cfg = stream_config(
+        kafka,
+        tag,
+        model_path=models["torchscript"],
+        input={"topic": events, "max_offsets_per_trigger": 16},
+        output={"kind": "delta", "path": str(table)},
+        job={"checkpoint": str(tmp_path / "ck")},
+    )
+    first = run(spark, cfg, stream_model, available_now=True)
+    again = run(spark, cfg, stream_model, available_now=True)
+
+    got = spark.read.format("delta").load(str(table))
+    assert got.columns == [
+        "user_id",
+        "prediction",
+        "timestamp",
+        "model_version",
+        "source_topic",
+        "source_partition",
+        "source_offset",
+        "source_id",
+        "scored_at",
+    ]
+    assert_approx_df_equality(
+        got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
+        _expected(spark, stream_model, feats, "2026-01-01T00:00:00Z"),
+        1e-6,
+    )
+    ids = Counter(r["source_id"] for r in got.collect())
+    positions = {f"{r.topic()}/{r.partition()}/{r.offset()}" for r in read_records(kafka, events)}
+    assert set(ids.values()) == {1} and set(ids) < positions
+    # Dead letters on the Kafka topic (the default), each once, the original bytes kept.
+    dlq = read_records(kafka, cfg.output.dlq_topic)
+    assert sorted(m.value() for m in dlq) == sorted(bad)
+    assert first.batches == 2 and first.totals == {"predictions": 24, "dead_letters": 2, "skipped": 0}
+    assert again.batches == 0
+    assert "24 predictions on Delta table" in first.render(cfg)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_delta_source_scores_only_the_rows_appended_since_the_last_run(spark, stream_model, tmp_path):
+    """Delta -> Delta (catalog tables, dead letters in a Delta table, no Kafka at all)."""
+    source = tmp_path / "events"
+    schema = "user_id string, features array<double>, timestamp timestamp, country string"
+    when = datetime(2026, 1, 1, 0, 5)
+    old = {f"d{i}": [30.0 + i, 1.0, 2.0, float(i)] for i in range(6)}
+    spark.createDataFrame([(u, f, when, "fr") for u, f in old.items()], schema).write.format("delta").save(
+        str(source)
+    )
+    sections = {
+        "model": {
+            "path": stream_model.spec.path,
+            "name": "demo_ctr",
+            "input_columns": ["features"],
+            "num_features": 4,
+            "device": "cpu",
+        },
+        "input": {"kind": "delta", "path": str(source), "max_files_per_trigger": 1},
+        "output": {"kind": "delta", "table": "default.d2d_predictions", "dlq_table": "default.d2d_dead"},
+        "stats": {"enabled": False},
+        "job": {"checkpoint": str(tmp_path / "ck"), "query_name": "q_d2d"},
+    }
+    cfg = from_dict(StreamConfig, sections, where="test")
+    first = run(spark, cfg, stream_model, available_now=True)
+    new = {f"n{i}": [50.0 + i, 0.0, 9.0, 2.0] for i in range(3)}
+    rows = [(u, f, when, "de") for u, f in new.items()] + [(None, [1.0, 2.0, 3.0, 4.0], when, "de")]
+    spark.createDataFrame(rows, schema).write.format("delta").mode("append").save(str(source))
+    second = run(spark, cfg, stream_model, available_now=True)
+
+    assert first.totals["predictions"] == 6 and first.batches >= 2  # maxFilesPerTrigger passed through
+    assert second.totals == {"predictions": 3, "dead_letters": 1, "skipped": 0}
+    got = spark.table("default.d2d_predictions")
+    assert_approx_df_equality(
+        got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
+        _expected(spark, stream_model, {**old, **new}, "2026-01-01T00:05:00Z"),
+        1e-6,
+    )
+    assert {r["source_topic"] for r in got.collect()} == {str(source)}
+    assert len({r["source_id"] for r in got.collect()}) == 9
+    dead = spark.table("default.d2d_dead").collect()
+    assert len(dead) == 1 and dead[0]["error"] == "missing user_id"
+    assert json.loads(dead[0]["value"])["country"] == "de"  # the row itself, as JSON
+
+
+@pytest.mark.kafka
+@pytest.mark.spark
+@pytest.mark.slow
+def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_writes_each_event_once(
+    spark, kafka, stream_model, models, tmp_path
+):
+    tag = "delta-kill"
+    events = kafka.topic(partitions=2, prefix="events")
+    values, feats = _events(40)
+    bad = [b"{}", b"not json"]
+    kafka.produce(events, values + bad)
+    table, dead = tmp_path / "predictions", tmp_path / "dead_letters"
+    checkpoint = tmp_path / "ck"
+    sections = {
+        "input": {"topic": events, "max_offsets_per_trigger": 12},
+        "output": {"kind": "delta", "path": str(table), "dlq_path": str(dead)},
+        "job": {"checkpoint": str(checkpoint)},
+        "spark": {
+            "spark.master": "local[2]",
+            "spark.ui.enabled": "false",
+            "spark.databricks.delta.snapshotPartitions": "2",
+        },
+    }
+    path = write_toml(
+        stream_config_dict(kafka, tag, model_path=models["torchscript"], **sections), tmp_path / "k.toml"
+    )
+    # Batch 1 holds still after its Delta commit, before Spark logs the batch as done: the kill lands there.
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    env = {
+        **os.environ,
+        faults.ENV: "delta.after_write:batch=1,action=sleep,seconds=600",
+        faults.ENV_DIR: str(folder),
+    }
+    log = tmp_path / "killed.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "stream_score.py"), "--config", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or (folder / "delta.after_write-driver-b1.fired").exists(),
+                "batch 1 of the job that gets killed to hold after its Delta commit",
+                timeout=600,
+            )
+            assert proc.poll() is None, log.read_text()[-3000:]
+            query_id = json.loads((checkpoint / "scoring" / "metadata").read_text())["id"]
+            # The window: Delta has batch 1 (its txn version), Spark's commit log does not.
+            assert _delta_txns(table)[f"sparkscore.{query_id}.predictions"] == 1
+            assert (checkpoint / "scoring" / "offsets" / "1").exists()
+            assert not (checkpoint / "scoring" / "commits" / "1").exists()
+            written_before = spark.read.format("delta").load(str(table)).count()
+        finally:
+            victims = _tree(proc.pid)
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(30)
+    wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
+    assert 0 < written_before < len(values), "the job finished before it was killed"
+
+    restart = stream_config(kafka, tag, model_path=models["torchscript"], **sections)
+    summary = run(spark, restart, stream_model, available_now=True)
+
+    got = spark.read.format("delta").load(str(table))
+    assert Counter(Counter(r["source_id"] for r in got.collect()).values()) == {1: len(values)}
+    assert_approx_df_equality(
+        got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
+        _expected(spark, stream_model, feats, "2026-01-01T00:00:00Z"),
+        1e-6,
+    )
+    dead_rows = spark.read.format("delta").load(str(dead)).collect()
+    assert sorted(r["value"] for r in dead_rows) == sorted(bad)
+    # Spark re-ran batch 1 and Delta skipped it: its rows were counted as written before the restart.
+    assert summary.totals["skipped"] > 0
+
+
+def _raw(**sections):
+    base = {
+        "model": {"path": "m.pt", "input_columns": ["features"], "num_features": 4},
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
+        "input": {"topic": "events"},
+        "stats": {"enabled": False},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return base
+
+
+@pytest.mark.parametrize(
+    ("sections", "sentence"),
+    [
+        (
+            {"output": {"kind": "delta"}},
+            'kind = "delta" needs exactly one of [output] path = "/data/table" (a Delta path) or table = '
+            '"db.name" (a catalog table); got neither',
+        ),
+        (
+            {"input": {"kind": "delta", "topic": None, "table": "db.t", "path": "/x"}},
+            "got ['path', 'table']",
+        ),
+        (
+            {"output": {"kind": "delta", "path": "/x", "dlq_pth": "/y"}},
+            "unknown key(s) ['dlq_pth'] in [stream config.output]",
+        ),
+        (
+            {"output": {"path": "/x"}},
+            "['path'] are Delta settings: set kind = \"delta\" to write a Delta table",
+        ),
+        (
+            {"output": {"kind": "delta", "path": "/x"}, "stats": {"enabled": True}},
+            "[stats] aggregates the predictions topic, which a Delta output does not write",
+        ),
+        (
+            {"output": {"kind": "delta", "path": "/x"}, "kafka": {"bootstrap_servers": ""}},
+            "[kafka] bootstrap_servers must name at least one broker, e.g. '127.0.0.1:9092' (this job uses "
+            "Kafka for its input, its dead letters",
+        ),
+    ],
+    ids=["no-path-or-table", "path-and-table", "unknown-key", "delta-key-on-kafka", "stats", "no-broker"],
+)
+def test_delta_configs_that_cannot_work_are_refused_in_one_sentence(sections, sentence):
+    raw = _raw(**sections)
+    raw["input"] = {k: v for k, v in raw["input"].items() if v is not None}
+    with pytest.raises(ConfigError) as err:
+        from_dict(StreamConfig, raw, where="stream config")
+    assert sentence in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_delta_output_without_deltas_jars_exits_2_with_the_batch_jobs_sentence_and_writes_nothing(
+    tmp_path, stream_model
+):
+    """spark-submit without Delta's jars (only Kafka's): refused before anything is read or written."""
+    table = tmp_path / "predictions"
+    raw = _raw(
+        model={"path": stream_model.spec.path, "name": "demo_ctr", "device": "cpu"},
+        input={"kind": "delta", "topic": None, "path": str(tmp_path / "src")},
+        output={"kind": "delta", "path": str(table), "dlq_path": str(tmp_path / "dead")},
+        job={"checkpoint": str(tmp_path / "ck")},
+        spark={"spark.ui.enabled": "false"},
+    )
+    del raw["kafka"]
+    raw["input"] = {k: v for k, v in raw["input"].items() if v is not None}
+    path = write_toml(raw, tmp_path / "nodelta.toml")
+    submit = Path(sys.executable).parent / "spark-submit"
+    done = subprocess.run(
+        [str(submit), "--master", "local[1]", str(ROOT / "jobs" / "stream_score.py"), "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("[sparkscore] error")]
+    assert error == [
+        "[sparkscore] error: this config uses Delta Lake but its jars are not on Spark's class path; pass "
+        "--packages io.delta:delta-spark_2.13:4.4.0 to spark-submit (or run `make jars` and pass "
+        f"--jars {','.join(local_delta_jars())})"
+    ]
+    assert "Traceback" not in done.stderr
+    assert not table.exists() and not (tmp_path / "ck").exists()
