@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         from streaming.backends import launch_jvm
 
         spark_conf = dict(cfg.spark)
-        if cfg.uses_delta and "spark.jars.packages" not in spark_conf:
+        if (
+            cfg.uses_delta
+            and "spark.jars.packages" not in spark_conf
+            and "PYSPARK_GATEWAY_PORT" not in os.environ
+        ):
             # A plain `python` run that uses Delta starts its JVM with Delta's jars from `make jars`
             # (under spark-submit the JVM runs already: its --packages / --jars count).
             from udfs.delta import local_delta_jars
