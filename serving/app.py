@@ -442,8 +442,17 @@ class App:
                 rest = rest[2:]
             if rest == [] and method == "GET":
                 meta = self.v2_metadata()
+                params: dict[str, Any] = {}
+                candidate = svc.candidate_info()
+                if candidate is not None:
+                    params["candidate"] = candidate
                 if self.peers is not None:
-                    meta["parameters"] = {"workers": await self.peers.versions()}
+                    versions = await self.peers.versions()
+                    params["workers"] = versions["primary"]
+                    if candidate is not None:
+                        candidate["workers"] = versions["candidate"]
+                if params:
+                    meta["parameters"] = params
                 return 200, _encode(meta)
             if rest == ["ready"] and method == "GET":
                 return self._ready()
@@ -468,10 +477,25 @@ class App:
             await self.read_body(scope, receive)
             state = "READY" if svc.ready else ("UNAVAILABLE" if svc.load_error else "LOADING")
             entry = {"name": self.name, "version": svc.version, "state": state}
-            reason = svc.load_error or svc.problem() or svc.last_reload.get("reason")
+            reason = (
+                svc.load_error
+                or svc.problem()
+                or svc.last_reload.get("reason")
+                or svc.follow_problem.get("primary")
+            )
             if reason:
                 entry["reason"] = reason
-            return 200, _encode([entry])
+            entries = [entry]
+            candidate = svc.candidate_info()
+            if candidate is not None:
+                # The candidate: the same model at its own version (as Triton lists each version).
+                live = svc.ready and candidate["version"] != ""
+                cand_state = "READY" if live else ("UNAVAILABLE" if svc.ready else state)
+                cand = {"name": self.name, "version": candidate["version"], "state": cand_state}
+                if candidate.get("reason"):
+                    cand["reason"] = candidate["reason"]
+                entries.append(cand)
+            return 200, _encode(entries)
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             if rest[1] != self.name:
                 raise NotFound(f"model {rest[1]!r} is not served here; this server serves {self.name!r}")

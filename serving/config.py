@@ -163,8 +163,16 @@ class CandidateConfig:
     shadow: bool = False  # score a copy of every micro-batch off the response path; answer from the primary
     # Shadow: micro-batches waiting for the candidate beyond this are skipped (never slows the primary).
     max_pending_batches: int = 4
+    # A registry alias to follow (models:/ctr@challenger), polled with [reload] follow's (every
+    # [reload] poll_s, one registry call for both aliases of one model): a moved alias loads, warms up
+    # and replaces the candidate in every worker. Without a path, the candidate starts from it.
+    follow: str = ""
 
     def __post_init__(self) -> None:
+        if self.follow and not self.follow.startswith("models:/"):
+            raise ValueError(
+                f"follow must be a registry URI such as models:/ctr@challenger, got {self.follow!r}"
+            )
         if not 0 <= self.traffic <= 1:
             raise ValueError(f"traffic must be between 0 and 1, got {self.traffic}")
         if self.shadow == (self.traffic > 0):
@@ -217,6 +225,8 @@ def from_mapping(data: dict[str, Any]) -> ServeConfig:
     options = {k: v for k, v in candidate.items() if k in CANDIDATE_KEYS}
     spec = dict(data.get("model", {}))
     given = {k: v for k, v in candidate.items() if k not in CANDIDATE_KEYS}
+    if isinstance(options.get("follow"), str) and "path" not in given and "members" not in given:
+        given["path"] = options["follow"]  # a followed alias is where the candidate starts
     # The candidate's own file or members replace the primary's; everything else is inherited.
     if "path" in given or "members" in given:
         for key in ("path", "members", "version"):
@@ -240,9 +250,9 @@ def from_mapping(data: dict[str, Any]) -> ServeConfig:
 
 
 def _candidate_options(options: dict[str, Any]) -> dict[str, Any]:
-    """traffic / shadow / max_pending_batches, type-checked like any config key."""
+    """traffic / shadow / max_pending_batches / follow, type-checked like any config key."""
     out: dict[str, Any] = {}
-    types = {"traffic": (int, float), "shadow": (bool,), "max_pending_batches": (int,)}
+    types = {"traffic": (int, float), "shadow": (bool,), "max_pending_batches": (int,), "follow": (str,)}
     for key, value in options.items():
         ok = isinstance(value, types[key]) and (key == "shadow" or not isinstance(value, bool))
         if not ok:

@@ -44,21 +44,26 @@ def _num(v: float) -> str:
 
 
 class Counter:
-    def __init__(self, name: str, help: str, label: str | None = None) -> None:
-        self.name, self.help, self.label = name, help, label
-        self.values: dict[str, float] = {}
+    """A counter, optionally by one label (keys are its values) or several (keys are tuples of them)."""
 
-    def inc(self, key: str = "", n: float = 1) -> None:
+    def __init__(self, name: str, help: str, label: str | tuple[str, ...] | None = None) -> None:
+        self.name, self.help, self.label = name, help, label
+        self.values: dict[str | tuple[str, ...], float] = {}
+
+    def inc(self, key: str | tuple[str, ...] = "", n: float = 1) -> None:
         self.values[key] = self.values.get(key, 0) + n
 
-    def value(self, key: str = "") -> float:
+    def value(self, key: str | tuple[str, ...] = "") -> float:
         return self.values.get(key, 0)
 
     def render(self, base: dict[str, str]) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         items = self.values.items() if self.values or self.label else [("", 0.0)]
         for key, v in sorted(items):
-            labels = dict(base, **({self.label: key} if self.label else {}))
+            if isinstance(self.label, tuple):
+                labels = dict(base, **dict(zip(self.label, key, strict=True)))
+            else:
+                labels = dict(base, **({self.label: key} if self.label else {}))  # type: ignore[dict-item]
             out.append(f"{self.name}{_labels(labels)} {_num(v)}")
         return out
 
@@ -87,6 +92,20 @@ class LabelledGauge:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
         for key, v in sorted(self.read().items()):
             out.append(f"{self.name}{_labels(dict(base, **{self.label: key}))} {_num(v)}")
+        return out
+
+
+class InfoGauge(Gauge):
+    """One sample of 1 per label set ``read()`` returns: which versions serve right now."""
+
+    def __init__(self, name: str, help: str, read: Callable[[], list[dict[str, str]]]) -> None:
+        super().__init__(name, help, lambda: 1.0)
+        self.read_labels = read
+
+    def render(self, base: dict[str, str]) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        for labels in self.read_labels():
+            out.append(f"{self.name}{_labels(dict(base, **labels))} 1")
         return out
 
 
@@ -250,8 +269,9 @@ class Metrics(MetricSet):
         )
         self.registry_polls = Counter(
             "sparkscore_registry_polls_total",
-            "Polls of the followed registry alias ([reload] follow), by outcome (same, moved, unreachable)",
-            label="outcome",
+            "Polls of each followed registry alias ([reload] follow: role primary; [candidate] follow: "
+            "canary or shadow), by outcome (same, moved, missing: the alias is not set, unreachable)",
+            label=("role", "outcome"),
         )
         self.version_sets: list[VersionMetrics] = []
         self.extra: list[MetricSet] = []  # shadow comparison and the like

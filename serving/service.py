@@ -33,7 +33,7 @@ import msgspec
 
 from serving.config import ServeConfig
 from serving.errors import BadRequest, DeadlineExceeded, LoadFailed, NotFound, NotReady
-from serving.metrics import Metrics
+from serving.metrics import InfoGauge, Metrics
 from serving.model import ModelRunner, Row
 from serving.store import (
     HIT,
@@ -60,6 +60,7 @@ log = logging.getLogger("serving")
 
 FeatureValue = float | list[float | None] | None
 OUTAGE_LOG_INTERVAL_S = 60.0  # a registry outage is logged at most this often (and always counted)
+CANDIDATE = "candidate"  # the followed role of the [candidate] (a canary or a shadow)
 
 
 class Instance(msgspec.Struct, forbid_unknown_fields=True):
@@ -118,16 +119,75 @@ class Service:
         self.last_reload: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self._retiring_shadows: list[Shadow] = []
         self._load_task: asyncio.Task[None] | None = None
         # [reload] follow: one process polls the registry (the first worker); with several workers the
         # App's hook (on_follow: the workers' rollout) loads the concrete version in every worker.
         self.follow_leader = follow_leader
-        self.on_follow: Callable[[dict[str, str]], Any] | None = None
-        self._follow_failed = ""  # a version that failed to load: not retried until the alias moves
-        self._outage_logged = 0.0
+        # Called with (params, role): role "primary" loads the primary, "candidate" the candidate.
+        self.on_follow: Callable[[dict[str, str], str], Any] | None = None
+        # Per followed role: a version that failed to load (not retried until the alias moves), and
+        # why the alias could not be followed at the last poll ("" when it could).
+        self._follow_failed: dict[str, str] = {}
+        self.follow_problem: dict[str, str] = {}
+        self._outage_logged: dict[str, float] = {}
+        self.candidate_reload: dict[str, Any] = {}
         self.metrics.gauge(
             "sparkscore_ready", "1 once the model is loaded and warmed up", lambda: float(self.ready)
         )
+        self.metrics.gauges.append(
+            InfoGauge(
+                "sparkscore_model_version_info",
+                "The versions serving now, by role (primary; canary or shadow: the candidate)",
+                self.serving_versions,
+            )
+        )
+        if self.followed():
+            self.metrics.labelled_gauge(
+                "sparkscore_registry_follow_ok",
+                "1 when the last poll found the followed alias, 0 when it was not set or the registry "
+                "was unreachable (the version already loaded keeps serving), by role",
+                "role",
+                lambda: {role: float(not self.follow_problem.get(role)) for role, _, _ in self.followed()},
+            )
+
+    def serving_versions(self) -> list[dict[str, str]]:
+        """The primary's version, and the candidate's (with its role) when one is loaded."""
+        out = [{"role": PRIMARY, "version": self.version}]
+        cand = self.candidate
+        if cand is not None and (cand.role == CANARY and self.traffic > 0 or self.shadow is not None):
+            out.append({"role": cand.role, "version": cand.version})
+        return out
+
+    def candidate_info(self) -> dict[str, Any] | None:
+        """The [candidate] as the metadata and the index show it: role, version ("" when none is
+        loaded), the followed alias, and why the alias could not be followed or its last load failed."""
+        cfg = self.cfg.candidate
+        if cfg is None:
+            return None
+        cand = self.candidate
+        live = cand is not None and (self.traffic > 0 or self.shadow is not None)
+        info: dict[str, Any] = {
+            "role": SHADOW if cfg.shadow else CANARY,
+            "version": cand.version if cand is not None and live else "",
+        }
+        if cfg.follow:
+            info["follow"] = cfg.follow
+        reason = self.follow_problem.get(CANDIDATE) or self.candidate_reload.get("reason")
+        if reason:
+            info["reason"] = reason
+        return info
+
+    def followed(self) -> list[tuple[str, str, str | None]]:
+        """(role, alias URI, registry URI) of each followed alias: the primary's ([reload] follow) and
+        the candidate's ([candidate] follow); role is "primary" or "candidate"."""
+        out: list[tuple[str, str, str | None]] = []
+        if self.cfg.reload.follow:
+            out.append((PRIMARY, self.cfg.reload.follow, self.cfg.model.registry_uri))
+        cand = self.cfg.candidate
+        if cand is not None and cand.follow:
+            out.append((CANDIDATE, cand.follow, cand.model.registry_uri))
+        return out
 
     def _version(self, runner: ModelRunner, role: str) -> ModelVersion:
         mv = self._new_version(runner, role)
@@ -213,7 +273,7 @@ class Service:
         self.ready = True
         if self.cfg.reload.watch:
             self._spawn(self._watch(), "model-watch")
-        if self.cfg.reload.follow and self.follow_leader:
+        if self.followed() and self.follow_leader:
             self._spawn(self._follow(), "model-follow")
         log.info("ready: model %s version %s", self.name, self.version)
 
@@ -250,6 +310,10 @@ class Service:
             self.shadow.close()
         for task in list(self._background):
             task.cancel()
+        if self._retiring_shadows:
+            for old in self._retiring_shadows:
+                old.close()
+                old.candidate.runner.close()
         await self.cache.close()
         if self.redis is not None:
             await self.redis.close()
@@ -339,25 +403,29 @@ class Service:
         return full
 
     def is_followed_version(self, path: str) -> bool:
-        """Whether ``path`` is a concrete version (models:/name/N) of the model [reload] follow names:
-        what the follow loop rolls out, allowed without load_uris."""
-        follow = self.cfg.reload.follow
-        if not follow or not path.startswith("models:/"):
+        """Whether ``path`` is a concrete version (models:/name/N) of a model [reload] follow or
+        [candidate] follow names: what the follow loop rolls out, allowed without load_uris."""
+        if not path.startswith("models:/"):
             return False
         try:
-            want, got = model_store.parse_uri(follow), model_store.parse_uri(path)
+            got = model_store.parse_uri(path)
+            names = {model_store.parse_uri(uri).name for _, uri, _ in self.followed()}
         except SparkscoreError:
             return False
-        return got.kind == "registry" and bool(got.version) and got.name == want.name
+        return got.kind == "registry" and bool(got.version) and got.name in names
 
-    def _reloaded(self, version: str, previous: str, *, changed: bool) -> dict[str, Any]:
-        self.last_reload = {"state": "READY", "reason": "", "serving": version}
-        return {
+    def _reloaded(self, version: str, previous: str, *, changed: bool, role: str = PRIMARY) -> dict[str, Any]:
+        out = {
             "model_name": self.name,
             "model_version": version,
             "previous_version": previous,
             "changed": changed,
         }
+        if role == PRIMARY:
+            self.last_reload = {"state": "READY", "reason": "", "serving": version}
+        else:
+            out["role"] = role
+        return out
 
     async def _watch(self) -> None:
         """Poll the model files; a changed file (stable for one poll) is loaded like a POST .../load."""
@@ -376,47 +444,146 @@ class Service:
             with contextlib.suppress(LoadFailed):
                 await self.reload()
 
-    async def _follow(self) -> None:
-        """Poll the followed alias; when it points at another version, load that concrete version
-        (``models:/name/N``) in the background, warm it up and swap it in, here and in every worker.
+    async def reload_candidate(self, path: str) -> dict[str, Any]:
+        """Load ``path`` as the [candidate]'s new version, warm it up, then swap it in: a canary's
+        requests already routed to the old version finish on it; a shadow's pending comparisons are
+        dropped with the old one. A version that fails to load leaves the old candidate serving
+        (logged, counted, in the repository index) and raises :class:`LoadFailed`."""
+        cfg = self.cfg.candidate
+        if cfg is None:
+            raise LoadFailed("no [candidate] is configured, so there is no candidate to load")
+        path = self.check_load_path(path)
+        role = SHADOW if cfg.shadow else CANARY
+        async with self._reload_lock:
+            old = self.candidate
+            serving = old.version if old is not None else "no candidate"
+            try:
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(
+                    None, resolve, _unpinned(with_overrides(cfg.model, path=path))
+                )
+                if old is not None and model.content_hash == old.model.content_hash:
+                    self.candidate_reload = {"state": "READY", "reason": "", "serving": old.version}
+                    return self._reloaded(old.version, old.version, changed=False, role=role)
+                await loop.run_in_executor(None, check_model, model)
+                new = self._version(self.runner_factory(model), role)
+                await new.load()
+            except Exception as exc:  # noqa: BLE001 - every load failure keeps the old candidate
+                reason = exc.message if isinstance(exc, LoadFailed) else short_reason(exc)
+                self.metrics.model_loads.inc("failure")
+                self.candidate_reload = {"state": "FAILED", "reason": reason, "serving": serving}
+                log.error(
+                    "model %s: the new candidate version failed to load, %s keeps serving: %s",
+                    self.name,
+                    serving,
+                    reason,
+                )
+                raise LoadFailed(
+                    f"the new candidate version failed to load, {serving} keeps serving: {reason}"
+                ) from None
+            grace = self.cfg.batcher.max_timeout_ms / 1000
+            if role == SHADOW:
+                old_shadow = self.shadow
+                metrics = ShadowMetrics(self.name, new.version, self.worker)
+                self.metrics.extra.append(metrics)
+                self.shadow = Shadow(new, metrics, cfg.max_pending_batches)
+                self.candidate = new
+                self.primary.batcher.on_batch = self.shadow.offer  # the swap
+                if old_shadow is not None:
+                    self._retiring_shadows.append(old_shadow)
+                    self._spawn(
+                        self._retire_shadow(old_shadow, grace),
+                        "retire-shadow-" + old_shadow.candidate.version,
+                    )
+            else:
+                await new.start()
+                self.candidate = new  # the swap: requests routed from here on go to the new version
+                self.traffic = cfg.traffic
+                if old is not None:
+                    self._spawn(old.retire(grace), "retire-" + old.version)
+            self.metrics.model_loads.inc("success")
+            self.candidate_reload = {"state": "READY", "reason": "", "serving": new.version}
+            log.info("model %s: candidate version %s replaced %s (%s)", self.name, new.version, serving, role)
+            return self._reloaded(new.version, serving, changed=True, role=role)
 
-        A registry outage keeps the current version serving (counted, logged at most once a minute);
-        a version that fails to load or warm up is not swapped in (the load endpoint's index and the
-        log say why) and is not retried until the alias moves again.
+    async def _retire_shadow(self, old: Shadow, grace_s: float) -> None:
+        """Drop an old shadow's queued comparisons, let a running one finish, then free its model."""
+        old.close()
+        end = time.monotonic() + grace_s
+        while old.pending > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        old.candidate.runner.close()
+        self._retiring_shadows.remove(old)
+
+    async def _follow(self) -> None:
+        """Poll the followed aliases (the primary's [reload] follow, the candidate's [candidate] follow)
+        every poll_s, in one registry call per registered model; when one points at another version,
+        load that concrete version (``models:/name/N``) in the background, warm it up and swap it in,
+        here and in every worker.
+
+        A registry outage or a deleted alias keeps the current version serving (counted, shown by the
+        index and ``sparkscore_registry_follow_ok``, logged at most once a minute); a version that fails
+        to load or warm up is not swapped in (the index and the log say why) and is not retried until
+        the alias moves again.
         """
-        uri = self.cfg.reload.follow
+        targets = self.followed()
+        by_registry: dict[str | None, list[str]] = {}
+        for _, uri, registry in targets:
+            by_registry.setdefault(registry, []).append(uri)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.reload.poll_s)
-            try:
-                version, location = await loop.run_in_executor(
-                    None, model_store.peek, uri, self.spec.registry_uri
-                )
-            except SparkscoreError as exc:
-                self.metrics.registry_polls.inc("unreachable")
-                now = time.monotonic()
-                if now - self._outage_logged >= OUTAGE_LOG_INTERVAL_S:
-                    self._outage_logged = now
-                    log.warning("%s: cannot poll %s, %s keeps serving: %s", self.name, uri, self.version, exc)
-                continue
-            ref = self.primary.model.members[0].store
-            if ref is not None and (ref.registry_version, ref.location) == (version, location):
-                self.metrics.registry_polls.inc("same")
-                continue
-            concrete = f"models:/{uri[len('models:/') :].split('@')[0].split('/')[0]}/{version}"
-            if concrete == self._follow_failed:
-                self.metrics.registry_polls.inc("same")
-                continue
-            self.metrics.registry_polls.inc("moved")
-            log.info("%s: %s now points at version %s; loading it", self.name, uri, version)
-            try:
-                if self.on_follow is not None:
-                    await self.on_follow({"path": concrete})
+            found: dict[str, tuple[str, str] | None] = {}
+            failed: dict[str, str] = {}
+            for registry, uris in by_registry.items():
+                try:
+                    found.update(await loop.run_in_executor(None, model_store.peek_all, uris, registry))
+                except SparkscoreError as exc:
+                    failed.update(dict.fromkeys(uris, str(exc)))
+            for role, uri, _ in targets:
+                if uri in failed:
+                    self.metrics.registry_polls.inc((role, "unreachable"))
+                    self._follow_trouble(role, f"cannot poll {uri}: {failed[uri]}")
+                elif found[uri] is None:
+                    self.metrics.registry_polls.inc((role, "missing"))
+                    self._follow_trouble(role, f"{uri} is not set in the registry (the alias was deleted?)")
                 else:
-                    await self.reload(path=concrete)
-                self._follow_failed = ""
-            except LoadFailed:  # logged, counted and shown by reload(); the old version serves on
-                self._follow_failed = concrete
+                    self.follow_problem[role] = ""
+                    await self._follow_one(role, uri, *found[uri])  # type: ignore[misc]
+
+    def _follow_trouble(self, role: str, problem: str) -> None:
+        """Remember why ``role``'s alias could not be followed; log it at most once a minute."""
+        current = self.version if role == PRIMARY else (self.candidate.version if self.candidate else "none")
+        self.follow_problem[role] = f"{problem}; version {current} keeps serving"
+        now = time.monotonic()
+        if now - self._outage_logged.get(role, -OUTAGE_LOG_INTERVAL_S) >= OUTAGE_LOG_INTERVAL_S:
+            self._outage_logged[role] = now
+            log.warning("%s (%s): %s", self.name, role, self.follow_problem[role])
+
+    async def _follow_one(self, role: str, uri: str, version: str, location: str) -> None:
+        """``role``'s alias points at ``version`` (at ``location``; "" when only the version was asked):
+        load it unless it is the version serving (or one that failed to load)."""
+        current = self.primary if role == PRIMARY else self.candidate
+        ref = current.model.members[0].store if current is not None else None
+        if ref is not None and ref.registry_version == version and location in ("", ref.location):
+            self.metrics.registry_polls.inc((role, "same"))
+            return
+        concrete = f"models:/{uri[len('models:/') :].split('@')[0].split('/')[0]}/{version}"
+        if concrete == self._follow_failed.get(role):
+            self.metrics.registry_polls.inc((role, "same"))
+            return
+        self.metrics.registry_polls.inc((role, "moved"))
+        log.info("%s: %s now points at version %s; loading it (%s)", self.name, uri, version, role)
+        try:
+            if self.on_follow is not None:
+                await self.on_follow({"path": concrete}, role)
+            elif role == PRIMARY:
+                await self.reload(path=concrete)
+            else:
+                await self.reload_candidate(concrete)
+            self._follow_failed.pop(role, None)
+        except LoadFailed:  # logged, counted and shown by the reload; the old version serves on
+            self._follow_failed[role] = concrete
 
     # -- routing --------------------------------------------------------------------
 

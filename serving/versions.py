@@ -176,9 +176,12 @@ class Shadow:
         self.pending = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shadow")
         self._failures_logged = 0
+        self.closed = False
 
     def offer(self, rows: list[Row], results: list[dict[str, Any]]) -> None:
         """The primary batcher's hook (on the event loop, after the primary answered)."""
+        if self.closed:  # replaced by a newer candidate (a retiring primary may still offer)
+            return
         if self.pending >= self.max_pending:
             self.metrics.batches.inc("skipped")
             return
@@ -215,4 +218,5 @@ class Shadow:
         vm.compute_duration.observe(seconds * 1e6, n)
 
     def close(self) -> None:
+        self.closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,9 @@ Workers reach each other over Unix sockets in a private run directory:
   in every worker, under a lock the workers share (two loads apply in one order
   everywhere). The last load is remembered in the run directory: a worker that is
   restarted loads it before it accepts a connection, and a dead worker's stale
-  socket is skipped. ``GET /v2/models/{name}`` lists each worker's version, and
+  socket is skipped. A followed alias that moves ([reload] follow, [candidate] follow)
+  is rolled out the same way, the candidate's remembered beside the primary's.
+  ``GET /v2/models/{name}`` lists each worker's version (and candidate version), and
   every response names its worker (``x-sparkscore-worker``).
 
 SIGTERM (to the supervisor, or to a single-process server): readiness turns false,
@@ -53,13 +55,17 @@ from serving.errors import LoadFailed, RequestError
 
 if TYPE_CHECKING:
     from serving.app import App
+    from serving.versions import ModelVersion
 
 log = logging.getLogger("serving.workers")
 
 PEER_TIMEOUT_S = 5.0  # a worker that does not answer a metrics request in this long is left out
 SUPERVISOR_METRICS = "supervisor.prom"
-ROLLOUT_STATE = "rollout.json"  # the last load: its parameters and version (a restarted worker applies it)
+# The last load: its parameters and version, and the candidate's last load under "candidate"
+# (a restarted worker applies both).
+ROLLOUT_STATE = "rollout.json"
 ROLLOUT_LOCK = "rollout.lock"
+PRIMARY, CANDIDATE = "primary", "candidate"  # what a rollout loads (serving.service's roles)
 
 
 # -- one server process ----------------------------------------------------------------
@@ -218,10 +224,14 @@ class Peers:
         can happen between the two and leave this worker behind."""
         self._app = app
         async with self.rollout_lock():
-            state = self.read_state()
-            if state is not None and state["version"] != app.service.version:
+            state = self.read_state() or {}
+            if "version" in state and state["version"] != app.service.version:
                 log.info("worker %d: loading the current rollout, version %s", self.index, state["version"])
                 await app.service.reload(**state["params"])
+            cand = state.get(CANDIDATE)
+            if cand is not None and cand["version"] != _version_of(app.service.candidate):
+                log.info("worker %d: loading the current candidate, version %s", self.index, cand["version"])
+                await app.service.reload_candidate(**cand["params"])
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # left by this worker's predecessor
             self._server = await asyncio.start_unix_server(self._handle, path=self.path)
@@ -246,34 +256,53 @@ class Peers:
         except FileNotFoundError:
             return None
 
-    def write_state(self, params: dict[str, str], version: str) -> None:
+    def write_state(self, params: dict[str, str], version: str, role: str = PRIMARY) -> None:
+        """Remember the last load of ``role`` (the other role's last load is kept)."""
+        state = self.read_state() or {}
+        if role == PRIMARY:
+            state.update(params=params, version=version)
+        else:
+            state[CANDIDATE] = {"params": params, "version": version}
         tmp = os.path.join(self.rundir, ROLLOUT_STATE + ".tmp")
         with open(tmp, "w") as fh:
-            json.dump({"params": params, "version": version}, fh)
+            json.dump(state, fh)
         os.replace(tmp, os.path.join(self.rundir, ROLLOUT_STATE))
 
-    async def rollout(self, params: dict[str, str]) -> dict[str, Any]:
-        """``POST .../load`` on this worker: load here, remember it, then in every other worker,
-        all under the rollout lock (two loads sent to two workers apply in one order everywhere)."""
+    async def rollout(self, params: dict[str, str], role: str = PRIMARY) -> dict[str, Any]:
+        """``POST .../load`` on this worker (or a moved alias the follow loop found): load here,
+        remember it, then in every other worker, all under the rollout lock (two loads sent to two
+        workers apply in one order everywhere). ``role``: "primary", or "candidate" for the [candidate]."""
         assert self._app is not None
+        service = self._app.service
         async with self.rollout_lock():
-            result = await self._app.service.reload(**params)
-            self.write_state(params, result["model_version"])
-            result["workers"] = await self.broadcast_load(params, result)
+            if role == PRIMARY:
+                result = await service.reload(**params)
+            else:
+                result = await service.reload_candidate(**params)
+            self.write_state(params, result["model_version"], role)
+            result["workers"] = await self.broadcast_load(params, result, role)
         return result
 
-    async def versions(self) -> dict[str, str]:
-        """The version each worker serves (a worker that is restarting is left out)."""
+    async def versions(self) -> dict[str, dict[str, str]]:
+        """The version each worker serves, and its candidate's when one is configured (a worker
+        that is restarting is left out): {"primary": {worker: version}, "candidate": {...}}."""
         assert self._app is not None
         others = self.others()
         answers = await asyncio.gather(
             *(self._ask(p, {"op": "version"}, PEER_TIMEOUT_S) for p in others), return_exceptions=True
         )
-        out = {str(self.index): self._app.service.version}
+        service = self._app.service
+        primary = {str(self.index): service.version}
+        candidate = {str(self.index): _version_of(service.candidate)}
         for path, answer in zip(others, answers, strict=True):
             if isinstance(answer, bytes) and answer:
-                out[_worker_of(path)] = json.loads(answer)["version"]
-        return dict(sorted(out.items()))
+                reply = json.loads(answer)
+                primary[_worker_of(path)] = reply["version"]
+                candidate[_worker_of(path)] = reply.get(CANDIDATE, "")
+        out = {PRIMARY: dict(sorted(primary.items()))}
+        if service.cfg.candidate is not None:
+            out[CANDIDATE] = dict(sorted(candidate.items()))
+        return out
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -291,10 +320,15 @@ class Peers:
             if request["op"] == "metrics":
                 writer.write(self._app.metrics.render())
             elif request["op"] == "version":
-                writer.write(json.dumps({"version": self._app.service.version}).encode())
+                service = self._app.service
+                reply = {"version": service.version, CANDIDATE: _version_of(service.candidate)}
+                writer.write(json.dumps(reply).encode())
             elif request["op"] == "load":
                 try:
-                    result = await self._app.service.reload(**request["params"])
+                    if request.get("role", PRIMARY) == PRIMARY:
+                        result = await self._app.service.reload(**request["params"])
+                    else:
+                        result = await self._app.service.reload_candidate(**request["params"])
                     writer.write(json.dumps({"ok": result}).encode())
                 except RequestError as exc:
                     writer.write(json.dumps({"error": exc.message}).encode())
@@ -324,12 +358,15 @@ class Peers:
             texts.append(fh.read())
         return texts
 
-    async def broadcast_load(self, params: dict[str, str], own: dict[str, Any]) -> dict[str, Any]:
+    async def broadcast_load(
+        self, params: dict[str, str], own: dict[str, Any], role: str = PRIMARY
+    ) -> dict[str, Any]:
         """Load the same version in every other worker; each worker's outcome, or LoadFailed naming them."""
         others = self.others()
+        request = {"op": "load", "params": params, "role": role}
         # A load waits for the model to load and warm up in that worker: give it time.
         answers = await asyncio.gather(
-            *(self._ask(p, {"op": "load", "params": params}, 600.0) for p in others), return_exceptions=True
+            *(self._ask(p, request, 600.0) for p in others), return_exceptions=True
         )
         outcome: dict[str, Any] = {str(self.index): own["model_version"]}
         failed = []
@@ -358,6 +395,10 @@ class Peers:
 
 def _worker_of(path: str) -> str:
     return os.path.basename(path)[len("worker-") : -len(".sock")]
+
+
+def _version_of(mv: ModelVersion | None) -> str:
+    return mv.version if mv is not None else ""
 
 
 # -- the supervisor --------------------------------------------------------------------

@@ -132,6 +132,13 @@ def set_alias(root: str | Path, name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
 
+def delete_alias(root: str | Path, name: str, alias: str) -> None:
+    import mlflow
+
+    experiment(root)
+    mlflow.MlflowClient().delete_registered_model_alias(name, alias)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="build/mlflow")

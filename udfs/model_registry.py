@@ -172,3 +172,18 @@ def _version(c: MlflowClient, parsed: ParsedUri, registry: str) -> str:
         f"registered model {parsed.name!r} has no version {parsed.version} in {registry} ({uri}); its "
         f"versions: {', '.join(map(str, versions)) or 'none'}"
     )
+
+
+def aliases(name: str, registry_uri: str | None, uri: str) -> dict[str, str] | None:
+    """Every alias of registered model ``name`` and the version it points at, in ONE registry call
+    (what a poll asks, however many of the model's aliases it follows); None when no model of that
+    name is registered. ``uri`` names the followed URI in a message when the registry is unreachable."""
+    registry = registry_uri_of(registry_uri)
+    c = client(registry_uri)
+    try:
+        model = _call(uri, registry, c.get_registered_model, name)
+    except ModelStoreError:
+        raise
+    except Exception:  # noqa: BLE001 - not registered (any more)
+        return None
+    return {str(alias): str(version) for alias, version in (model.aliases or {}).items()}

@@ -457,6 +457,31 @@ def peek(uri: str, registry_uri: str | None = None) -> tuple[str, str]:
     return found.version, found.location
 
 
+def peek_all(uris: list[str], registry_uri: str | None = None) -> dict[str, tuple[str, str] | None]:
+    """Where each followed URI points now, without downloading: (registry version, artifact location),
+    the location "" where only the version was asked; None for an alias that is not set (deleted) or
+    a model that is not registered. Aliases of one registered model cost ONE registry call together
+    (the registered model lists its aliases: a primary's @champion and a candidate's @challenger in
+    one poll); any other URI is a :func:`peek`. Raises when the registry cannot be asked."""
+    out: dict[str, tuple[str, str] | None] = {}
+    by_name: dict[str, list[ParsedUri]] = {}
+    for uri in uris:
+        parsed = parse_uri(uri)
+        if parsed.kind == "registry" and parsed.alias:
+            by_name.setdefault(parsed.name, []).append(parsed)
+        else:
+            out[uri] = peek(uri, registry_uri)
+    if by_name:
+        from udfs import model_registry
+
+        for name, followed in by_name.items():
+            found = model_registry.aliases(name, registry_uri, followed[0].uri)
+            for p in followed:
+                version = None if found is None else found.get(p.alias)
+                out[p.uri] = None if version is None else (version, "")
+    return out
+
+
 def model_path(ref: StoreRef, local: Path) -> str:
     """The path an engine loads: the model file inside an MLflow model, else the download itself."""
     return str(local / ref.model_file) if ref.model_file else str(local)

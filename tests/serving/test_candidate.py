@@ -117,6 +117,8 @@ def test_a_held_or_failing_shadow_never_holds_or_changes_a_primary_answer(serve,
         ({"path": "x.pt", "traffic": 1.5}, "between 0 and 1"),
         ({"path": "x.pt", "shadow": True, "input_columns": ["a"]}, "input_columns"),
         ({"path": "x.pt", "shadow": "yes"}, "wrong type"),
+        ({"follow": "ctr@challenger", "traffic": 0.1}, "follow must be a registry URI"),
+        ({"follow": 3, "traffic": 0.1}, "wrong type"),
     ],
 )
 def test_candidate_config_mistakes_are_one_sentence(candidate, says):
@@ -131,6 +133,16 @@ def test_a_candidate_inherits_the_primary_spec_but_its_own_file():
     assert cfg.candidate is not None
     assert (cfg.candidate.model.path, cfg.candidate.model.version) == ("c.pt", None)
     assert cfg.candidate.model.input_columns == tuple(CTR_FEATURES)
+
+
+def test_a_followed_candidate_starts_from_its_alias_unless_given_a_path():
+    model = {"path": "m.pt", "input_columns": list(CTR_FEATURES), "name": "demo_ctr"}
+    follow = "models:/demo_ctr@challenger"
+    cfg = from_mapping({"model": model, "candidate": {"follow": follow, "traffic": 0.1}})
+    assert cfg.candidate is not None
+    assert (cfg.candidate.model.path, cfg.candidate.follow) == (follow, follow)
+    cfg = from_mapping({"model": model, "candidate": {"follow": follow, "path": "c.pt", "shadow": True}})
+    assert cfg.candidate is not None and cfg.candidate.model.path == "c.pt"
 
 
 def test_a_canarys_metrics_survive_many_swaps_of_the_primary(serve, versions, tmp_path):  # noqa: F811

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import zlib
 
 import httpx
 import pytest
@@ -105,14 +106,25 @@ def test_moving_the_alias_swaps_the_new_version_in_with_no_failed_request(serve,
 
 def test_a_registry_outage_keeps_the_current_version_serving_and_is_counted(serve, registry, tmp_path):
     model = resolve(spec(registry, "models:/demo_ctr@champion"))
-    srv = serve(model=model, reload={"follow": "models:/demo_ctr@champion", "poll_s": 0.05})
+    srv = serve(
+        model=model,
+        candidate=follow_candidate(registry, traffic=0.5),
+        reload={"follow": "models:/demo_ctr@champion", "poll_s": 0.05},
+    )
     db = registry["root"] / "mlflow.db"
     shutil.move(db, tmp_path / "away.db")
     try:
-        wait_until(
-            lambda: srv.metric("sparkscore_registry_polls_total", outcome="unreachable") >= 3, "failed polls"
-        )
-        assert version(srv).startswith("1+")
+        for role in ("primary", "candidate"):
+            wait_until(
+                lambda role=role: (
+                    srv.metric("sparkscore_registry_polls_total", role=role, outcome="unreachable") >= 3
+                ),
+                f"failed polls for the {role}",
+            )
+            assert srv.metric("sparkscore_registry_follow_ok", role=role) == 0
+        assert answered_by(srv, PRIMARY_USERS[0]).startswith("1+")
+        assert answered_by(srv, CANARY_USERS[0]).startswith("2+")
+        assert "cannot poll models:/demo_ctr@challenger" in srv.post(INDEX).json()[1]["reason"]
     finally:
         shutil.move(tmp_path / "away.db", db)
     # Back: the next move is followed.
@@ -143,6 +155,121 @@ def test_a_canary_candidate_may_be_a_registry_alias(serve, registry):
     cand = CandidateConfig(model=spec(registry, "models:/demo_ctr@challenger"), traffic=1.0)
     srv = serve(model=model, candidate=cand)
     wait_until(lambda: version(srv).startswith("2+"), "the canary to answer")
+
+
+CANARY_USERS = [u for u in (f"user-{i}" for i in range(40)) if zlib.crc32(u.encode()) / 2**32 < 0.5]
+PRIMARY_USERS = [u for u in (f"user-{i}" for i in range(40)) if u not in CANARY_USERS]
+
+
+def answered_by(srv, user: str) -> str:
+    return srv.post("/predict", {"user_id": user, "features": ROW}).json()["model_version"]
+
+
+def follow_candidate(registry, **options) -> CandidateConfig:
+    follow = "models:/demo_ctr@challenger"
+    return CandidateConfig(model=spec(registry, follow), follow=follow, **options)
+
+
+def test_moving_challenger_swaps_the_canary_while_champion_stays_with_no_failed_request(serve, registry):
+    model = resolve(spec(registry, "models:/demo_ctr@champion"))
+    srv = serve(
+        model=model,
+        candidate=follow_candidate(registry, traffic=0.5),
+        reload={"follow": "models:/demo_ctr@champion", "poll_s": 0.05},
+    )
+    canary, primary = CANARY_USERS[0], PRIMARY_USERS[0]
+    assert answered_by(srv, canary).startswith("2+") and answered_by(srv, primary).startswith("1+")
+    stop = threading.Event()
+    answers: list[tuple[str, int, str | None]] = []
+
+    def load(k: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                user = (CANARY_USERS + PRIMARY_USERS)[(i * 7 + k) % 40]
+                resp = client.post(
+                    srv.url + "/predict",
+                    json={"user_id": user, "features": [20.0 + i % 50, float(k), 10.0, 1.0]},
+                )
+                answers.append((user, resp.status_code, resp.json().get("model_version")))
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(answers) > 20, "traffic before the move")
+        # @challenger onto the version @champion points at: the canary then serves that version too.
+        mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v1"])
+        wait_until(lambda: answered_by(srv, canary).startswith("1+"), "the canary to follow @challenger")
+        seen = len(answers)
+        wait_until(lambda: len(answers) > seen + 20, "traffic after the move")
+        # Deleted: the canary keeps its version, and the index, the metadata and a gauge say why.
+        mlflow_demo.delete_alias(registry["root"], "demo_ctr", "challenger")
+        wait_until(
+            lambda: srv.metric("sparkscore_registry_polls_total", role="candidate", outcome="missing") >= 2,
+            "polls that miss the alias",
+        )
+        assert srv.metric("sparkscore_registry_follow_ok", role="candidate") == 0
+        assert srv.metric("sparkscore_registry_follow_ok", role="primary") == 1
+        seen = len(answers)
+        wait_until(lambda: len(answers) > seen + 20, "traffic without the alias")
+        assert srv.get("/v2/health/ready").status_code == 200
+        index = srv.post(INDEX).json()
+        assert index[1]["version"].startswith("1+") and "not set in the registry" in index[1]["reason"]
+        assert "reason" not in index[0]
+        meta = srv.get("/v2/models/demo_ctr").json()["parameters"]["candidate"]
+        assert meta["role"] == "canary" and "not set in the registry" in meta["reason"]
+        # Set again: followed again.
+        mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v2"])
+        wait_until(
+            lambda: answered_by(srv, canary).startswith("2+"), "the canary to follow @challenger again"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert {status for _, status, _ in answers} == {200}
+    by_canary = {v.split("+")[0] for u, _, v in answers if u in CANARY_USERS}
+    assert by_canary >= {"1", "2"}
+    assert {v.split("+")[0] for u, _, v in answers if u in PRIMARY_USERS} == {"1"}
+    assert srv.metric("sparkscore_registry_polls_total", role="candidate", outcome="moved") == 2
+    assert srv.metric("sparkscore_registry_polls_total", role="primary", outcome="moved") == 0
+    assert srv.metric("sparkscore_registry_follow_ok", role="candidate") == 1
+    index = srv.post(INDEX).json()
+    assert index[0]["version"].startswith("1+") and index[1]["version"].startswith("2+")
+    assert srv.metric("sparkscore_model_version_info", role="canary", version=index[1]["version"]) == 1
+    assert srv.metric("sparkscore_model_version_info", role="primary", version=index[0]["version"]) == 1
+
+
+def test_a_followed_shadow_compares_the_new_version_and_a_broken_one_is_not_swapped_in(serve, registry):
+    model = resolve(spec(registry, "models:/demo_ctr@champion"))
+    srv = serve(
+        model=model,
+        candidate=follow_candidate(registry, shadow=True),
+        reload={"follow": "models:/demo_ctr@champion", "poll_s": 0.05},
+        cache={"enabled": False},
+    )
+
+    def shadow_version() -> str:
+        return srv.get("/v2/models/demo_ctr").json()["parameters"]["candidate"]["version"]
+
+    assert shadow_version().startswith("2+")
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v1"])
+    wait_until(lambda: shadow_version().startswith("1+"), "the shadow to follow @challenger")
+    new = shadow_version()
+    for i in range(10):
+        assert version(srv).startswith("1+")
+        srv.post("/predict", {"features": [20.0 + i, 1.0, 2.0, 3.0]})
+    wait_until(
+        lambda: srv.metric("sparkscore_shadow_rows_compared_total", candidate=new) >= 10, "comparisons"
+    )
+    # The shadow now runs the primary's own version: no difference at all.
+    assert srv.metric("sparkscore_shadow_abs_diff_sum", candidate=new) == 0
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v3"])
+    wait_until(lambda: srv.metric("sparkscore_model_loads_total", result="failure") == 1, "the failed load")
+    assert shadow_version() == new
+    assert "returns 2 values per row" in srv.post(INDEX).json()[1]["reason"]
 
 
 @pytest.mark.slow
