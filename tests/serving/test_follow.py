@@ -273,7 +273,7 @@ def test_a_followed_shadow_compares_the_new_version_and_a_broken_one_is_not_swap
 
 
 @pytest.mark.slow
-def test_with_two_workers_the_moved_alias_is_rolled_out_to_both(registry, tmp_path):
+def test_with_two_workers_both_moved_aliases_are_rolled_out_to_both(registry, tmp_path):
     import signal
     import subprocess
     import sys
@@ -302,6 +302,10 @@ workers = 2
 [reload]
 follow = "models:/demo_ctr@champion"
 poll_s = 0.1
+
+[candidate]
+follow = "models:/demo_ctr@challenger"
+traffic = 0.5
 """.replace("'", '"')
     )
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--config", str(cfg)], cwd=root)
@@ -316,24 +320,53 @@ poll_s = 0.1
             return False
 
     def versions() -> dict[str, str]:
-        return httpx.get(url + "/v2/models/demo_ctr", timeout=20).json()["parameters"]["workers"]
+        """Each worker's primary and canary version numbers: {"0": "1/2", ...}."""
+        params = httpx.get(url + "/v2/models/demo_ctr", timeout=20).json()["parameters"]
+        cands = params["candidate"]["workers"]
+        return {
+            w: f"{v.split('+')[0]}/{cands.get(w, '').split('+')[0]}" for w, v in params["workers"].items()
+        }
 
     try:
-        wait_until(both_ready, "both workers to be ready", timeout=120)
-        assert {v.split("+")[0] for v in versions().values()} == {"1"}
+        wait_until(both_ready, "both workers to be ready", timeout=240)
+        assert versions() == {"0": "1/2", "1": "1/2"}
+        # Both aliases move: champion to v2, challenger to v1.
         mlflow_demo.set_alias(registry["root"], "demo_ctr", "champion", registry["v2"])
+        mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v1"])
         wait_until(
-            lambda: {v.split("+")[0] for v in versions().values()} == {"2"} and len(versions()) == 2,
-            "both workers to serve version 2",
+            lambda: versions() == {"0": "2/1", "1": "2/1"},
+            "both workers to serve 2 and canary 1",
             timeout=120,
         )
-        # One worker polls the registry; the other got the version through the rollout.
+        # One worker polls the registry; the other got the versions through the rollout.
         polls = samples(url, "sparkscore_registry_polls_total")
         assert set(polls) == {"0"}
-        for i in range(10):
-            resp = httpx.post(url + "/predict", json={"features": [20.0 + i, 1.0, 2.0, 3.0]}, timeout=20)
-            assert resp.json()["model_version"].startswith("2+")
+        info = [
+            line
+            for line in httpx.get(url + "/metrics", timeout=20).text.splitlines()
+            if line.startswith("sparkscore_model_version_info{") and 'role="canary"' in line
+        ]
+        assert sorted('worker="0"' in line for line in info) == [False, True]
+        assert all('version="1+' in line for line in info)
+        for i, user in enumerate([*CANARY_USERS[:5], *PRIMARY_USERS[:5]]):
+            body = {"user_id": user, "features": [20.0 + i, 1.0, 2.0, 3.0]}
+            resp = httpx.post(url + "/predict", json=body, timeout=20)
+            assert resp.json()["model_version"].startswith("1+" if user in CANARY_USERS else "2+")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0
+
+
+def test_the_rollout_state_remembers_the_primary_and_the_candidate_for_a_restarted_worker(tmp_path):
+    from serving.workers import Peers
+
+    peers = Peers(str(tmp_path), 0)
+    peers.write_state({"path": "models:/demo_ctr/2"}, "2+a")
+    peers.write_state({"path": "models:/demo_ctr/1"}, "1+b", "candidate")
+    peers.write_state({"path": "models:/demo_ctr/3"}, "3+c")
+    assert peers.read_state() == {
+        "params": {"path": "models:/demo_ctr/3"},
+        "version": "3+c",
+        "candidate": {"params": {"path": "models:/demo_ctr/1"}, "version": "1+b"},
+    }
