@@ -370,3 +370,23 @@ def test_the_rollout_state_remembers_the_primary_and_the_candidate_for_a_restart
         "version": "3+c",
         "candidate": {"params": {"path": "models:/demo_ctr/1"}, "version": "1+b"},
     }
+
+
+def test_a_poll_asks_the_registry_once_for_both_aliases_and_a_deleted_one_is_none(registry, monkeypatch):
+    from mlflow import MlflowClient
+
+    calls: list[str] = []
+    for name in [n for n in vars(MlflowClient) if not n.startswith("_") and callable(vars(MlflowClient)[n])]:
+        real = vars(MlflowClient)[name]
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, name, counted)
+    both = ["models:/demo_ctr@champion", "models:/demo_ctr@challenger"]
+    found = model_store.peek_all(both, registry["uri"])
+    assert found == {both[0]: (str(registry["v1"]), ""), both[1]: (str(registry["v2"]), "")}
+    assert calls == ["get_registered_model"]
+    mlflow_demo.delete_alias(registry["root"], "demo_ctr", "challenger")
+    assert model_store.peek_all(both, registry["uri"])[both[1]] is None
