@@ -154,7 +154,10 @@ class DeltaTarget:
 
     def version(self, spark: SparkSession) -> int | None:
         """The table's newest version (None: no table yet)."""
-        return delta.latest_version(spark, self.sql) if self.exists(spark) else None
+        try:
+            return delta.latest_version(spark, self.sql)
+        except Exception:  # noqa: BLE001 - no table there (yet): Delta's and the catalog's errors differ
+            return None
 
     def append(self, df: DataFrame, app: str, batch_id: int) -> None:
         """Append ``df`` unless this (app, batch) is already in the table (Delta's idempotent write)."""
@@ -229,11 +232,12 @@ class DeltaSink:
         spark = scored.sparkSession
         scored = scored.persist()
         try:
-            counts = {
-                int(r["dest"]): int(r["n"])
-                for r in scored.groupBy("dest").agg(F.count("*").alias("n")).collect()
-            }
-            n_pred, n_dlq = counts.get(DEST_OUTPUT, 0), counts.get(DEST_DLQ, 0)
+            # Scores the batch once, into the cache both writes read.
+            row = scored.agg(
+                F.count(F.when(F.col("dest") == DEST_OUTPUT, 1)).alias("preds"),
+                F.count(F.when(F.col("dest") == DEST_DLQ, 1)).alias("dlq"),
+            ).first()
+            n_pred, n_dlq = (int(row["preds"]), int(row["dlq"])) if row is not None else (0, 0)
             skipped = 0
             faults.point(self.fault, "delta.before_write", batch=batch_id)
             if n_pred:

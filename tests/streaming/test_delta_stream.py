@@ -83,7 +83,7 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
         kafka,
         tag,
         model_path=models["torchscript"],
-        input={"topic": events, "max_offsets_per_trigger": 16},
+        input={"topic": events},
         output={"kind": "delta", "path": str(table)},
         job={"checkpoint": str(tmp_path / "ck")},
     )
@@ -113,7 +113,7 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
     # Dead letters on the Kafka topic (the default), each once, the original bytes kept.
     dlq = read_records(kafka, cfg.output.dlq_topic)
     assert sorted(m.value() for m in dlq) == sorted(bad)
-    assert first.batches == 2 and first.totals == {"predictions": 24, "dead_letters": 2, "skipped": 0}
+    assert first.batches == 1 and first.totals == {"predictions": 24, "dead_letters": 2, "skipped": 0}
     assert again.batches == 0
     assert "24 predictions on Delta table" in first.render(cfg)
 
@@ -172,13 +172,13 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
 ):
     tag = "delta-kill"
     events = kafka.topic(partitions=2, prefix="events")
-    values, feats = _events(40)
+    values, feats = _events(20)
     bad = [b"{}", b"not json"]
     kafka.produce(events, values + bad)
     table, dead = tmp_path / "predictions", tmp_path / "dead_letters"
     checkpoint = tmp_path / "ck"
     sections = {
-        "input": {"topic": events, "max_offsets_per_trigger": 12},
+        "input": {"topic": events, "max_offsets_per_trigger": 8},
         "output": {"kind": "delta", "path": str(table), "dlq_path": str(dead)},
         "job": {"checkpoint": str(checkpoint)},
         "spark": {
@@ -190,12 +190,12 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
     path = write_toml(
         stream_config_dict(kafka, tag, model_path=models["torchscript"], **sections), tmp_path / "k.toml"
     )
-    # Batch 1 holds still after its Delta commit, before Spark logs the batch as done: the kill lands there.
+    # Batch 0 holds still after its Delta commit, before Spark logs the batch as done: the kill lands there.
     folder = tmp_path / "faults"
     folder.mkdir()
     env = {
         **os.environ,
-        faults.ENV: "delta.after_write:batch=1,action=sleep,seconds=600",
+        faults.ENV: "delta.after_write:batch=0,action=sleep,seconds=600",
         faults.ENV_DIR: str(folder),
     }
     log = tmp_path / "killed.log"
@@ -210,16 +210,16 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
         )
         try:
             wait_until(
-                lambda: proc.poll() is not None or (folder / "delta.after_write-driver-b1.fired").exists(),
-                "batch 1 of the job that gets killed to hold after its Delta commit",
+                lambda: proc.poll() is not None or (folder / "delta.after_write-driver-b0.fired").exists(),
+                "batch 0 of the job that gets killed to hold after its Delta commit",
                 timeout=600,
             )
             assert proc.poll() is None, log.read_text()[-3000:]
             query_id = json.loads((checkpoint / "scoring" / "metadata").read_text())["id"]
-            # The window: Delta has batch 1 (its txn version), Spark's commit log does not.
-            assert _delta_txns(table)[f"sparkscore.{query_id}.predictions"] == 1
-            assert (checkpoint / "scoring" / "offsets" / "1").exists()
-            assert not (checkpoint / "scoring" / "commits" / "1").exists()
+            # The window: Delta has batch 0 (its txn version), Spark's commit log does not.
+            assert _delta_txns(table) == {f"sparkscore.{query_id}.predictions": 0}
+            assert (checkpoint / "scoring" / "offsets" / "0").exists()
+            assert not (checkpoint / "scoring" / "commits" / "0").exists()
             written_before = spark.read.format("delta").load(str(table)).count()
         finally:
             victims = _tree(proc.pid)
@@ -230,6 +230,8 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
     wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
     assert 0 < written_before < len(values), "the job finished before it was killed"
 
+    # Same checkpoint and tables; no batch limit, so the rest drains in one batch after the replay.
+    sections["input"] = {"topic": events}
     restart = stream_config(kafka, tag, model_path=models["torchscript"], **sections)
     summary = run(spark, restart, stream_model, available_now=True)
 
@@ -242,8 +244,8 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
     )
     dead_rows = spark.read.format("delta").load(str(dead)).collect()
     assert sorted(r["value"] for r in dead_rows) == sorted(bad)
-    # Spark re-ran batch 1 and Delta skipped it: its rows were counted as written before the restart.
-    assert summary.totals["skipped"] > 0
+    # Spark re-ran batch 0 and Delta skipped it: its rows were counted as written before the restart.
+    assert summary.batches == 2 and summary.totals["skipped"] == written_before
 
 
 def _raw(**sections):
