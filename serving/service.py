@@ -106,10 +106,20 @@ class Service:
         self.candidate: ModelVersion | None = None
         self.traffic = 0.0  # canary share, once the candidate is loaded
         self.shadow: Shadow | None = None
+        self.candidate_reload: dict[str, Any] = {}
         if cfg.candidate is not None:
-            cand = candidate_runner or self.runner_factory(resolve(cfg.candidate.model))
-            role = SHADOW if cfg.candidate.shadow else CANARY
-            self.candidate = self._version(cand, role)
+            try:
+                cand = candidate_runner or self.runner_factory(resolve(cfg.candidate.model))
+            except SparkscoreError as exc:
+                # A followed alias deleted (or a registry down) when a worker (re)starts: serve without
+                # the candidate; the rollout state or the alias's next move brings it back.
+                if not cfg.candidate.follow:
+                    raise
+                reason = f"the candidate {cfg.candidate.follow} could not be resolved: {exc}"
+                self.candidate_reload = {"state": "FAILED", "reason": reason, "serving": "no candidate"}
+                log.error("model %s: %s; serving without it", self.name, reason)
+            else:
+                self.candidate = self._version(cand, SHADOW if cfg.candidate.shadow else CANARY)
         self.cache: PredictionCache = NoCache()
         self.store: FeatureStore = NoFeatureStore()
         self.redis: RedisConnection | None = None
@@ -131,7 +141,6 @@ class Service:
         self._follow_failed: dict[str, str] = {}
         self.follow_problem: dict[str, str] = {}
         self._outage_logged: dict[str, float] = {}
-        self.candidate_reload: dict[str, Any] = {}
         self.metrics.gauge(
             "sparkscore_ready", "1 once the model is loaded and warmed up", lambda: float(self.ready)
         )
@@ -553,8 +562,9 @@ class Service:
 
     def _follow_trouble(self, role: str, problem: str) -> None:
         """Remember why ``role``'s alias could not be followed; log it at most once a minute."""
-        current = self.version if role == PRIMARY else (self.candidate.version if self.candidate else "none")
-        self.follow_problem[role] = f"{problem}; version {current} keeps serving"
+        current = self.primary if role == PRIMARY else self.candidate
+        serving = f"version {current.version} keeps serving" if current else "no candidate is loaded yet"
+        self.follow_problem[role] = f"{problem}; {serving}"
         now = time.monotonic()
         if now - self._outage_logged.get(role, -OUTAGE_LOG_INTERVAL_S) >= OUTAGE_LOG_INTERVAL_S:
             self._outage_logged[role] = now

@@ -272,6 +272,28 @@ def test_a_followed_shadow_compares_the_new_version_and_a_broken_one_is_not_swap
     assert "returns 2 values per row" in srv.post(INDEX).json()[1]["reason"]
 
 
+def test_a_worker_started_while_challenger_is_deleted_serves_without_the_canary_until_it_is_set(
+    serve, registry
+):
+    model = resolve(spec(registry, "models:/demo_ctr@champion"))
+    mlflow_demo.delete_alias(registry["root"], "demo_ctr", "challenger")
+    srv = serve(
+        model=model,
+        candidate=follow_candidate(registry, traffic=0.5),
+        reload={"follow": "models:/demo_ctr@champion", "poll_s": 0.05},
+    )
+    assert answered_by(srv, CANARY_USERS[0]).startswith("1+")
+    wait_until(
+        lambda: srv.metric("sparkscore_registry_polls_total", role="candidate", outcome="missing") >= 1,
+        "a poll that misses the alias",
+    )
+    entry = srv.post(INDEX).json()[1]
+    assert entry["state"] == "UNAVAILABLE" and "no candidate is loaded yet" in entry["reason"]
+    mlflow_demo.set_alias(registry["root"], "demo_ctr", "challenger", registry["v2"])
+    wait_until(lambda: answered_by(srv, CANARY_USERS[0]).startswith("2+"), "the canary to arrive")
+    assert srv.post(INDEX).json()[1]["state"] == "READY"
+
+
 @pytest.mark.slow
 def test_with_two_workers_both_moved_aliases_are_rolled_out_to_both(registry, tmp_path):
     import signal
