@@ -142,6 +142,18 @@ class DeltaTarget:
             raise ConfigError(f"[output] partition_by {missing} are not columns of the {what} ({columns})")
         if self.table is not None and self.exists(spark) and not delta.is_delta_table(spark, self.table):
             raise ConfigError(f"{self.table!r} is not a Delta table; name a Delta table or a new one")
+        if self.version(spark) is not None:
+            have = (
+                spark.read.table(self.table)
+                if self.table
+                else spark.read.format("delta").load(str(self.path))
+            )
+            extra = [c for c in columns if c not in have.columns]
+            if extra:
+                raise ConfigError(
+                    f"the {what} {self.name!r} has no columns {extra} that this job writes (it has "
+                    f"{have.columns}); name a new table, or one an earlier run of this config created"
+                )
         if self.path is not None and not self.exists(spark):
             from pathlib import Path
 

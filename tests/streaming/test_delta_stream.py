@@ -138,9 +138,24 @@ def test_a_delta_source_scores_only_the_rows_appended_since_the_last_run(spark, 
             "device": "cpu",
         },
         "input": {"kind": "delta", "path": str(source), "max_files_per_trigger": 1},
-        "output": {"kind": "delta", "table": "default.d2d_predictions", "dlq_table": "default.d2d_dead"},
+        "output": {"kind": "delta", "table": "default.d2d_other", "dlq_table": "default.d2d_dead"},
         "stats": {"enabled": False},
         "job": {"checkpoint": str(tmp_path / "ck"), "query_name": "q_d2d"},
+    }
+    # A table of other columns is refused before the query starts, in one sentence.
+    spark.createDataFrame([("x", 1.0)], "user_id string, score double").write.format("delta").saveAsTable(
+        "default.d2d_other"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^the prediction table 'default.d2d_other' has no columns \['prediction',"
+    ):
+        run(spark, from_dict(StreamConfig, sections, where="test"), stream_model, available_now=True)
+    assert spark.table("default.d2d_other").count() == 1 and not (tmp_path / "ck").exists()
+
+    sections["output"] = {
+        **sections["output"],
+        "table": "default.d2d_predictions",
+        "partition_by": ["model_version"],
     }
     cfg = from_dict(StreamConfig, sections, where="test")
     first = run(spark, cfg, stream_model, available_now=True)
@@ -152,6 +167,8 @@ def test_a_delta_source_scores_only_the_rows_appended_since_the_last_run(spark, 
     assert first.totals["predictions"] == 6 and first.batches >= 2  # maxFilesPerTrigger passed through
     assert second.totals == {"predictions": 3, "dead_letters": 1, "skipped": 0}
     got = spark.table("default.d2d_predictions")
+    detail = spark.sql("DESCRIBE DETAIL default.d2d_predictions").first()
+    assert detail is not None and detail["partitionColumns"] == ["model_version"]
     assert_approx_df_equality(
         got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
         _expected(spark, stream_model, {**old, **new}, "2026-01-01T00:05:00Z"),
