@@ -71,7 +71,9 @@ def test_broker_wrapper_stops_its_broker_on_a_signal(sig):
     try:
         _started(proc)
         proc.send_signal(sig)
-        assert proc.wait(30) == 0
+        # Quick when the machine is (under 0.5 s); the wrapper's own stop allows the broker 15 s to
+        # exit on SIGTERM and 10 more after SIGKILL, which a machine at load 40 once needed.
+        assert proc.wait(90) == 0
         wait_until(lambda: not port_in_use(port), f"port {port} to be released", timeout=30)
     finally:
         proc.kill()
