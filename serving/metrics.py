@@ -277,12 +277,12 @@ class Metrics(MetricSet):
         self.extra: list[MetricSet] = []  # shadow comparison and the like
 
     def for_version(self, version: str, role: str = "primary") -> VersionMetrics:
-        """A version's metric set, kept so its counters outlive a model swap: every candidate's
-        (canary, shadow) for good, and the last few primaries'."""
+        """A version's metric set, kept so its counters outlive a model swap: the last few of each
+        role's (primary; canary or shadow: a followed candidate alias swaps candidates too)."""
         vm = VersionMetrics(self.model, version, role, self.worker)
         self.version_sets.append(vm)
-        primaries = [s for s in self.version_sets if s.base.get("role") == "primary"]
-        for old in primaries[:-6]:
+        same_role = [s for s in self.version_sets if s.base.get("role") == role]
+        for old in same_role[:-6]:
             self.version_sets.remove(old)
         return vm
 

@@ -495,6 +495,9 @@ class Service:
                 old_shadow = self.shadow
                 metrics = ShadowMetrics(self.name, new.version, self.worker)
                 self.metrics.extra.append(metrics)
+                shadows = [m for m in self.metrics.extra if isinstance(m, ShadowMetrics)]
+                for stale in shadows[:-6]:  # the last few candidates' comparisons stay visible
+                    self.metrics.extra.remove(stale)
                 self.shadow = Shadow(new, metrics, cfg.max_pending_batches)
                 self.candidate = new
                 self.primary.batcher.on_batch = self.shadow.offer  # the swap
