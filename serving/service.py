@@ -12,7 +12,8 @@ background and then replaces the primary in one assignment (:meth:`Service.reloa
 from ``POST /v2/repository/models/{name}/load`` or the opt-in file watch); cache
 keys start with the version, so no answer of the old version is served after the
 swap. A ``[candidate]`` answers a sticky share of users (canary) or shadows every
-micro-batch.
+micro-batch. ``[reload] follow`` and ``[candidate] follow`` name registry aliases polled
+together (:meth:`Service._follow`): a moved alias loads the primary or the candidate anew.
 """
 
 from __future__ import annotations
@@ -293,6 +294,11 @@ class Service:
             await cand.load()
         except Exception as exc:  # noqa: BLE001 - the primary serves on
             self.candidate = None
+            self.candidate_reload = {
+                "state": "FAILED",
+                "reason": short_reason(exc),
+                "serving": "no candidate",
+            }
             self.metrics.model_loads.inc("failure")
             log.error(
                 "candidate version %s failed to load, serving without it: %s", cand.version, short_reason(exc)
