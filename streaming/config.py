@@ -254,11 +254,6 @@ class StreamConfig:
     spark: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.output.kind == "delta" and self.stats.enabled:
-            raise ValueError(
-                "[stats] aggregates the predictions topic, which a Delta output does not write; set [stats] "
-                "enabled = false (window statistics of a Delta table are a query on the table)"
-            )
         if self.kafka_uses and not self.kafka.bootstrap_servers.strip():
             raise ValueError(
                 f"[kafka] bootstrap_servers must name at least one broker, e.g. '127.0.0.1:9092' "
@@ -276,7 +271,7 @@ class StreamConfig:
         elif not self.output.delta_dlq:
             uses.append("its dead letters ([output] dlq_topic; or set dlq_path / dlq_table)")
         if self.stats.enabled:
-            uses.append("[stats]")
+            uses.append("[stats] (its topic; or set [stats] enabled = false)")
         return uses
 
     @property

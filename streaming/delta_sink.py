@@ -239,6 +239,20 @@ class DeltaSink:
         if self.dead_letters is not None:
             self.dead_letters.check(spark, dead_letter_rows(scored).columns, "dead-letter table")
 
+    def create(self, spark: SparkSession, scored: DataFrame) -> None:
+        """Create the prediction table (empty, with its columns and partitioning) when there is none yet,
+        so that readers, the statistics query among them, can start before the first batch is written."""
+        if self.predictions.version(spark) is not None:
+            return
+        rows = scored.transform(prediction_rows(self.model, user_id=self.user_id, timestamp=self.timestamp))
+        writer = spark.createDataFrame([], rows.schema).write.format("delta").mode("append")
+        if self.predictions.partition_by:
+            writer = writer.partitionBy(*self.predictions.partition_by)
+        if self.predictions.table is not None:
+            writer.saveAsTable(self.predictions.table)
+        else:
+            writer.save(str(self.predictions.path))
+
     def write(self, scored: DataFrame, batch_id: int) -> tuple[int, int, int]:
         """Write one scored micro-batch; (predictions, dead letters, rows a replay found already written)."""
         spark = scored.sparkSession

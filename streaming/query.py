@@ -47,7 +47,7 @@ from streaming.sink import (
     record_rows,
     write_partition,
 )
-from streaming.stats import collect_windows, stats_records, window_stats
+from streaming.stats import collect_windows, stats_records, window_aggregates, window_stats
 from udfs.errors import ConfigError
 
 # The scoring query's source name for a Delta input (summary, messages).
@@ -546,6 +546,7 @@ def start_delta_scoring(
         probe = spark.createDataFrame([], records.schema).transform(batch_events(cfg))
         probe = probe.transform(score_records(cfg, model))
     sink.check(spark, probe)
+    sink.create(spark, probe)
     checkpoint = f"{cfg.job.checkpoint.rstrip('/')}/scoring"
 
     def run_batch(batch: DataFrame, batch_id: int) -> None:
@@ -581,11 +582,26 @@ def start_stats(
     gate: BatchGate | None = None,
 ) -> tuple[StreamingQuery, EffectivelyOnceSink]:
     st = cfg.stats
-    windows = backends.read_kafka(spark, backend, source_options(cfg, topic=cfg.output.topic)).transform(
-        window_stats(
-            column=st.column, window=st.window, watermark=st.watermark, timestamp=cfg.events.timestamp
+    shape = {
+        "column": st.column,
+        "window": st.window,
+        "watermark": st.watermark,
+        "timestamp": cfg.events.timestamp,
+    }
+    if cfg.output.kind == "delta":
+        # The predictions table's new rows (committed appends only, each once), as the topic's records.
+        o = cfg.output
+        reader = spark.readStream.format("delta")
+        rows = reader.table(o.table) if o.table else reader.load(str(o.path))
+        if st.column not in rows.columns:
+            raise ConfigError(
+                f"[stats] column = {st.column!r} is not a column of the predictions table (it has {rows.columns})"
+            )
+        windows = rows.transform(window_aggregates(**shape))
+    else:
+        windows = backends.read_kafka(spark, backend, source_options(cfg, topic=cfg.output.topic)).transform(
+            window_stats(**shape)
         )
-    )
     sink = _sink(cfg, (st.topic,), "stats")
 
     gate = gate or BatchGate()

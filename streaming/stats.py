@@ -1,7 +1,7 @@
 """Rolling statistics of the prediction stream: count, mean and max per event-time window.
 
 A second query reads the predictions topic (so it counts exactly what was
-emitted, once), parses the records, and aggregates per tumbling window and
+emitted, once), parses the records (or, for a Delta output, reads the predictions table's new rows), and aggregates per tumbling window and
 model version behind a watermark. In ``append`` mode each window is written
 once, after the watermark passes its end; in ``update`` mode every change is
 written (the stats topic is keyed by window and version, so the last record
@@ -48,7 +48,28 @@ def window_stats(
         rec = F.from_json(
             F.col("value").cast("string"), prediction_schema(column, timestamp), {"timeZone": "UTC"}
         )
-        preds = df.select(rec.alias("r")).select("r.*").where(F.col(timestamp).isNotNull())
+        preds = df.select(rec.alias("r")).select("r.*")
+        return preds.transform(
+            window_aggregates(column=column, window=window, watermark=watermark, timestamp=timestamp)
+        )
+
+    return transform
+
+
+def window_aggregates(
+    *,
+    column: str = "prediction",
+    window: str = "1 minute",
+    watermark: str = "1 minute",
+    timestamp: str = "timestamp",
+) -> Callable[[DataFrame], DataFrame]:
+    """Prediction rows (``column``, ``timestamp``, ``model_version``; a Delta output table's, say) ->
+    one row per (window, model_version): count, mean, max."""
+
+    def transform(df: DataFrame) -> DataFrame:
+        preds = df.select(F.col(column).cast("double").alias(column), timestamp, "model_version").where(
+            F.col(timestamp).isNotNull()
+        )
         return (
             preds.withWatermark(timestamp, watermark)
             .groupBy(F.window(timestamp, window).alias("w"), "model_version")

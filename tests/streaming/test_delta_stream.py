@@ -36,21 +36,28 @@ from udfs.delta import local_delta_jars
 from udfs.errors import ConfigError
 
 
-def _events(n: int, user: str = "u", minute: int = 0) -> tuple[list[bytes], dict[str, list[float]]]:
+def _events(
+    n: int, user: str = "u", minutes: int = 1
+) -> tuple[list[bytes], dict[str, list[float]], dict[str, str]]:
+    """Events of ``n`` users spread over ``minutes`` minutes of event time: (values, features, times)."""
     feats = {f"{user}{i}": [18.0 + i, float(i % 9), 5.0 + 3.5 * i, float(i % 20)] for i in range(n)}
-    ts = f"2026-01-01T00:{minute:02d}:00Z"
-    return [event(u, f, ts) for u, f in feats.items()], feats
+    times = {u: f"2026-01-01T00:{i * minutes // n:02d}:{i % 60:02d}Z" for i, u in enumerate(feats)}
+    return [event(u, f, times[u]) for u, f in feats.items()], feats, times
 
 
-def _expected(spark, model, feats: dict[str, list[float]], ts: str):
+def _expected(spark, model, feats: dict[str, list[float]], times: dict[str, str] | str):
     """What the core says for these users: the prediction table's columns, as a frame."""
     users = sorted(feats)
     direct = score_batch(
         pa.table({"features": pa.array([feats[u] for u in users], pa.list_(pa.float64()))}),
         load_scorer(model),
     ).to_pydict()
-    when = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
-    rows = [(u, p, when, model.version) for u, p in zip(users, direct["prediction"], strict=True)]
+
+    def when(u: str) -> datetime:
+        ts = times if isinstance(times, str) else times[u]
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
+
+    rows = [(u, p, when(u), model.version) for u, p in zip(users, direct["prediction"], strict=True)]
     return spark.createDataFrame(
         rows, "user_id string, prediction double, timestamp timestamp, model_version string"
     )
@@ -75,7 +82,7 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
 ):
     tag = "k2d"
     events = kafka.topic(partitions=2, prefix="events")
-    values, feats = _events(24)
+    values, feats, times = _events(24, minutes=3)
     bad = [b"not json", event("ubad", [1.0, 2.0])]
     kafka.produce(events, values + bad)
     table = tmp_path / "predictions"
@@ -85,10 +92,10 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
         model_path=models["torchscript"],
         input={"topic": events},
         output={"kind": "delta", "path": str(table)},
+        stats={"enabled": True, "watermark": "0 seconds"},
         job={"checkpoint": str(tmp_path / "ck")},
     )
     first = run(spark, cfg, stream_model, available_now=True)
-    again = run(spark, cfg, stream_model, available_now=True)
 
     got = spark.read.format("delta").load(str(table))
     assert got.columns == [
@@ -104,7 +111,7 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
     ]
     assert_approx_df_equality(
         got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
-        _expected(spark, stream_model, feats, "2026-01-01T00:00:00Z"),
+        _expected(spark, stream_model, feats, times),
         1e-6,
     )
     ids = Counter(r["source_id"] for r in got.collect())
@@ -114,8 +121,16 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
     dlq = read_records(kafka, cfg.output.dlq_topic)
     assert sorted(m.value() for m in dlq) == sorted(bad)
     assert first.batches == 1 and first.totals == {"predictions": 24, "dead_letters": 2, "skipped": 0}
-    assert again.batches == 0
     assert "24 predictions on Delta table" in first.render(cfg)
+    # Window statistics of the table's rows on the stats topic: every window but the newest closed.
+    windows: dict[str, list[float]] = {}
+    for r in got.collect():
+        windows.setdefault(r["timestamp"].strftime("%Y-%m-%dT%H:%M:00.000000Z"), []).append(r["prediction"])
+    records = [json.loads(m.value()) for m in read_records(kafka, cfg.stats.topic)]
+    stats = {st["window_start"]: st for st in records}
+    assert sorted(stats) == sorted(windows)[:-1] and first.stats_windows == 2
+    for start, st in stats.items():
+        assert st["count"] == len(windows[start]) and st["max"] == max(windows[start])
 
 
 @pytest.mark.spark
@@ -189,7 +204,7 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
 ):
     tag = "delta-kill"
     events = kafka.topic(partitions=2, prefix="events")
-    values, feats = _events(20)
+    values, feats, times = _events(20)
     bad = [b"{}", b"not json"]
     kafka.produce(events, values + bad)
     table, dead = tmp_path / "predictions", tmp_path / "dead_letters"
@@ -256,7 +271,7 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
     assert Counter(Counter(r["source_id"] for r in got.collect()).values()) == {1: len(values)}
     assert_approx_df_equality(
         got.select("user_id", "prediction", "timestamp", "model_version").orderBy("user_id"),
-        _expected(spark, stream_model, feats, "2026-01-01T00:00:00Z"),
+        _expected(spark, stream_model, feats, times),
         1e-6,
     )
     dead_rows = spark.read.format("delta").load(str(dead)).collect()
@@ -298,16 +313,12 @@ def _raw(**sections):
             "['path'] are Delta settings: set kind = \"delta\" to write a Delta table",
         ),
         (
-            {"output": {"kind": "delta", "path": "/x"}, "stats": {"enabled": True}},
-            "[stats] aggregates the predictions topic, which a Delta output does not write",
-        ),
-        (
             {"output": {"kind": "delta", "path": "/x"}, "kafka": {"bootstrap_servers": ""}},
             "[kafka] bootstrap_servers must name at least one broker, e.g. '127.0.0.1:9092' (this job uses "
             "Kafka for its input, its dead letters",
         ),
     ],
-    ids=["no-path-or-table", "path-and-table", "unknown-key", "delta-key-on-kafka", "stats", "no-broker"],
+    ids=["no-path-or-table", "path-and-table", "unknown-key", "delta-key-on-kafka", "no-broker"],
 )
 def test_delta_configs_that_cannot_work_are_refused_in_one_sentence(sections, sentence):
     raw = _raw(**sections)
