@@ -333,9 +333,17 @@ def ensure_output_topics(cfg: StreamConfig) -> None:
     """Create the missing output, dead-letter, stats and commit topics with the configured settings."""
     o = cfg.output
     data = kafka_client.TopicSpec(o.partitions, o.replication_factor, dict(o.topic_configs))
-    topics: dict[str, int | kafka_client.TopicSpec] = {o.topic: data, o.dlq_topic: data}
-    # topic_configs apply to the commit topic too (min.insync.replicas, ...), except its cleanup
-    # policy: markers must be compacted, never deleted by age.
+    topics: dict[str, int | kafka_client.TopicSpec] = {}
+    # A Delta output writes no predictions topic, and with a Delta dead-letter table no DLQ topic.
+    if o.kind == "kafka":
+        topics[o.topic] = data
+    if not o.delta_dlq:
+        topics[o.dlq_topic] = data
+    if not topics and not cfg.stats.enabled:
+        return  # Kafka is only the input: no sink writes markers
+    # The commit topic holds the markers of every Kafka sink: the output's, the DLQ's, the stats'.
+    # topic_configs apply to it too (min.insync.replicas, ...), except its cleanup policy: markers
+    # must be compacted, never deleted by age.
     shared = {k: v for k, v in o.topic_configs.items() if k != "cleanup.policy"}
     topics[o.commit_topic] = kafka_client.TopicSpec(
         1, o.replication_factor, {**COMMIT_TOPIC_CONFIGS, **shared, **o.commit_topic_configs}

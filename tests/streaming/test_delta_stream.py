@@ -18,6 +18,7 @@ import pytest
 from chispa import assert_approx_df_equality
 
 from streaming import faults
+from streaming import kafka_client as kc
 from streaming.config import StreamConfig
 from streaming.query import run
 from tests.streaming.conftest import (
@@ -122,6 +123,9 @@ def test_kafka_to_delta_writes_each_events_prediction_once_as_the_core_scores_it
     assert sorted(m.value() for m in dlq) == sorted(bad)
     assert first.batches == 1 and first.totals == {"predictions": 24, "dead_letters": 2, "skipped": 0}
     assert "24 predictions on Delta table" in first.render(cfg)
+    # No predictions topic: the job creates only what it writes (dead letters, markers, stats).
+    topics = kc.topic_partitions(kc.make_admin(kafka.conf), 30)
+    assert cfg.output.topic not in topics and cfg.output.dlq_topic in topics
     # Window statistics of the table's rows on the stats topic: every window but the newest closed.
     windows: dict[str, list[float]] = {}
     for r in got.collect():
@@ -290,6 +294,19 @@ def _raw(**sections):
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return base
+
+
+def test_format_delta_is_kind_delta_and_delta_to_delta_with_a_dead_letter_table_needs_no_kafka():
+    cfg = from_dict(
+        StreamConfig,
+        _raw(
+            input={"topic": None, "format": "delta", "table": "db.events", "starting_version": "latest"},
+            output={"kind": "delta", "table": "db.predictions", "dlq_table": "db.dead"},
+        ),
+        where="stream config",
+    )
+    assert cfg.input.kind == "delta" and cfg.input.starting_version == "latest"
+    assert cfg.kafka_uses == [] and cfg.uses_delta
 
 
 @pytest.mark.parametrize(
