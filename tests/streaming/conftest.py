@@ -280,6 +280,12 @@ FAULT_SOURCES = ("kafka", "kafka_py")
 EVERY_SOURCE = bool(os.environ.get("SPARKSCORE_FAULTS_JSON"))
 
 
+def suite_sources(source: str) -> tuple[str, ...]:
+    """``source`` alone in ``make test``, both sources in ``make faults``."""
+    assert source in FAULT_SOURCES, source
+    return FAULT_SOURCES if EVERY_SOURCE else (source,)
+
+
 def on_source(source: str) -> pytest.MarkDecorator:
     """The ``scenario`` fixture for ``source`` in ``make test``, for both sources in ``make faults``."""
     assert source in FAULT_SOURCES, source
