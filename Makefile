@@ -80,10 +80,10 @@ bench-checkpoint: $(LOCALFS_JAR) ## checkpoint cost per micro-batch: Hadoop's ch
 
 jars: $(JARS) $(KAFKA_JARS) ## fetch Spark's Kafka connector (build/jars) and the Apache Kafka broker (build/kafka/libs) with Maven
 
-# Most test time is waiting (JVM starts, brokers, micro-batch triggers; the CPUs are idle about
-# 60 % of a run with four): six pytest workers, each taking whole files so a file's module-scoped
-# fixtures (brokers, Spark tables) are built once.
-PYTEST_PARALLEL ?= -n 6 --dist loadfile
+# Much test time is waiting (JVM starts, brokers, micro-batch triggers): four pytest workers, each
+# taking whole files so a file's module-scoped fixtures (brokers, Spark tables) are built once. Six
+# were slower on 2 cores (17:06 against 16:20 for four, quiet machine).
+PYTEST_PARALLEL ?= -n 4 --dist loadfile
 test: setup jars ## run every test (Spark, Kafka, Redis, subprocess jobs, local-cluster)
 	$(PY) -m pytest tests $(PYTEST_PARALLEL)
 
