@@ -436,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     # SIGTERM (kill, a supervisor) stops the broker the way Ctrl-C does, instead of orphaning it.
+    # SIGINT too, explicitly: a process started in the background by a non-interactive shell (`cmd &`,
+    # some CI runners) inherits SIGINT as ignored, and Python then installs no handler of its own, so
+    # a supervisor's SIGINT would be dropped and the broker would run on (a CI run hung 90 s on it).
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         broker.start()
     except BrokerError as exc:

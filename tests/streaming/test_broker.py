@@ -47,13 +47,19 @@ def test_apache_kafka_keeps_topics_across_a_restart_on_a_kept_log_dir_and_remove
     assert not data_dir.exists()
 
 
-def _wrapper(port: int) -> subprocess.Popen[str]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _wrapper(port: int, *, sigint_ignored: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "streaming.broker", "--kind", "tansu", "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # What `cmd &` in a non-interactive shell (and a CI runner) hands its children.
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
 
 
@@ -64,10 +70,14 @@ def _started(proc: subprocess.Popen[str]) -> str:
     return line
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-def test_broker_wrapper_stops_its_broker_on_a_signal(sig):
+@pytest.mark.parametrize(
+    ("sig", "sigint_ignored"),
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["sigterm", "sigint", "sigint-inherited-as-ignored"],
+)
+def test_broker_wrapper_stops_its_broker_on_a_signal(sig, sigint_ignored):
     port = free_port()
-    proc = _wrapper(port)
+    proc = _wrapper(port, sigint_ignored=sigint_ignored)
     try:
         _started(proc)
         proc.send_signal(sig)
