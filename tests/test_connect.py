@@ -46,6 +46,7 @@ def connect_url(tmp_path_factory):
         "--conf", "spark.ui.enabled=false",
         "--conf", "spark.sql.session.timeZone=UTC",
         "--conf", "spark.sql.shuffle.partitions=2",
+        "--conf", "spark.databricks.delta.snapshotPartitions=2",
         "--conf", "spark.python.worker.reuse=true",
         "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
         "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -116,7 +117,13 @@ def test_ctrl_c_that_also_kills_a_checkpoint_chmod_still_stops_the_job_cleanly(k
         "#!/bin/sh\n"
         f'case "$*" in *"{checkpoint}/"*)\n'
         f'  if [ -e "{hold}/armed" ] && mkdir "{hold}/taken" 2>/dev/null; then\n'
-        f'    echo "$*" > "{hold}/args"; touch "{hold}/held"; sleep 60\n'
+        f'    echo "$*" > "{hold}/args"\n'
+        # Held by a process that takes SIGINT's default action even where the job was started with
+        # SIGINT ignored (as CI starts its children): a shell cannot undo an ignored-on-entry signal,
+        # so a plain `sleep 60` would outlive the Ctrl-C and hold the checkpoint write for 60 s.
+        # It says "held" only once SIGINT can kill it.
+        f'    "{sys.executable}" -c "import pathlib, signal, time; signal.signal(signal.SIGINT, '
+        f"signal.SIG_DFL); pathlib.Path('{hold}/held').touch(); time.sleep(60)\" || exit 130\n"
         "  fi;;\n"
         "esac\n"
         f'exec {shutil.which("chmod")} "$@"\n'
