@@ -371,18 +371,9 @@ class Service:
                 new = self._version(self.runner_factory(model), PRIMARY)
                 await new.load()
             except Exception as exc:  # noqa: BLE001 - every load failure keeps the old version
-                reason = exc.message if isinstance(exc, LoadFailed) else short_reason(exc)
-                self.metrics.model_loads.inc("failure")
+                reason, failed = self._load_failed(exc, "model version", old.version)
                 self.last_reload = {"state": "FAILED", "reason": reason, "serving": old.version}
-                log.error(
-                    "model %s: the new version failed to load, %s keeps serving: %s",
-                    self.name,
-                    old.version,
-                    reason,
-                )
-                raise LoadFailed(
-                    f"the new model version failed to load, {old.version} keeps serving: {reason}"
-                ) from None
+                raise failed from None
             await new.start()
             new.batcher.on_batch = old.batcher.on_batch  # a shadow keeps following the primary
             self.primary = new  # the swap: requests from here on go to the new version
@@ -391,6 +382,15 @@ class Service:
             self._spawn(old.retire(self.cfg.batcher.max_timeout_ms / 1000), "retire-" + old.version)
             log.info("model %s: version %s replaced %s", self.name, new.version, old.version)
             return self._reloaded(new.version, old.version, changed=True)
+
+    def _load_failed(self, exc: Exception, what: str, serving: str) -> tuple[str, LoadFailed]:
+        """Count and log a ``what`` that failed to load; its reason and the error to raise."""
+        reason = exc.message if isinstance(exc, LoadFailed) else short_reason(exc)
+        self.metrics.model_loads.inc("failure")
+        log.error(
+            "model %s: the new %s failed to load, %s keeps serving: %s", self.name, what, serving, reason
+        )
+        return reason, LoadFailed(f"the new {what} failed to load, {serving} keeps serving: {reason}")
 
     def load_dir(self) -> str | None:
         """The directory ``parameters.path`` must be under (None: the model comes from a URI)."""
@@ -484,18 +484,9 @@ class Service:
                 new = self._version(self.runner_factory(model), role)
                 await new.load()
             except Exception as exc:  # noqa: BLE001 - every load failure keeps the old candidate
-                reason = exc.message if isinstance(exc, LoadFailed) else short_reason(exc)
-                self.metrics.model_loads.inc("failure")
+                reason, failed = self._load_failed(exc, "candidate version", serving)
                 self.candidate_reload = {"state": "FAILED", "reason": reason, "serving": serving}
-                log.error(
-                    "model %s: the new candidate version failed to load, %s keeps serving: %s",
-                    self.name,
-                    serving,
-                    reason,
-                )
-                raise LoadFailed(
-                    f"the new candidate version failed to load, {serving} keeps serving: {reason}"
-                ) from None
+                raise failed from None
             grace = self.cfg.batcher.max_timeout_ms / 1000
             if role == SHADOW:
                 old_shadow = self.shadow

@@ -232,6 +232,18 @@ def _trigger(writer: Any, trigger: str) -> Any:
     return writer.trigger(processingTime=trigger)
 
 
+def _start(
+    writer: Any,
+    checkpoint: str,
+    run_batch: Callable[[DataFrame, int], None],
+    trigger: str | None,
+    cfg: StreamConfig,
+) -> StreamingQuery:
+    """Start a foreachBatch query on ``checkpoint`` with the job's trigger (or ``trigger``)."""
+    writer = writer.option("checkpointLocation", checkpoint).foreachBatch(run_batch)
+    return _trigger(writer, trigger or cfg.job.trigger).start()
+
+
 def _sink(cfg: StreamConfig, topics: tuple[str, ...], name: str) -> EffectivelyOnceSink:
     return EffectivelyOnceSink(
         client=cfg.kafka.client_conf,
@@ -522,12 +534,7 @@ def start_scoring(
             flush=True,
         )
 
-    writer = (
-        records.writeStream.queryName(cfg.job.query_name)
-        .option("checkpointLocation", checkpoint)
-        .foreachBatch(run_batch)
-    )
-    query = _trigger(writer, trigger or cfg.job.trigger).start()
+    query = _start(records.writeStream.queryName(cfg.job.query_name), checkpoint, run_batch, trigger, cfg)
     sink.bind(query.id)
     return query, sink
 
@@ -571,12 +578,7 @@ def start_delta_scoring(
                 flush=True,
             )
 
-    writer = (
-        records.writeStream.queryName(cfg.job.query_name)
-        .option("checkpointLocation", checkpoint)
-        .foreachBatch(run_batch)
-    )
-    query = _trigger(writer, trigger or cfg.job.trigger).start()
+    query = _start(records.writeStream.queryName(cfg.job.query_name), checkpoint, run_batch, trigger, cfg)
     sink.bind(query.id)
     return query, sink
 
@@ -631,13 +633,10 @@ def start_stats(
                 flush=True,
             )
 
-    writer = (
-        windows.writeStream.queryName(f"{cfg.job.query_name}_stats")
-        .outputMode(st.output_mode)
-        .option("checkpointLocation", st.checkpoint or f"{cfg.job.checkpoint.rstrip('/')}/stats")
-        .foreachBatch(run_batch)
+    writer = windows.writeStream.queryName(f"{cfg.job.query_name}_stats").outputMode(st.output_mode)
+    query = _start(
+        writer, st.checkpoint or f"{cfg.job.checkpoint.rstrip('/')}/stats", run_batch, trigger, cfg
     )
-    query = _trigger(writer, trigger or cfg.job.trigger).start()
     sink.bind(query.id)
     return query, sink
 

@@ -3,10 +3,8 @@ Delta commit and Spark's commit log), a Delta table as the source, and the confi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +15,6 @@ import pyarrow as pa
 import pytest
 from chispa import assert_approx_df_equality
 
-from streaming import faults
 from streaming import kafka_client as kc
 from streaming.config import StreamConfig
 from streaming.query import run
@@ -27,10 +24,9 @@ from tests.streaming.conftest import (
     read_records,
     stream_config,
     stream_config_dict,
-    wait_until,
     write_toml,
 )
-from tests.streaming.test_stream_job import _alive, _tree
+from tests.streaming.job_process import held_then_killed
 from udfs.config import from_dict
 from udfs.core import load_scorer, score_batch
 from udfs.delta import local_delta_jars
@@ -227,43 +223,19 @@ def test_kill_9_after_the_delta_commit_before_sparks_commit_log_then_restart_wri
         stream_config_dict(kafka, tag, model_path=models["torchscript"], **sections), tmp_path / "k.toml"
     )
     # Batch 0 holds still after its Delta commit, before Spark logs the batch as done: the kill lands there.
-    folder = tmp_path / "faults"
-    folder.mkdir()
-    env = {
-        **os.environ,
-        faults.ENV: "delta.after_write:batch=0,action=sleep,seconds=600",
-        faults.ENV_DIR: str(folder),
-    }
-    log = tmp_path / "killed.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "jobs" / "stream_score.py"), "--config", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_until(
-                lambda: proc.poll() is not None or (folder / "delta.after_write-driver-b0.fired").exists(),
-                "batch 0 of the job that gets killed to hold after its Delta commit",
-                timeout=600,
-            )
-            assert proc.poll() is None, log.read_text()[-3000:]
-            query_id = json.loads((checkpoint / "scoring" / "metadata").read_text())["id"]
-            # The window: Delta has batch 0 (its txn version), Spark's commit log does not.
-            assert _delta_txns(table) == {f"sparkscore.{query_id}.predictions": 0}
-            assert (checkpoint / "scoring" / "offsets" / "0").exists()
-            assert not (checkpoint / "scoring" / "commits" / "0").exists()
-            written_before = spark.read.format("delta").load(str(table)).count()
-        finally:
-            victims = _tree(proc.pid)
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait(30)
-    wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
+    with held_then_killed(
+        path,
+        tmp_path,
+        "delta.after_write:batch=0,action=sleep,seconds=600",
+        "delta.after_write-driver-b0.fired",
+        "batch 0 of the job that gets killed to hold after its Delta commit",
+    ):
+        query_id = json.loads((checkpoint / "scoring" / "metadata").read_text())["id"]
+        # The window: Delta has batch 0 (its txn version), Spark's commit log does not.
+        assert _delta_txns(table) == {f"sparkscore.{query_id}.predictions": 0}
+        assert (checkpoint / "scoring" / "offsets" / "0").exists()
+        assert not (checkpoint / "scoring" / "commits" / "0").exists()
+        written_before = spark.read.format("delta").load(str(table)).count()
     assert 0 < written_before < len(values), "the job finished before it was killed"
 
     # Same checkpoint and tables; no batch limit, so the rest drains in one batch after the replay.

@@ -23,7 +23,9 @@ from tests.streaming.conftest import (
 )
 from tests.streaming.job_process import (
     finish,
+    first_batch,
     job_config,
+    killed_on_failure,
     source_runners,
     stopped_cleanly,
     submit,
@@ -41,20 +43,12 @@ def test_a_stop_signal_to_spark_submit_stops_between_batches_prints_the_summary_
 ):
     log = tmp_path / "job.log"
     proc = submit(job_config(kafka, tmp_path, models, "stop"), log)
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
-            "the job's first micro-batch",
-            timeout=240,
-        )
-        assert proc.poll() is None, log.read_text()[-3000:]
+    with killed_on_failure(proc):
+        first_batch(proc, log)
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground job
         else:
             os.kill(proc.pid, signal.SIGTERM)  # spark-submit's own process (the JVM) only
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
     out = stopped_cleanly(proc, log)
     assert "[sparkscore] source kafka_py: " in out and "20 events -> 20 predictions" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out and "StackOverflowError" not in out
@@ -78,7 +72,7 @@ def test_sigterm_to_the_whole_process_group_mid_batch_lets_the_batch_finish_and_
         "SPARKSCORE_FAULT_DIR": str(faults_dir),
     }
     proc = submit(config, log, env=fault)
-    try:
+    with killed_on_failure(proc):
         wait_until(
             lambda: proc.poll() is not None or (faults_dir / "writer.before_produce-p0-b0.fired").exists(),
             "a write task held up mid-batch",
@@ -93,9 +87,6 @@ def test_sigterm_to_the_whole_process_group_mid_batch_lets_the_batch_finish_and_
         while time.monotonic() < deadline:
             assert all(Path(f"/proc/{pid}").exists() for pid in runners), "the source runner died of SIGTERM"
             time.sleep(0.05)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
     out = stopped_cleanly(proc, log)
     assert f"{events:,} events -> {events:,} predictions" in out, out[-3000:]
     assert "Traceback" not in out and "EOFException" not in out and "Connection reset" not in out
@@ -133,12 +124,8 @@ def test_ctrl_c_that_also_kills_a_checkpoint_chmod_still_stops_the_job_cleanly(k
     assert tomllib.loads(config.read_text())["job"]["checkpoint"] == str(checkpoint)
     log = tmp_path / "job.log"
     proc = submit(config, log, env={"PATH": f"{fakebin}:{os.environ['PATH']}"})
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or "[sparkscore] batch 0:" in log.read_text(),
-            "the job's first micro-batch",
-            timeout=240,
-        )
+    with killed_on_failure(proc):
+        first_batch(proc, log)
         (hold / "armed").touch()
         # A next batch, so that a checkpoint write (and its chmod) surely comes after arming.
         kafka.produce(tomllib.loads(config.read_text())["input"]["topic"], values(5, prefix="more"))
@@ -147,9 +134,6 @@ def test_ctrl_c_that_also_kills_a_checkpoint_chmod_still_stops_the_job_cleanly(k
         assert proc.poll() is None, log.read_text()[-3000:]
         assert str(checkpoint) in (hold / "args").read_text()
         os.killpg(proc.pid, signal.SIGINT)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
     out = stopped_cleanly(proc, log)
     assert "[sparkscore] error" not in out and "Traceback" not in out, out[-3000:]
     assert "[sparkscore] source kafka_py: " in out, out[-3000:]

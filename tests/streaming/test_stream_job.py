@@ -6,13 +6,8 @@ the kill -9 test run with both sources: Spark's JVM connector (``kafka``) and ``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from collections import Counter, defaultdict
 from datetime import datetime
@@ -22,11 +17,12 @@ import pyarrow as pa
 import pytest
 
 from jobs import stream_score
-from streaming import faults, query
+from streaming import query
 from streaming.backends import JVM, PYTHON, local_jars
 from streaming.query import run
 from streaming.sink import H_ERROR, H_ID, H_OFFSET, H_PARTITION, H_QUERY, H_TOPIC
-from tests.streaming.conftest import ROOT, event, read_records, suite_sources, wait_until
+from tests.streaming.conftest import event, read_records, suite_sources
+from tests.streaming.job_process import held_then_killed
 from udfs.core import load_scorer, score_batch
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.slow]
@@ -253,35 +249,6 @@ def test_a_restart_on_the_same_checkpoint_scores_only_new_events(
     assert sum(ids.values()) == 42 and set(ids.values()) == {1}
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process (Linux /proc)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(stat.parent.name)] = (int(fields[1]), fields[0])
-    return out
-
-
-def _tree(root: int) -> set[int]:
-    """``root`` and all its descendants (the JVM, PySpark's daemon and its workers, in their own group)."""
-    procs = _processes()
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return tree
-
-
-def _alive(pids: set[int]) -> set[int]:
-    """Those still running (zombies wait for a reaper that may never come; they hold no sockets)."""
-    procs = _processes()
-    return {p for p in pids if p in procs and procs[p][1] != "Z"}
-
-
 # One source in `make test` (the driver windows kill both sources' drivers); both in `make faults`.
 @pytest.mark.parametrize("source", suite_sources(JVM), ids=lambda s: f"source={s}")
 def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
@@ -302,44 +269,17 @@ def test_kill_9_mid_stream_then_restart_leaves_exactly_one_record_per_event(
     cfg = load(path)
     # Batch 2 holds still with its records sent and its transaction open (before its marker):
     # the kill lands there, inside the transaction, not between two batches.
-    folder = tmp_path / "faults"
-    folder.mkdir()
-    env = {
-        **os.environ,
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        faults.ENV: "driver.before_marker:batch=2,action=sleep,seconds=600",
-        faults.ENV_DIR: str(folder),
-    }
-    log = tmp_path / "killed.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "jobs" / "stream_score.py"), "--config", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_until(
-                lambda: proc.poll() is not None or (folder / "driver.before_marker-driver-b2.fired").exists(),
-                "batch 2 of the job that gets killed to hold its transaction open",
-                timeout=600,
-            )
-            assert proc.poll() is None, log.read_text()[-2000:]
-            o = cfg.output
-            committed = sum(len(read_records(kafka, t)) for t in (o.topic, o.dlq_topic))
-            sent = sum(len(read_records(kafka, t, committed=False)) for t in (o.topic, o.dlq_topic))
-            assert sent > committed > 0, "the kill must land inside an open transaction"
-        finally:
-            # kill -9 the driver and everything it started, at once: a crash of the whole driver host.
-            victims = _tree(proc.pid)
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait(30)
-    wait_until(lambda: not _alive(victims), "the killed job's processes to exit", timeout=60)
+    with held_then_killed(
+        path,
+        tmp_path,
+        "driver.before_marker:batch=2,action=sleep,seconds=600",
+        "driver.before_marker-driver-b2.fired",
+        "batch 2 of the job that gets killed to hold its transaction open",
+    ):
+        o = cfg.output
+        committed = sum(len(read_records(kafka, t)) for t in (o.topic, o.dlq_topic))
+        sent = sum(len(read_records(kafka, t, committed=False)) for t in (o.topic, o.dlq_topic))
+        assert sent > committed > 0, "the kill must land inside an open transaction"
     written_before = kafka.count(cfg.output.topic) + kafka.count(cfg.output.dlq_topic)
     assert written_before == committed < len(values), "the job finished before it was killed"
 
