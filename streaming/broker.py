@@ -27,6 +27,7 @@ import ctypes
 import glob
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -351,6 +352,8 @@ class ApacheKafkaBroker(LocalBroker):
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
+            # JVM options from the environment, as Kafka's own kafka-run-class.sh takes them.
+            *shlex.split(os.environ.get("KAFKA_OPTS", "")),
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
             "-cp",
             kafka_classpath(),

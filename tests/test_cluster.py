@@ -83,6 +83,10 @@ def test_job_on_local_cluster_with_py_files_scores_and_loads_once_per_executor(s
             str(Path(sys.executable).parent / "spark-submit"),
             "--master",
             "local-cluster[2,1,1024]",
+            # The executors are JVMs of their own: the same short-lived-JVM options as the driver's
+            # (tests/conftest.py), about a third less CPU to start them.
+            "--conf",
+            f"spark.executor.extraJavaOptions={os.environ.get('SPARK_SUBMIT_OPTS', '')}",
             "--conf",
             f"spark.pyspark.python={py}",
             "--py-files",
