@@ -263,6 +263,15 @@ def java_binary() -> str:
     return java
 
 
+def kafka_opts() -> list[str]:
+    """JVM options from ``KAFKA_OPTS``, as Kafka's own kafka-run-class.sh takes them."""
+    raw = os.environ.get("KAFKA_OPTS", "")
+    try:
+        return shlex.split(raw)
+    except ValueError as exc:
+        raise BrokerError(f"KAFKA_OPTS cannot be split into JVM options ({exc}): {raw!r}") from None
+
+
 # A single combined broker+controller; internal topics sized for one node. Everything else is
 # Kafka's own default, so the tests and benchmarks see the broker users run.
 _KAFKA_SETTINGS = {
@@ -352,8 +361,7 @@ class ApacheKafkaBroker(LocalBroker):
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
-            # JVM options from the environment, as Kafka's own kafka-run-class.sh takes them.
-            *shlex.split(os.environ.get("KAFKA_OPTS", "")),
+            *kafka_opts(),
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
             "-cp",
             kafka_classpath(),

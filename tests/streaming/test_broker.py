@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -115,3 +116,26 @@ def test_broker_dies_with_a_wrapper_killed_outright():
         wait_until(lambda: not port_in_use(port), f"the orphaned broker on {port} to exit", timeout=30)
     finally:
         proc.kill()
+
+
+def test_a_kafka_opts_that_cannot_be_split_is_one_sentence_from_the_wrapper_not_a_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "streaming.broker", "--kind", "kafka", "--port", str(free_port())],
+        cwd=ROOT,
+        env={**os.environ, "KAFKA_OPTS": '-Xmx1g "-Dunclosed=1'},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("[sparkscore] error: KAFKA_OPTS cannot be split into JVM options"), (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_kafka_opts_reach_the_apache_kafka_jvm(monkeypatch, tmp_path):
+    monkeypatch.setenv("KAFKA_OPTS", "-XX:TieredStopAtLevel=1 -Dsparkscore.test='a b'")
+    cmd = ApacheKafkaBroker(data_dir=str(tmp_path))._java("kafka.Kafka")
+    assert cmd[cmd.index("-XX:TieredStopAtLevel=1") + 1] == "-Dsparkscore.test=a b"
+    assert cmd.index("-Dsparkscore.test=a b") < cmd.index("kafka.Kafka")
