@@ -407,7 +407,13 @@ def list_offsets(
         metadata: list[Any] = []  # asked at most once a round, however many partitions failed
         for tp, fut in futures.items():
             try:
-                out[(tp.topic, tp.partition)] = fut.result().offset
+                offset = int(fut.result().offset)
+                if offset < 0:
+                    # librdkafka can answer OFFSET_INVALID (-1001) with no error for a partition no
+                    # broker answered for (seen with the broker stopping under load): no answer,
+                    # never a log end, which would read as lost data.
+                    raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"no offset (got {offset})"))
+                out[(tp.topic, tp.partition)] = offset
             except KafkaException as exc:
                 err = exc.args[0]
                 # A partition that a broker says does not exist is data loss (or, with missing_ok,
@@ -595,6 +601,8 @@ def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float
                 f"{topic}/{partition} no longer exists on the broker (deleted, or the broker lost its data)"
             ) from None
         return None
+    if low < 0 or high < 0:
+        return None  # OFFSET_INVALID: librdkafka got no answer, which is not an empty log
     return int(low), int(high)
 
 

@@ -373,8 +373,11 @@ def test_an_unreachable_broker_is_named_in_one_clear_error_before_any_query(kafk
 class _FlakyLeaderAdmin:
     """An AdminClient whose ListOffsets answers one error per partition once, then the offset."""
 
-    def __init__(self, first_error: int, *, broker_answers: bool = True, exists: bool = True):
+    def __init__(
+        self, first_error: int | None, *, broker_answers: bool = True, exists: bool = True, invalid: int = 0
+    ):
         self.first_error = first_error
+        self.invalid = invalid  # this many calls first answer OFFSET_INVALID (-1001) with no error
         self.broker_answers = broker_answers
         self.exists = exists
         self.calls = 0
@@ -396,7 +399,9 @@ class _FlakyLeaderAdmin:
         futures = {}
         for tp in requests:
             fut: Future = Future()
-            if self.calls == 1 or not self.broker_answers:
+            if self.calls <= self.invalid:
+                fut.set_result(type("Info", (), {"offset": -1001})())
+            elif self.first_error is not None and (self.calls == 1 or not self.broker_answers):
                 fut.set_exception(KafkaException(KafkaError(self.first_error)))
             else:
                 fut.set_result(type("Info", (), {"offset": 7 + tp.partition})())
@@ -410,6 +415,28 @@ def test_listing_offsets_waits_out_a_leader_election_instead_of_failing():
     admin = _FlakyLeaderAdmin(KafkaError.NOT_LEADER_FOR_PARTITION)
     assert kc.list_offsets(admin, [("t", 0), ("t", 1)], "latest", timeout_s=5) == {("t", 0): 7, ("t", 1): 8}
     assert admin.calls == 2
+
+
+def test_an_offset_invalid_answer_without_an_error_is_asked_again_never_taken_as_the_log_end():
+    """Seen in a loaded `make test`: with the broker stopping, ListOffsets answered -1001 for every
+    partition with no error, and the source reported "now ends at offset -1001" as lost data."""
+    admin = _FlakyLeaderAdmin(None, invalid=2)
+    assert kc.list_offsets(admin, [("t", 0), ("t", 1)], "latest", timeout_s=5) == {("t", 0): 7, ("t", 1): 8}
+    assert admin.calls == 3
+
+
+def test_offset_invalid_until_the_deadline_is_a_timeout_not_data_loss():
+    admin = _FlakyLeaderAdmin(None, broker_answers=False, invalid=10**6)
+    with pytest.raises(kc.KafkaTimeoutError, match=r"t/0: no offset \(got -1001\)"):
+        kc.list_offsets(admin, [("t", 0)], "latest", timeout_s=1)
+
+
+def test_watermarks_of_offset_invalid_are_no_answer_not_an_empty_log():
+    class NoAnswer:
+        def get_watermark_offsets(self, tp, timeout, cached):
+            return -1001, -1001
+
+    assert kc._watermarks(NoAnswer(), "t", 0, 1.0) is None
 
 
 def test_listing_offsets_of_a_partition_that_is_gone_is_data_loss_at_once():
